@@ -1,0 +1,179 @@
+"""Toolstack requests (the control socket): domains, devices, faults, stats, audit, dumps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from xenemu.core.audit import audit
+from xenemu.core.dispatch import Action, handles
+from xenemu.core.domain import Domain
+from xenemu.core.host import Host
+from xenemu.core.iommu import entry_kind, entry_mfn, entry_perms
+
+
+@dataclass(frozen=True)
+class ControlAction(Action):
+    channel = "control"
+
+
+@dataclass(frozen=True)
+class CreateDomain(ControlAction):
+    name = "create_domain"
+    type: Literal["pv", "hvm"]
+    memory: int
+    target: int | None = None
+    domain_name: str = ""
+
+
+@handles(CreateDomain)
+def _create_domain(host: Host, caller: int, action: CreateDomain) -> dict[str, Any]:
+    dom = host.create_domain(action.type, action.memory, action.target, action.domain_name)
+    return {"ret": 0, "domid": dom.domid}
+
+
+@dataclass(frozen=True)
+class DestroyDomain(ControlAction):
+    name = "destroy_domain"
+    domid: int
+
+
+@handles(DestroyDomain)
+def _destroy_domain(host: Host, caller: int, action: DestroyDomain) -> dict[str, Any]:
+    host.destroy_domain(action.domid)
+    return {"ret": 0}
+
+
+def describe(host: Host, dom: Domain) -> dict[str, Any]:
+    ctx = dom.context
+    return {
+        "domid": dom.domid,
+        "name": dom.name,
+        "type": dom.kind,
+        "hwdom": dom.is_hwdom,
+        "pages": dom.pages,
+        "target": dom.target,
+        "devices": sorted(dom.devices),
+        "map_cap": host.map_cap(dom),
+        "iommu_context": ctx is not None,
+        "flushes": dict(ctx.flushes) if ctx else {},
+        "dma_faults": ctx.fault_count if ctx else 0,
+        "m2b_entries": sum(1 for _ in host.m2b.held_by(dom.domid)),
+    }
+
+
+@dataclass(frozen=True)
+class ListDomains(ControlAction):
+    name = "list_domains"
+
+
+@handles(ListDomains)
+def _list_domains(host: Host, caller: int, action: ListDomains) -> dict[str, Any]:
+    return {"ret": 0, "domains": [describe(host, d) for d in sorted(host.domains.values(), key=lambda d: d.domid)]}
+
+
+@dataclass(frozen=True)
+class AssignDevice(ControlAction):
+    """``xl pci-attach``: ``rmrr`` lists reserved regions as [first frame, frame count]."""
+
+    name = "assign_device"
+    domid: int
+    bdf: str
+    rmrr: list[tuple[int, int]] | None = None
+
+
+@handles(AssignDevice)
+def _assign_device(host: Host, caller: int, action: AssignDevice) -> dict[str, Any]:
+    device = host.assign_device(action.domid, action.bdf, list(action.rmrr or []))
+    return {"ret": 0, "bdf": device.bdf}
+
+
+@dataclass(frozen=True)
+class InjectFault(ControlAction):
+    name = "inject_fault"
+    domid: int
+    bfn: int
+    clear: bool = False
+
+
+@handles(InjectFault)
+def _inject_fault(host: Host, caller: int, action: InjectFault) -> dict[str, Any]:
+    if action.clear:
+        host.clear_fault(action.domid, action.bfn)
+    else:
+        host.inject_fault(action.domid, action.bfn)
+    return {"ret": 0}
+
+
+@dataclass(frozen=True)
+class Stats(ControlAction):
+    name = "stats"
+
+
+@handles(Stats)
+def _stats(host: Host, caller: int, action: Stats) -> dict[str, Any]:
+    frames = host.frames
+    contexts = [d.context for d in host.domains.values() if d.context is not None]
+    return {
+        "ret": 0,
+        "frames": frames.nr_frames,
+        "free_frames": frames.nr_free,
+        "domains": len(host.domains),
+        "m2b_entries": len(host.m2b),
+        "ioreq_servers": len(host.ioreq.servers),
+        "flushes_added": sum(c.flushes["added"] for c in contexts),
+        "flushes_modified": sum(c.flushes["modified"] for c in contexts),
+        "dma_faults": sum(c.fault_count for c in contexts) + host.machine_dma_faults,
+        "page_table_bytes": sum(c.table.bytes_used() for c in contexts),
+    }
+
+
+@dataclass(frozen=True)
+class Audit(ControlAction):
+    name = "audit"
+
+
+@handles(Audit)
+def _audit(host: Host, caller: int, action: Audit) -> dict[str, Any]:
+    return {"ret": 0, "violations": audit(host)}
+
+
+@dataclass(frozen=True)
+class DumpMappings(ControlAction):
+    """A domain's IOMMU entries from ``start``, at most ``limit`` of them."""
+
+    name = "dump_mappings"
+    domid: int
+    start: int = 0
+    limit: int = 4096
+
+
+@handles(DumpMappings)
+def _dump_mappings(host: Host, caller: int, action: DumpMappings) -> dict[str, Any]:
+    dom = host.domain(action.domid)
+    rows = []
+    for bfn, entry in host.context_entries(dom):
+        if bfn < action.start:
+            continue
+        if len(rows) >= max(action.limit, 0):
+            break
+        perms = entry_perms(entry)
+        rows.append(
+            {
+                "bfn": bfn,
+                "mfn": entry_mfn(entry),
+                "perms": ("r" if perms & 1 else "-") + ("w" if perms & 2 else "-"),
+                "kind": entry_kind(entry).name.lower(),
+            }
+        )
+    return {"ret": 0, "domid": dom.domid, "iommu_context": dom.context is not None, "mappings": rows}
+
+
+@dataclass(frozen=True)
+class HostInfo(ControlAction):
+    name = "host_info"
+
+
+@handles(HostInfo)
+def _host_info(host: Host, caller: int, action: HostInfo) -> dict[str, Any]:
+    return {"ret": 0, "options": host.options.to_dict(), "scratch_mfn": host.scratch_mfn}

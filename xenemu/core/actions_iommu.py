@@ -1,0 +1,132 @@
+"""Hypercalls a guest or emulator makes: the PV IOMMU op, IOREQ servers, its memory, its devices."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from xenemu.core.device import normalise_bdf
+from xenemu.core.dispatch import Action, Outcome, handles
+from xenemu.core.errors import EINVAL, ENOENT, EPERM, HypercallError
+from xenemu.core.host import Host
+from xenemu.core.iommu_op import do_iommu_op
+
+MAX_DMA_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class IommuOp(Action):
+    """``do_iommu_op(buf, count)``: ``buf`` is ``count`` packed ``struct pv_iommu_op``s."""
+
+    name = "iommu_op"
+    buf: bytes
+    count: int
+
+
+@handles(IommuOp)
+def _iommu_op(host: Host, caller: int, action: IommuOp) -> Outcome:
+    buf = bytearray(action.buf)
+    ret = yield from do_iommu_op(host, caller, buf, action.count)
+    return {"ret": ret, "buf": bytes(buf)}
+
+
+@dataclass(frozen=True)
+class CreateIoreqServer(Action):
+    name = "create_ioreq_server"
+    target: int
+
+
+@handles(CreateIoreqServer)
+def _create_ioreq_server(host: Host, caller: int, action: CreateIoreqServer) -> dict[str, Any]:
+    server = host.create_ioreq_server(caller, action.target)
+    return {"ret": 0, "ioserver": server.id}
+
+
+@dataclass(frozen=True)
+class DestroyIoreqServer(Action):
+    name = "destroy_ioreq_server"
+    ioserver: int
+
+
+@handles(DestroyIoreqServer)
+def _destroy_ioreq_server(host: Host, caller: int, action: DestroyIoreqServer) -> dict[str, Any]:
+    host.destroy_ioreq_server(caller, action.ioserver)
+    return {"ret": 0}
+
+
+@dataclass(frozen=True)
+class GuestWrite(Action):
+    """The guest's CPU writes its own memory at a GFN (what devices later read by DMA)."""
+
+    name = "guest_write"
+    gfn: int
+    offset: int
+    data: bytes
+
+
+@handles(GuestWrite)
+def _guest_write(host: Host, caller: int, action: GuestWrite) -> dict[str, Any]:
+    host.guest_access(caller, action.gfn, action.offset, action.data)
+    return {"ret": 0}
+
+
+@dataclass(frozen=True)
+class GuestRead(Action):
+    name = "guest_read"
+    gfn: int
+    offset: int
+    length: int
+
+
+@handles(GuestRead)
+def _guest_read(host: Host, caller: int, action: GuestRead) -> dict[str, Any]:
+    return {"ret": 0, "data": host.guest_access(caller, action.gfn, action.offset, None, action.length)}
+
+
+@dataclass(frozen=True)
+class DeviceDma(Action):
+    """One of the caller's devices reads (``data`` absent) or writes at a bus address."""
+
+    name = "device_dma"
+    bdf: str
+    addr: int
+    data: bytes | None = None
+    length: int = 0
+
+
+@handles(DeviceDma)
+def _device_dma(host: Host, caller: int, action: DeviceDma) -> dict[str, Any]:
+    size = len(action.data) if action.data is not None else action.length
+    if size > MAX_DMA_BYTES:
+        raise HypercallError(-EINVAL, f"DMA larger than {MAX_DMA_BYTES} bytes")
+    try:
+        device = host.devices.get(normalise_bdf(action.bdf))
+    except ValueError as exc:
+        raise HypercallError(-EINVAL, str(exc)) from None
+    if device is None:
+        raise HypercallError(-ENOENT, f"no device {action.bdf}")
+    if device.domid != caller:
+        raise HypercallError(-EPERM, f"{action.bdf} is not assigned to d{caller}")
+    result = host.device_dma(device.bdf, action.addr, action.data, action.length)
+    return {"ret": 0, "ok": result.ok, "data": result.data, "fault_bfn": result.fault_bfn, "reason": result.reason}
+
+
+@dataclass(frozen=True)
+class DomainInfo(Action):
+    """The caller's own domain: id, kind, memory, devices, and whether it may map."""
+
+    name = "domain_info"
+
+
+@handles(DomainInfo)
+def _domain_info(host: Host, caller: int, action: DomainInfo) -> dict[str, Any]:
+    dom = host.domain(caller)
+    return {
+        "ret": 0,
+        "domid": dom.domid,
+        "type": dom.kind,
+        "pages": dom.pages,
+        "devices": sorted(dom.devices),
+        "target": dom.target,
+        "hwdom": dom.is_hwdom,
+    }

@@ -1,0 +1,37 @@
+"""PCI devices and their DMA, which goes through the owning domain's IOMMU context."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+BDF_RE = re.compile(r"^[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$")
+
+
+def normalise_bdf(bdf: str) -> str:
+    """`"0000:03:00.0"`; a short `"03:00.0"` gets segment 0000."""
+    if bdf.count(":") == 1:
+        bdf = "0000:" + bdf
+    if not BDF_RE.match(bdf):
+        raise ValueError(f"bad PCI address {bdf!r} (want SSSS:BB:DD.F)")
+    return bdf.lower()
+
+
+@dataclass
+class PciDevice:
+    bdf: str
+    domid: int
+    #: Reserved regions as (first frame, frame count), identity-mapped in the context.
+    rmrr: list[tuple[int, int]] = field(default_factory=list)
+
+    def rmrr_frames(self) -> list[int]:
+        return [start + i for start, count in self.rmrr for i in range(count)]
+
+
+@dataclass
+class DmaResult:
+    ok: bool
+    data: bytes = b""
+    #: On a fault: the bus frame that faulted and why.
+    fault_bfn: int | None = None
+    reason: str = ""

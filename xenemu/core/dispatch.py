@@ -1,0 +1,153 @@
+"""Typed actions and the one dispatch that runs them.
+
+Every request, whoever sends it, becomes one ``Action`` instance, validated field by field
+from the wire's plain values, and goes through ``dispatch``.  A handler may be a plain
+function or a generator that yields at continuation points; ``dispatch`` always hands the
+shell a generator, so the shell has one way to run, preempt and resume any request.
+A new hypercall family is a module of actions plus one entry in ``FAMILIES``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import types
+import typing
+from collections.abc import Callable, Generator
+from typing import Any, ClassVar, Literal, TypeVar
+
+from xenemu.core.errors import EINVAL, EOPNOTSUPP, EPERM, HypercallError
+from xenemu.core.host import Host
+
+#: Which socket an action may arrive on.
+Channel = Literal["hypercall", "control"]
+
+#: What a running action yields to the shell (continuation points, waits).
+Effect = Any
+Outcome = Generator[Effect, None, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Action:
+    """A request, already validated; ``caller`` is the domain the connection speaks for."""
+
+    name: ClassVar[str] = ""
+    channel: ClassVar[Channel] = "hypercall"
+
+    @classmethod
+    def from_wire(cls, args: Any) -> Action:
+        """Build from a msgpack map, refusing unknown, missing or mistyped fields (-EINVAL)."""
+        if not isinstance(args, dict):
+            raise HypercallError(-EINVAL, f"{cls.name}: arguments must be a map")
+        hints = typing.get_type_hints(cls)
+        values: dict[str, Any] = {}
+        names = set()
+        for f in dataclasses.fields(cls):
+            names.add(f.name)
+            if f.name in args:
+                values[f.name] = _check_type(cls.name, f.name, args[f.name], hints[f.name])
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise HypercallError(-EINVAL, f"{cls.name}: missing argument {f.name!r}")
+        unknown = set(args) - names
+        if unknown:
+            raise HypercallError(-EINVAL, f"{cls.name}: unknown arguments {sorted(map(str, unknown))}")
+        return cls(**values)
+
+
+def _check_type(action: str, field: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return _check_type(action, field, value, option)
+            except HypercallError:
+                continue
+        raise HypercallError(-EINVAL, f"{action}: {field} has the wrong type")
+    if hint is type(None):
+        if value is None:
+            return None
+    elif origin is Literal:
+        if value in typing.get_args(hint):
+            return value
+    elif origin is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, list):
+            return [_check_type(action, field, v, item) for v in value]
+    elif origin is tuple:
+        items = typing.get_args(hint)
+        if isinstance(value, list | tuple) and len(value) == len(items):
+            return tuple(_check_type(action, field, v, t) for v, t in zip(value, items, strict=True))
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is bytes:
+        if isinstance(value, bytes | bytearray):
+            return bytes(value)
+    elif hint in (str, bool):
+        if isinstance(value, hint):
+            return value
+    elif hint is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
+    else:
+        raise TypeError(f"{action}.{field}: unsupported field type {hint!r}")
+    raise HypercallError(-EINVAL, f"{action}: {field} has the wrong type")
+
+
+A = TypeVar("A", bound=Action)
+Handler = Callable[[Host, int, Any], Any]
+
+ACTIONS: dict[str, type[Action]] = {}
+HANDLERS: dict[type[Action], Handler] = {}
+
+
+def handles(action: type[A]) -> Callable[[Callable[[Host, int, A], Any]], Callable[[Host, int, A], Any]]:
+    """Register ``fn`` as the handler of ``action`` (one handler per action)."""
+
+    def register(fn: Callable[[Host, int, A], Any]) -> Callable[[Host, int, A], Any]:
+        assert action.name and action.name not in ACTIONS, f"duplicate action {action.name!r}"
+        ACTIONS[action.name] = action
+        HANDLERS[action] = fn
+        return fn
+
+    return register
+
+
+def parse(name: Any, args: Any, channel: Channel) -> Action:
+    """The typed action for a wire request, or ``-EOPNOTSUPP``/``-EPERM``/``-EINVAL``."""
+    cls = ACTIONS.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise HypercallError(-EOPNOTSUPP, f"unknown request {name!r}")
+    if cls.channel != channel:
+        raise HypercallError(-EPERM, f"{name} is not available on the {channel} socket")
+    return cls.from_wire(args)
+
+
+def dispatch(host: Host, caller: int, action: Action) -> Outcome:
+    """Run ``action``: a generator yielding effects and returning the result."""
+    handler = HANDLERS[type(action)]
+    if inspect.isgeneratorfunction(handler):
+        result = yield from handler(host, caller, action)
+        return result
+    return handler(host, caller, action)
+
+
+def run(host: Host, caller: int, action: Action) -> Any:
+    """Run an action to completion, ignoring continuation points (tests, scripts)."""
+    gen = dispatch(host, caller, action)
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
+
+
+#: Modules that define actions; importing one registers its handlers.
+FAMILIES = (
+    "xenemu.core.actions_iommu",
+    "xenemu.core.actions_control",
+)
+
+for _family in FAMILIES:
+    importlib.import_module(_family)

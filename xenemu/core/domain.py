@@ -1,0 +1,38 @@
+"""Domains: their kind, memory (p2m), privilege and IOMMU context."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from xenemu.abi import const
+from xenemu.core.iommu import IommuContext
+from xenemu.core.options import DomainKind
+
+DOMID_SELF = const("DOMID_SELF")
+DOMID_FIRST_RESERVED = const("DOMID_FIRST_RESERVED")
+HWDOM_ID = 0
+
+
+@dataclass
+class Domain:
+    domid: int
+    kind: DomainKind
+    is_hwdom: bool = False
+    #: The one domain a device-model domain is privileged over.
+    target: int | None = None
+    #: HVM only: GFN -> MFN.  A PV domain's GFN *is* its MFN.
+    p2m: dict[int, int] = field(default_factory=dict)
+    #: Frames populated for this domain (HVM: len(p2m)).
+    pages: int = 0
+    devices: set[str] = field(default_factory=set)
+    context: IommuContext | None = None
+    name: str = ""
+
+    @property
+    def is_hvm(self) -> bool:
+        return self.kind == "hvm"
+
+    def privileged_over(self, other: Domain) -> bool:
+        if other.domid == self.domid:
+            return False
+        return self.is_hwdom or self.target == other.domid

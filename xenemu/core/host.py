@@ -1,0 +1,374 @@
+"""The host: every piece of hypervisor state, and the operations the toolstack performs.
+
+Pure and synchronous: methods change state and return results or raise ``HypercallError``;
+they never block or do I/O, so the core can be driven directly by tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from xenemu.core.device import DmaResult, PciDevice, normalise_bdf
+from xenemu.core.domain import DOMID_FIRST_RESERVED, DOMID_SELF, HWDOM_ID, Domain
+from xenemu.core.errors import EBUSY, EINVAL, ENOENT, ENOMEM, ENOSPC, EPERM, ESRCH, HypercallError
+from xenemu.core.iommu import (
+    PERM_MASK,
+    PERM_R,
+    PERM_W,
+    DefaultRule,
+    DmaFault,
+    FlushType,
+    IommuContext,
+    Kind,
+    PageTable,
+    entry_kind,
+    entry_mfn,
+    entry_perms,
+    make_entry,
+)
+from xenemu.core.ioreq import IoreqRegistry, IoreqServer
+from xenemu.core.m2b import M2B, M2BEntry
+from xenemu.core.memory import PAGE_SHIFT, PAGE_SIZE, FrameTable
+from xenemu.core.options import DomainKind, HostOptions
+
+RW = PERM_R | PERM_W
+
+
+class Host:
+    """Machine frames, domains, devices, IOMMU contexts, the M2B and IOREQ servers."""
+
+    def __init__(self, options: HostOptions | None = None) -> None:
+        self.options = options or HostOptions()
+        opts = self.options
+        self.frames = FrameTable(opts.nr_frames)
+        for mfn in range(opts.xen_frames):
+            self.frames.reserve_for_xen(mfn)
+        self.scratch_mfn = opts.scratch_mfn
+        self.domains: dict[int, Domain] = {}
+        self.devices: dict[str, PciDevice] = {}
+        self.m2b = M2B()
+        self.ioreq = IoreqRegistry()
+        #: (domid, bfn) at which subops' IOMMU writes fail with -EIO.
+        self.injected_faults: set[tuple[int, int]] = set()
+        #: Contexts with a flush pending; emptied before any operation returns or yields.
+        self.touched: set[IommuContext] = set()
+        #: DMA faults of devices that see machine addresses (no context).
+        self.machine_dma_faults = 0
+        self.next_domid = 1
+        self.hwdom = self._new_domain(HWDOM_ID, opts.dom0_kind, opts.dom0_memory, "Domain-0")
+        self.hwdom.is_hwdom = True
+
+    # -- lookups ------------------------------------------------------------------------------
+    def domain(self, domid: int) -> Domain:
+        dom = self.domains.get(domid)
+        if dom is None:
+            raise HypercallError(-ESRCH, f"no domain {domid}")
+        return dom
+
+    @property
+    def hwdom_non_strict(self) -> bool:
+        return not self.options.dom0_strict
+
+    def is_non_strict_hwdom(self, dom: Domain) -> bool:
+        return dom.is_hwdom and not self.options.dom0_strict
+
+    def map_cap(self, dom: Domain) -> bool:
+        """Whether the caller may program its own IOMMU context (query_caps bit 0)."""
+        if not self.options.iommu or not dom.devices:
+            return False
+        return not (dom.is_hwdom and self.options.dom0_passthrough)
+
+    def gfn_to_mfn(self, dom: Domain, gfn: int) -> int | None:
+        """The frame backing ``gfn`` of ``dom``, if it is populated and the domain's."""
+        if dom.is_hvm:
+            return dom.p2m.get(gfn)
+        return gfn if self.frames.belongs_to(gfn, dom.domid) else None
+
+    def resolve_foreign(self, domid: int) -> Domain | None:
+        if domid >= DOMID_FIRST_RESERVED:
+            return None
+        return self.domains.get(domid)
+
+    # -- domains ------------------------------------------------------------------------------
+    def _new_domain(self, domid: int, kind: DomainKind, memory: int, name: str) -> Domain:
+        if memory > self.frames.nr_free:
+            raise HypercallError(-ENOMEM, f"{memory} frames wanted, {self.frames.nr_free} free")
+        dom = Domain(domid=domid, kind=kind, name=name or f"domain-{domid}")
+        self.domains[domid] = dom
+        for gfn in range(memory):
+            mfn = self.frames.allocate(domid)
+            assert mfn is not None
+            if dom.is_hvm:
+                dom.p2m[gfn] = mfn
+        dom.pages = memory
+        return dom
+
+    def _allocate_domid(self) -> int:
+        for _ in range(DOMID_FIRST_RESERVED):
+            domid = self.next_domid
+            self.next_domid = domid + 1 if domid + 1 < DOMID_FIRST_RESERVED else 1
+            if domid not in self.domains and domid not in self.frames.held:
+                return domid
+        raise HypercallError(-ENOSPC, "no free domain id")
+
+    def create_domain(
+        self, kind: DomainKind, memory: int, target: int | None = None, name: str = ""
+    ) -> Domain:
+        if kind not in ("pv", "hvm"):
+            raise HypercallError(-EINVAL, f"bad domain type {kind!r}")
+        if memory < 0:
+            raise HypercallError(-EINVAL, "negative memory")
+        if target is not None:
+            self.domain(target)
+        domid = self._allocate_domid()
+        dom = self._new_domain(domid, kind, memory, name)
+        dom.target = target
+        return dom
+
+    def destroy_domain(self, domid: int) -> None:
+        """Release everything the domain holds; frames others still hold stay until let go."""
+        dom = self.domain(domid)
+        if dom.is_hwdom:
+            raise HypercallError(-EPERM, "the hardware domain cannot be destroyed")
+        for server in [s for s in self.ioreq.servers.values() if s.creator == domid]:
+            self._destroy_ioreq_server(server)
+        ctx = dom.context
+        if ctx is not None:
+            for _bfn, entry in ctx.table.materialized():
+                kind = entry_kind(entry)
+                if kind in (Kind.MAP, Kind.GRANT):
+                    self.frames.put(entry_mfn(entry), bool(entry_perms(entry) & PERM_W))
+            self.touched.discard(ctx)
+            dom.context = None
+        for bdf in list(dom.devices):
+            del self.devices[bdf]
+        dom.devices.clear()
+        for server in self.ioreq.servers.values():
+            if server.target == domid:
+                server.target = None
+        for other in self.domains.values():
+            if other.target == domid:
+                other.target = None
+        self.injected_faults = {f for f in self.injected_faults if f[0] != domid}
+        del self.domains[domid]
+        for mfn in self._own_frames(dom):
+            self.frames.unpopulate(mfn)
+        dom.p2m.clear()
+        dom.pages = 0
+        self.flush_touched()
+
+    def _own_frames(self, dom: Domain) -> list[int]:
+        if dom.is_hvm:
+            return list(dom.p2m.values())
+        owner, populated = self.frames.owner, self.frames.populated
+        return [m for m in range(self.frames.nr_frames) if owner[m] == dom.domid and populated[m]]
+
+    # -- IOMMU contexts -------------------------------------------------------------------------
+    def default_rule(self, dom: Domain) -> DefaultRule:
+        """What Xen maps for a PV-IOMMU-unaware domain, BFN by BFN."""
+        frames = self.frames
+        domid = dom.domid
+        if self.is_non_strict_hwdom(dom):
+            first, last = self.options.xen_frames, frames.nr_frames
+
+            def identity(bfn: int) -> int:
+                return make_entry(bfn, Kind.DEFAULT, RW) if first <= bfn < last else 0
+
+            return identity
+        if dom.is_hvm:
+            p2m = dom.p2m
+
+            def hvm(bfn: int) -> int:
+                mfn = p2m.get(bfn)
+                return 0 if mfn is None else make_entry(mfn, Kind.DEFAULT, RW)
+
+            return hvm
+
+        def pv(bfn: int) -> int:
+            return make_entry(bfn, Kind.DEFAULT, RW) if frames.belongs_to(bfn, domid) else 0
+
+        return pv
+
+    def assign_device(self, domid: int, bdf: str, rmrr: list[tuple[int, int]] | None = None) -> PciDevice:
+        """Assign a device; its domain's first device creates the IOMMU context."""
+        dom = self.domain(domid)
+        try:
+            bdf = normalise_bdf(bdf)
+        except ValueError as exc:
+            raise HypercallError(-EINVAL, str(exc)) from None
+        if bdf in self.devices:
+            raise HypercallError(-EBUSY, f"{bdf} is already assigned to d{self.devices[bdf].domid}")
+        regions = list(rmrr or [])
+        device = PciDevice(bdf, domid, regions)
+        frames = device.rmrr_frames()
+        for start, count in regions:
+            if start < 0 or count <= 0:
+                raise HypercallError(-EINVAL, "bad RMRR region")
+        for mfn in frames:
+            if self.frames.exists(mfn) and not (self.frames.is_xen(mfn) and mfn != self.scratch_mfn):
+                raise HypercallError(-EINVAL, f"RMRR frame {mfn:#x} is RAM that is not Xen's")
+        wants_context = self.options.iommu and not (dom.is_hwdom and self.options.dom0_passthrough)
+        ctx = dom.context
+        if wants_context:
+            if ctx is None and any(True for _ in self.m2b.held_by(domid)):
+                raise HypercallError(-EBUSY, "the domain holds M2B entries made without a context")
+            table = ctx.table if ctx is not None else PageTable(self.default_rule(dom))
+            for mfn in frames:
+                entry = table.get(mfn)
+                if entry and entry_kind(entry) != Kind.DEFAULT and entry != make_entry(mfn, Kind.RMRR, RW):
+                    raise HypercallError(-EBUSY, f"BFN {mfn:#x} is already mapped")
+            if ctx is None:
+                ctx = dom.context = IommuContext(domid, table)
+            for mfn in frames:
+                before = ctx.table.get(mfn)
+                ctx.rmrr[mfn] = ctx.rmrr.get(mfn, 0) + 1
+                entry = make_entry(mfn, Kind.RMRR, RW)
+                if before != entry:
+                    ctx.table.set(mfn, entry)
+                    self.note_flush(ctx, FlushType.MODIFIED if before else FlushType.ADDED)
+        self.devices[bdf] = device
+        dom.devices.add(bdf)
+        self.flush_touched()
+        return device
+
+    def context_entries(self, dom: Domain) -> list[tuple[int, int]]:
+        """Every present entry of the domain's context, virtual defaults included, by BFN."""
+        ctx = dom.context
+        if ctx is None:
+            return []
+        table = ctx.table
+        present = dict(table.materialized())
+        if self.is_non_strict_hwdom(dom):
+            candidates: Iterable[int] = range(self.options.xen_frames, self.frames.nr_frames)
+        elif dom.is_hvm:
+            candidates = dom.p2m.keys()
+        else:
+            candidates = self._own_frames(dom)
+        for bfn in candidates:
+            if not table.is_materialized(bfn):
+                entry = table.default_rule(bfn)
+                if entry:
+                    present[bfn] = entry
+        return sorted(present.items())
+
+    def note_flush(self, ctx: IommuContext, flush: FlushType) -> None:
+        ctx.note(flush)
+        self.touched.add(ctx)
+
+    def flush_touched(self) -> None:
+        for ctx in self.touched:
+            ctx.flush()
+        self.touched.clear()
+
+    # -- fault injection ----------------------------------------------------------------------
+    def inject_fault(self, domid: int, bfn: int) -> None:
+        if not self.options.fault_injection:
+            raise HypercallError(-EPERM, "fault injection is not enabled on this host")
+        self.domain(domid)
+        self.injected_faults.add((domid, bfn))
+
+    def clear_fault(self, domid: int, bfn: int) -> None:
+        self.injected_faults.discard((domid, bfn))
+
+    # -- IOREQ servers ------------------------------------------------------------------------
+    def create_ioreq_server(self, caller: int, target: int) -> IoreqServer:
+        dom = self.domain(caller)
+        if target == DOMID_SELF:
+            target = caller
+        guest = self.domain(target)
+        if not dom.privileged_over(guest):
+            raise HypercallError(-EPERM, f"d{caller} is not privileged over d{target}")
+        if self.ioreq.exhausted():
+            raise HypercallError(-ENOSPC, "IOREQ server ids are exhausted")
+        return self.ioreq.create(caller, target)
+
+    def destroy_ioreq_server(self, caller: int, ioserver: int) -> None:
+        server = self.ioreq.get(ioserver)
+        if server is None:
+            raise HypercallError(-ENOENT, f"no IOREQ server {ioserver}")
+        if server.creator != caller:
+            raise HypercallError(-EPERM, f"IOREQ server {ioserver} is not d{caller}'s")
+        self._destroy_ioreq_server(server)
+        self.flush_touched()
+
+    def _destroy_ioreq_server(self, server: IoreqServer) -> None:
+        mapper = self.domains.get(server.creator)
+        ctx = mapper.context if mapper else None
+        for entry in self.m2b.for_server(server.id):
+            self.drop_m2b_entry(entry)
+        if ctx is not None:
+            for bfn in [b for b, s in ctx.scratch.items() if s == server.id]:
+                del ctx.scratch[bfn]
+                ctx.table.clear(bfn)
+                self.note_flush(ctx, FlushType.MODIFIED)
+        del self.ioreq.servers[server.id]
+
+    def drop_m2b_entry(self, entry: M2BEntry) -> None:
+        """Remove an M2B entry, the IOMMU entry it owns, and its references (no flush)."""
+        self.m2b.remove(entry)
+        if entry.owns_iommu_entry:
+            mapper = self.domains.get(entry.mapper)
+            ctx = mapper.context if mapper else None
+            if ctx is not None:
+                ctx.table.clear(entry.bfn)
+                self.note_flush(ctx, FlushType.MODIFIED)
+        self.frames.put(entry.mfn, entry.writable)
+
+    # -- guest memory and devices -------------------------------------------------------------
+    def guest_access(self, domid: int, gfn: int, offset: int, data: bytes | None, length: int = 0) -> bytes:
+        """A guest's CPU reading or writing its own memory (what it later asks devices to DMA)."""
+        dom = self.domain(domid)
+        size = len(data) if data is not None else length
+        if offset < 0 or size < 0 or offset + size > PAGE_SIZE:
+            raise HypercallError(-EINVAL, "access must stay within one page")
+        mfn = self.gfn_to_mfn(dom, gfn)
+        if mfn is None:
+            raise HypercallError(-EINVAL, f"GFN {gfn:#x} is not populated in d{domid}")
+        if data is not None:
+            self.frames.write(mfn, offset, data)
+            return b""
+        return self.frames.read(mfn, offset, size)
+
+    def device_dma(self, bdf: str, addr: int, data: bytes | None = None, length: int = 0) -> DmaResult:
+        """A device reads (``data`` None) or writes at bus address ``addr``, page by page."""
+        try:
+            device = self.devices[normalise_bdf(bdf)]
+        except (KeyError, ValueError):
+            raise HypercallError(-ENOENT, f"no device {bdf}") from None
+        write = data is not None
+        size = len(data) if data is not None else length
+        if addr < 0 or size < 0:
+            raise HypercallError(-EINVAL, "bad DMA range")
+        ctx = self.domains[device.domid].context
+        out = bytearray()
+        done = 0
+        while done < size:
+            bfn, offset = (addr + done) >> PAGE_SHIFT, (addr + done) & (PAGE_SIZE - 1)
+            chunk = min(size - done, PAGE_SIZE - offset)
+            mfn, reason = self._translate(ctx, bfn, write)
+            if mfn is None:
+                if ctx is None:
+                    self.machine_dma_faults += 1
+                else:
+                    ctx.record_fault(DmaFault(device.bdf, bfn, write, reason))
+                return DmaResult(False, bytes(out), bfn, reason)
+            if data is not None:
+                self.frames.write(mfn, offset, data[done : done + chunk])
+            else:
+                out += self.frames.read(mfn, offset, chunk)
+            done += chunk
+        return DmaResult(True, bytes(out))
+
+    def _translate(self, ctx: IommuContext | None, bfn: int, write: bool) -> tuple[int | None, str]:
+        if ctx is None:
+            return (bfn, "") if self.frames.exists(bfn) else (None, "beyond RAM")
+        entry = ctx.iotlb.lookup(bfn)
+        if entry is None:
+            entry = ctx.table.get(bfn)
+            if not entry:
+                return None, "not present"
+            ctx.iotlb.fill(bfn, entry)
+        need = PERM_W if write else PERM_R
+        if not entry & need & PERM_MASK:
+            return None, "write denied" if write else "read denied"
+        return entry_mfn(entry), ""

@@ -1,0 +1,98 @@
+"""The M2B: for each machine frame, the bus addresses emulators hold it at.
+
+It is what lets ballooning find every emulator that must be told a frame went away, and
+what keeps such frames alive (one reference per entry) until each emulator lets go.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from xenemu.core.iommu import PERM_W
+
+
+@dataclass(frozen=True, slots=True)
+class M2BEntry:
+    mfn: int
+    bfn: int
+    #: The emulator's domain (whose bus address space ``bfn`` is in).
+    mapper: int
+    #: The guest the frame belongs to.
+    domid: int
+    ioserver: int
+    #: IOMMU_OP_readable / writeable / swap_mfn bits as mapped.
+    flags: int
+    #: True when the entry owns an entry in the mapper's IOMMU context.
+    owns_iommu_entry: bool
+
+    @property
+    def writable(self) -> bool:
+        return bool(self.flags & PERM_W)
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        return (self.mapper, self.ioserver, self.bfn)
+
+
+class M2B:
+    """MFN -> entries, indexed so each lookup costs the same however many entries share a frame."""
+
+    def __init__(self) -> None:
+        self.by_mfn: dict[int, dict[tuple[int, int, int], M2BEntry]] = {}
+        self.by_key: dict[tuple[int, int, int], M2BEntry] = {}
+        #: (mfn, ioserver) -> BFNs, for lookup_foreign_page's "lowest such BFN".
+        self.by_frame_server: dict[tuple[int, int], set[int]] = {}
+        self.by_server: dict[int, set[tuple[int, int, int]]] = {}
+
+    def __len__(self) -> int:
+        return len(self.by_key)
+
+    def get(self, mapper: int, ioserver: int, bfn: int) -> M2BEntry | None:
+        return self.by_key.get((mapper, ioserver, bfn))
+
+    def add(self, entry: M2BEntry) -> None:
+        key = entry.key
+        assert key not in self.by_key
+        self.by_key[key] = entry
+        self.by_mfn.setdefault(entry.mfn, {})[key] = entry
+        self.by_frame_server.setdefault((entry.mfn, entry.ioserver), set()).add(entry.bfn)
+        self.by_server.setdefault(entry.ioserver, set()).add(key)
+
+    def remove(self, entry: M2BEntry) -> None:
+        key = entry.key
+        del self.by_key[key]
+        frame = self.by_mfn[entry.mfn]
+        del frame[key]
+        if not frame:
+            del self.by_mfn[entry.mfn]
+        bfns = self.by_frame_server[(entry.mfn, entry.ioserver)]
+        bfns.discard(entry.bfn)
+        if not bfns:
+            del self.by_frame_server[(entry.mfn, entry.ioserver)]
+        keys = self.by_server[entry.ioserver]
+        keys.discard(key)
+        if not keys:
+            del self.by_server[entry.ioserver]
+
+    def lowest_for(self, mfn: int, ioserver: int) -> M2BEntry | None:
+        bfns = self.by_frame_server.get((mfn, ioserver))
+        if not bfns:
+            return None
+        bfn = min(bfns)
+        for entry in self.by_mfn[mfn].values():
+            if entry.bfn == bfn and entry.ioserver == ioserver:
+                return entry
+        raise AssertionError("M2B indexes disagree")
+
+    def for_frame(self, mfn: int) -> list[M2BEntry]:
+        return list(self.by_mfn.get(mfn, {}).values())
+
+    def for_server(self, ioserver: int) -> list[M2BEntry]:
+        return [self.by_key[key] for key in self.by_server.get(ioserver, ())]
+
+    def held_by(self, mapper: int) -> Iterator[M2BEntry]:
+        return (entry for entry in self.by_key.values() if entry.mapper == mapper)
+
+    def __iter__(self) -> Iterator[M2BEntry]:
+        return iter(list(self.by_key.values()))
