@@ -26,7 +26,11 @@ class Bed:
         return self.host.hwdom
 
     def guest(
-        self, kind: str = "hvm", memory: int = 64, device: str | None = "00:03.0", target: int | None = None,
+        self,
+        kind: str = "hvm",
+        memory: int = 64,
+        device: str | None = "00:03.0",
+        target: int | None = None,
         rmrr: list[tuple[int, int]] | None = None,
     ) -> Domain:
         dom = self.host.create_domain(kind, memory, target)  # type: ignore[arg-type]

@@ -51,4 +51,4 @@ def const(name: str) -> int:
 
 
 OP_SIZE: int = ffi.sizeof("struct pv_iommu_op")
-assert OP_SIZE == const("PV_IOMMU_OP_SIZE"), "pv_iommu.h layout disagrees with PV_IOMMU_OP_SIZE"
+assert const("PV_IOMMU_OP_SIZE") == OP_SIZE, "pv_iommu.h layout disagrees with PV_IOMMU_OP_SIZE"

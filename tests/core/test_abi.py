@@ -21,23 +21,40 @@ UNION_MEMBERS = {
     "unmap_foreign_page": ["bfn", "ioserver"],
 }
 CONSTANTS = [
-    "DOMID_SELF", "DOMID_XEN", "DOMID_INVALID", "IOMMUOP_query_caps", "IOMMUOP_map_page", "IOMMUOP_unmap_page",
-    "IOMMUOP_map_foreign_page", "IOMMUOP_lookup_foreign_page", "IOMMUOP_unmap_foreign_page",
-    "IOMMU_QUERY_map_cap", "IOMMU_QUERY_map_all_gfns", "IOMMU_OP_readable", "IOMMU_OP_writeable",
-    "IOMMU_MAP_OP_no_ref_cnt", "IOMMUOP_swap_mfn", "IOMMU_page_order_shift", "XEN_EOPNOTSUPP",
+    "DOMID_SELF",
+    "DOMID_XEN",
+    "DOMID_INVALID",
+    "IOMMUOP_query_caps",
+    "IOMMUOP_map_page",
+    "IOMMUOP_unmap_page",
+    "IOMMUOP_map_foreign_page",
+    "IOMMUOP_lookup_foreign_page",
+    "IOMMUOP_unmap_foreign_page",
+    "IOMMU_QUERY_map_cap",
+    "IOMMU_QUERY_map_all_gfns",
+    "IOMMU_OP_readable",
+    "IOMMU_OP_writeable",
+    "IOMMU_MAP_OP_no_ref_cnt",
+    "IOMMUOP_swap_mfn",
+    "IOMMU_page_order_shift",
+    "XEN_EOPNOTSUPP",
 ]
 
 
 def c_layout_program() -> str:
-    lines = ['#include <stdio.h>', '#include <stddef.h>', '#include "xen_errno.h"', '#include "pv_iommu.h"',
-             "int main(void) {", '  printf("sizeof %zu\\n", sizeof(struct pv_iommu_op));']
+    lines = [
+        "#include <stdio.h>",
+        "#include <stddef.h>",
+        '#include "xen_errno.h"',
+        '#include "pv_iommu.h"',
+        "int main(void) {",
+        '  printf("sizeof %zu\\n", sizeof(struct pv_iommu_op));',
+    ]
     for field in FIELDS["struct pv_iommu_op"]:
         lines.append(f'  printf("{field} %zu\\n", offsetof(struct pv_iommu_op, {field}));')
     for member, fields in UNION_MEMBERS.items():
         for field in fields:
-            lines.append(
-                f'  printf("u.{member}.{field} %zu\\n", offsetof(struct pv_iommu_op, u.{member}.{field}));'
-            )
+            lines.append(f'  printf("u.{member}.{field} %zu\\n", offsetof(struct pv_iommu_op, u.{member}.{field}));')
     for name in CONSTANTS:
         lines.append(f'  printf("{name} %lld\\n", (long long)({name}));')
     lines += ["  return 0;", "}"]

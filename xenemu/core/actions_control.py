@@ -151,7 +151,7 @@ class DumpMappings(ControlAction):
 @handles(DumpMappings)
 def _dump_mappings(host: Host, caller: int, action: DumpMappings) -> dict[str, Any]:
     dom = host.domain(action.domid)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for bfn, entry in host.context_entries(dom):
         if bfn < action.start:
             continue

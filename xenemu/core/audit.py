@@ -60,8 +60,8 @@ def audit(host: Host) -> list[str]:
             problems.append(f"frame {mfn:#x}: populated for d{owner}, which does not exist")
 
     for bdf, device in host.devices.items():
-        dom = host.domains.get(device.domid)
-        if dom is None or bdf not in dom.devices:
+        holder = host.domains.get(device.domid)
+        if holder is None or bdf not in holder.devices:
             problems.append(f"device {bdf}: assigned to d{device.domid}, which does not list it")
     return problems
 
@@ -120,7 +120,7 @@ def _check_context(
                 problems.append(f"{where}: foreign entry at BFN {bfn:#x} has no M2B entry")
             elif owner.mfn != mfn or owner.flags & RW != perms:
                 problems.append(f"{where}: foreign entry at BFN {bfn:#x} disagrees with its M2B entry {owner}")
-        trusted = kind == Kind.MAP_NOREF or (kind == Kind.DEFAULT and identity_defaults)
+        trusted = identity_defaults and kind in (Kind.MAP_NOREF, Kind.DEFAULT)
         if frames.exists(mfn) and frames.is_free(mfn) and not trusted:
             problems.append(f"{where}: BFN {bfn:#x} ({kind.name}) points at free frame {mfn:#x}")
     for bfn in ctx.rmrr:

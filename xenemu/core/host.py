@@ -111,9 +111,7 @@ class Host:
                 return domid
         raise HypercallError(-ENOSPC, "no free domain id")
 
-    def create_domain(
-        self, kind: DomainKind, memory: int, target: int | None = None, name: str = ""
-    ) -> Domain:
+    def create_domain(self, kind: DomainKind, memory: int, target: int | None = None, name: str = "") -> Domain:
         if kind not in ("pv", "hvm"):
             raise HypercallError(-EINVAL, f"bad domain type {kind!r}")
         if memory < 0:

@@ -65,7 +65,7 @@ DefaultRule = Callable[[int], int]
 class PageTable:
     """BFN -> entry, with virtual default entries until a leaf is materialised."""
 
-    __slots__ = ("leaves", "default_rule")
+    __slots__ = ("default_rule", "leaves")
 
     def __init__(self, default_rule: DefaultRule) -> None:
         self.leaves: dict[int, array[int]] = {}
@@ -111,7 +111,7 @@ class PageTable:
 class Iotlb:
     """A bounded cache of translations that a device used; only flushes make it current."""
 
-    __slots__ = ("entries", "capacity", "hits", "misses")
+    __slots__ = ("capacity", "entries", "hits", "misses")
 
     def __init__(self, capacity: int = 1024) -> None:
         self.entries: dict[int, int] = {}
