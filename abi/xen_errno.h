@@ -20,6 +20,11 @@
 #define XEN_EINVAL      22
 #define XEN_ENOSPC      28
 #define XEN_EOPNOTSUPP  95
+/* Wire-protocol errors (PROTOCOL.md), never returned by a hypercall itself. */
+#define XEN_EPROTO      71
+#define XEN_EBADMSG     74
+#define XEN_EMSGSIZE    90
+#define XEN_EPROTONOSUPPORT 93
 /* XENEMU_CDEF_END */
 
 #endif /* XENEMU_ABI_XEN_ERRNO_H */

@@ -29,7 +29,20 @@ class CreateDomain(ControlAction):
 @handles(CreateDomain)
 def _create_domain(host: Host, caller: int, action: CreateDomain) -> dict[str, Any]:
     dom = host.create_domain(action.type, action.memory, action.target, action.domain_name)
-    return {"ret": 0, "domid": dom.domid}
+    return {"ret": 0, "domid": dom.domid, "token": dom.token}
+
+
+@dataclass(frozen=True)
+class DomainToken(ControlAction):
+    """The secret a program presents to speak for ``domid`` (the toolstack hands it out)."""
+
+    name = "domain_token"
+    domid: int
+
+
+@handles(DomainToken)
+def _domain_token(host: Host, caller: int, action: DomainToken) -> dict[str, Any]:
+    return {"ret": 0, "domid": action.domid, "token": host.domain(action.domid).token}
 
 
 @dataclass(frozen=True)

@@ -130,3 +130,17 @@ def _domain_info(host: Host, caller: int, action: DomainInfo) -> dict[str, Any]:
         "target": dom.target,
         "hwdom": dom.is_hwdom,
     }
+
+
+@dataclass(frozen=True)
+class Echo(Action):
+    """Returns ``buf`` untouched: the transport's own cost, for the benchmark's ceiling."""
+
+    name = "echo"
+    buf: bytes
+    count: int = 0
+
+
+@handles(Echo)
+def _echo(host: Host, caller: int, action: Echo) -> dict[str, Any]:
+    return {"ret": 0, "buf": action.buf}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 
 from xenemu.abi import const
@@ -27,6 +28,8 @@ class Domain:
     devices: set[str] = field(default_factory=set)
     context: IommuContext | None = None
     name: str = ""
+    #: The secret a connection presents to speak for this domain.
+    token: str = field(default_factory=lambda: secrets.token_hex(16))
 
     @property
     def is_hvm(self) -> bool:

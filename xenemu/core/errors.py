@@ -18,6 +18,10 @@ ENODEV = const("XEN_ENODEV")
 EINVAL = const("XEN_EINVAL")
 ENOSPC = const("XEN_ENOSPC")
 EOPNOTSUPP = const("XEN_EOPNOTSUPP")
+EPROTO = const("XEN_EPROTO")
+EBADMSG = const("XEN_EBADMSG")
+EMSGSIZE = const("XEN_EMSGSIZE")
+EPROTONOSUPPORT = const("XEN_EPROTONOSUPPORT")
 
 NAMES: dict[int, str] = {
     value: name

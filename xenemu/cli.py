@@ -1,0 +1,334 @@
+"""``xenemu``: the daemon (``serve``), toolstack verbs after Xen's ``xl``, and a demo.
+
+People get tables; ``--json`` gives programs the daemon's own replies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import trio
+from rich.console import Console
+from rich.table import Table
+
+from xenemu import __version__
+from xenemu.client import ConnectionLost, SyncControlClient, XenError
+from xenemu.core.host import Host
+from xenemu.core.options import HostOptions
+from xenemu.logs import configure
+from xenemu.server import run_daemon
+
+console = Console()
+CLIENTS_DIR = Path(__file__).resolve().parent.parent / "clients"
+
+
+def default_dir() -> Path:
+    return Path(os.environ.get("XENEMU_DIR") or Path(tempfile.gettempdir()) / f"xenemu-{os.getuid()}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="xenemu")
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=default_dir,
+    show_default="$XENEMU_DIR or /tmp/xenemu-$UID",
+    help="Where the daemon's sockets live.",
+)
+@click.pass_context
+def main(ctx: click.Context, directory: Path) -> None:
+    """xenemu: an emulated Xen hypervisor serving the PV IOMMU hypercall ABI."""
+    ctx.obj = directory
+
+
+def host_options(**kw: Any) -> HostOptions:
+    return HostOptions(
+        iommu=not kw["no_iommu"],
+        dom0_strict=kw["dom0_strict"],
+        dom0_passthrough=kw["dom0_passthrough"],
+        max_order=kw["max_order"],
+        nr_frames=kw["frames"],
+        dom0_memory=kw["dom0_memory"],
+        dom0_kind=kw["dom0_type"],
+        max_ops_per_call=kw["max_ops"],
+        continuation_every=kw["continuation_every"],
+        fault_injection=kw["fault_injection"],
+    )
+
+
+def host_option_flags(fn: Callable[..., Any]) -> Callable[..., Any]:
+    defaults = HostOptions()
+    flags = [
+        click.option(
+            "--frames", type=int, default=defaults.nr_frames, show_default=True, help="Machine RAM in 4K frames."
+        ),
+        click.option("--dom0-memory", type=int, default=defaults.dom0_memory, show_default=True, help="dom0's frames."),
+        click.option("--dom0-type", type=click.Choice(["pv", "hvm"]), default="pv", show_default=True),
+        click.option("--no-iommu", is_flag=True, help="A host without an IOMMU."),
+        click.option("--dom0-strict", is_flag=True, help="dom0 may map only its own memory."),
+        click.option("--dom0-passthrough", is_flag=True, help="dom0's devices see machine addresses."),
+        click.option("--max-order", type=int, default=defaults.max_order, show_default=True),
+        click.option("--max-ops", type=int, default=defaults.max_ops_per_call, show_default=True),
+        click.option("--continuation-every", type=int, default=defaults.continuation_every, show_default=True),
+        click.option("--fault-injection", is_flag=True, help="Allow inject-fault (tests)."),
+    ]
+    for flag in reversed(flags):
+        fn = flag(fn)
+    return fn
+
+
+@main.command()
+@host_option_flags
+@click.option("--log-json", is_flag=True, help="Log JSON lines instead of readable text.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
+@click.pass_obj
+def serve(directory: Path, /, log_json: bool, log_level: str, **kw: Any) -> None:
+    """Run the hypervisor: control.sock (toolstack) and hypercall.sock (guests) in --dir."""
+    configure(json=log_json, level=log_level)
+    try:
+        options = host_options(**kw)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    trio.run(lambda: run_daemon(Host(options), directory))
+
+
+# -- toolstack verbs ----------------------------------------------------------------------------------
+def control(directory: Path) -> SyncControlClient:
+    path = directory / "control.sock"
+    try:
+        return SyncControlClient.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise click.ClickException(f"no xenemu daemon at {path} (start one with 'xenemu serve')") from None
+
+
+def run_control(directory: Path, fn: Callable[[SyncControlClient], Any]) -> Any:
+    try:
+        with control(directory) as ctl:
+            return fn(ctl)
+    except XenError as exc:
+        raise click.ClickException(str(exc)) from None
+    except ConnectionLost as exc:
+        raise click.ClickException(f"connection lost: {exc}") from None
+
+
+json_flag = click.option("--json", "as_json", is_flag=True, help="Print the daemon's reply as JSON.")
+
+
+def emit_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, default=lambda b: b.hex() if isinstance(b, bytes) else str(b)))
+
+
+@main.command()
+@click.option("--type", "kind", type=click.Choice(["pv", "hvm"]), default="hvm", show_default=True)
+@click.option("--memory", type=int, default=256, show_default=True, help="Memory in 4K frames.")
+@click.option("--target", type=int, default=None, help="Make it a device model for this domain.")
+@click.option("--name", default="", help="A name to show in 'list'.")
+@json_flag
+@click.pass_obj
+def create(directory: Path, kind: str, memory: int, target: int | None, name: str, as_json: bool) -> None:
+    """Create a domain; prints its id and the token its programs connect with."""
+    reply = run_control(directory, lambda c: c.create_domain(kind, memory, target, name))
+    if as_json:
+        emit_json({"domid": reply["domid"], "token": reply["token"]})
+    else:
+        click.echo(f"domid {reply['domid']} token {reply['token']}")
+
+
+@main.command()
+@click.argument("domid", type=int)
+@click.pass_obj
+def destroy(directory: Path, domid: int) -> None:
+    """Destroy a domain, releasing everything it holds."""
+    run_control(directory, lambda c: c.destroy_domain(domid))
+
+
+@main.command("list")
+@json_flag
+@click.pass_obj
+def list_(directory: Path, as_json: bool) -> None:
+    """List domains."""
+    domains = run_control(directory, lambda c: c.list_domains())
+    if as_json:
+        emit_json(domains)
+        return
+    table = Table("ID", "Name", "Type", "Frames", "Target", "Devices", "map_cap", "Flushes a/m", "M2B", "Faults")
+    for d in domains:
+        flushes = d["flushes"]
+        table.add_row(
+            str(d["domid"]),
+            d["name"],
+            d["type"] + (" (hw)" if d["hwdom"] else ""),
+            str(d["pages"]),
+            "" if d["target"] is None else str(d["target"]),
+            " ".join(d["devices"]),
+            "yes" if d["map_cap"] else "no",
+            f"{flushes.get('added', 0)}/{flushes.get('modified', 0)}" if flushes else "",
+            str(d["m2b_entries"]),
+            str(d["dma_faults"]),
+        )
+    console.print(table)
+
+
+def parse_rmrr(value: str) -> tuple[int, int]:
+    start, _, count = value.partition(":")
+    try:
+        return int(start, 0), int(count or "1", 0)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: want START[:COUNT] in frames") from None
+
+
+@main.command("pci-attach")
+@click.argument("domid", type=int)
+@click.argument("bdf")
+@click.option("--rmrr", multiple=True, help="Reserved region START[:COUNT] (frames), identity-mapped.")
+@click.pass_obj
+def pci_attach(directory: Path, domid: int, bdf: str, rmrr: tuple[str, ...]) -> None:
+    """Assign a PCI device (SSSS:BB:DD.F) to a domain."""
+    regions = [parse_rmrr(r) for r in rmrr]
+    run_control(directory, lambda c: c.assign_device(domid, bdf, regions))
+
+
+@main.command()
+@click.argument("domid", type=int)
+@click.pass_obj
+def token(directory: Path, domid: int) -> None:
+    """Print the token a program uses to speak for DOMID."""
+    click.echo(run_control(directory, lambda c: c.domain_token(domid)))
+
+
+@main.command()
+@json_flag
+@click.pass_obj
+def stats(directory: Path, as_json: bool) -> None:
+    """Host-wide counters."""
+    reply = run_control(directory, lambda c: c.stats())
+    reply.pop("ret", None)
+    reply.pop("id", None)
+    if as_json:
+        emit_json(reply)
+        return
+    table = Table("Counter", "Value")
+    for key, value in reply.items():
+        table.add_row(key, str(value))
+    console.print(table)
+
+
+@main.command()
+@json_flag
+@click.pass_obj
+def audit(directory: Path, as_json: bool) -> None:
+    """Check every invariant; exits 1 if any is violated."""
+    violations = run_control(directory, lambda c: c.audit())
+    if as_json:
+        emit_json({"violations": violations})
+    elif violations:
+        for line in violations:
+            console.print(f"[red]violation[/red] {line}")
+    else:
+        console.print("[green]audit clean[/green]")
+    if violations:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("domid", type=int)
+@click.option("--start", type=int, default=0, help="First BFN.")
+@click.option("--limit", type=int, default=64, show_default=True)
+@json_flag
+@click.pass_obj
+def mappings(directory: Path, domid: int, start: int, limit: int, as_json: bool) -> None:
+    """A domain's IOMMU mappings (BFN -> MFN)."""
+    rows = run_control(directory, lambda c: c.dump_mappings(domid, start, limit))
+    if as_json:
+        emit_json(rows)
+        return
+    table = Table("BFN", "MFN", "Perms", "Kind", title=f"d{domid} IOMMU mappings")
+    for row in rows:
+        table.add_row(f"{row['bfn']:#x}", f"{row['mfn']:#x}", row["perms"], row["kind"])
+    console.print(table)
+
+
+@main.command()
+@json_flag
+@click.pass_obj
+def info(directory: Path, as_json: bool) -> None:
+    """The host's options."""
+    reply = run_control(directory, lambda c: c.host_info())
+    if as_json:
+        emit_json(reply["options"])
+        return
+    table = Table("Option", "Value")
+    for key, value in reply["options"].items():
+        table.add_row(key, str(value))
+    console.print(table)
+
+
+@main.command("inject-fault")
+@click.argument("domid", type=int)
+@click.argument("bfn", type=lambda v: int(v, 0))
+@click.option("--clear", is_flag=True)
+@click.pass_obj
+def inject_fault(directory: Path, domid: int, bfn: int, clear: bool) -> None:
+    """Make IOMMU writes at BFN of DOMID fail with -EIO (needs --fault-injection)."""
+    run_control(directory, lambda c: c.inject_fault(domid, bfn, clear))
+
+
+# -- demo ---------------------------------------------------------------------------------------------
+@main.command()
+@click.option("--memory", type=int, default=1024, show_default=True, help="The guest's frames.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning"]), default="warning")
+def demo(memory: int, log_level: str) -> None:
+    """Start a daemon, create dom0 plus an HVM guest with a device, and run the guest program."""
+    configure(level=log_level)
+    guest_program = CLIENTS_DIR / "pv_iommu_guest.py"
+    if not guest_program.is_file():
+        raise click.ClickException(f"{guest_program} not found (run from a source checkout)")
+
+    async def scenario(directory: Path) -> int:
+        from xenemu.client import ControlClient
+
+        status = 1
+
+        async def started(daemon: Any) -> None:
+            nonlocal status
+            async with await ControlClient.connect(directory / "control.sock") as ctl:
+                await ctl.assign_device(0, "0000:00:02.0")
+                guest = await ctl.create_domain("hvm", memory, name="demo-guest")
+                await ctl.assign_device(guest["domid"], "0000:00:03.0")
+                console.print(f"[bold]guest d{guest['domid']}[/bold]: HVM, {memory} frames, device 0000:00:03.0")
+                argv = [
+                    sys.executable,
+                    str(guest_program),
+                    "--socket",
+                    str(directory / "hypercall.sock"),
+                    "--token",
+                    guest["token"],
+                    "--bdf",
+                    "0000:00:03.0",
+                ]
+                proc = await trio.run_process(argv, check=False, stdin=subprocess.DEVNULL)
+                violations = await ctl.audit()
+                for line in violations:
+                    console.print(f"[red]violation[/red] {line}")
+                console.print("[green]audit clean[/green]" if not violations else "[red]audit failed[/red]")
+                status = 0 if proc.returncode == 0 and not violations else 1
+            daemon.shutdown()
+
+        await run_daemon(Host(HostOptions(nr_frames=max(1 << 16, memory * 2 + 8192))), directory, started=started)
+        return status
+
+    with tempfile.TemporaryDirectory(prefix="xenemu-demo-") as tmp:
+        sys.exit(trio.run(scenario, Path(tmp)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,295 @@
+"""Python client for xenemu's two sockets: async (trio) for programs, blocking for scripts.
+
+Both transports share one API definition: each method names a request and how to read its
+reply, and the transport decides whether that is awaited or returned at once.
+
+    async with await HypercallClient.connect(path, token) as xc:
+        ops = await xc.iommu_op([ops.query_caps()])
+
+    with SyncHypercallClient.connect(path, token) as xc:
+        ops = xc.iommu_op([ops.query_caps()])
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+from collections import deque
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import trio
+
+from xenemu.core.errors import errno_name
+from xenemu.ops import Op, pack, unpack
+from xenemu.wire import PROTOCOL_VERSION, FrameDecoder, Message, WireError, encode
+
+
+class XenError(Exception):
+    """A request the daemon refused: ``errno`` is positive, as in ``errno``."""
+
+    def __init__(self, ret: int, message: str = "", op: str = "") -> None:
+        self.errno = -ret
+        self.ret = ret
+        self.op = op
+        super().__init__(f"{op or 'request'} failed: {errno_name(ret)}" + (f" ({message})" if message else ""))
+
+
+class ConnectionLost(Exception):
+    """The daemon closed the connection."""
+
+
+Post = Callable[[Message], Any]
+
+
+def _checked(op: str) -> Post:
+    def post(reply: Message) -> Message:
+        ret = reply.get("ret", 0)
+        if not isinstance(ret, int) or ret < 0:
+            raise XenError(ret if isinstance(ret, int) else -5, str(reply.get("message", "")), op)
+        return reply
+
+    return post
+
+
+class _Api:
+    """The requests; ``_request`` is the transport's (sync: a value, async: a coroutine)."""
+
+    def _request(self, op: str, args: dict[str, Any], post: Post) -> Any:
+        raise NotImplementedError
+
+
+class HypercallApi(_Api):
+    def iommu_op(self, batch: Sequence[Op]) -> Any:
+        """``do_iommu_op``: the ops back with status and out fields; XenError on call errors."""
+        check = _checked("iommu_op")
+        return self._request(
+            "iommu_op", {"buf": bytes(pack(batch)), "count": len(batch)}, lambda r: unpack(check(r)["buf"])
+        )
+
+    def iommu_op_raw(self, buf: bytes, count: int) -> Any:
+        """The raw call: ``(ret, buf)`` whatever ``ret`` is."""
+        return self._request("iommu_op", {"buf": bytes(buf), "count": count}, lambda r: (r["ret"], r.get("buf")))
+
+    def echo(self, buf: bytes, count: int = 0) -> Any:
+        return self._request("echo", {"buf": bytes(buf), "count": count}, lambda r: _checked("echo")(r)["buf"])
+
+    def create_ioreq_server(self, target: int) -> Any:
+        return self._request("create_ioreq_server", {"target": target}, lambda r: _checked("ioreq")(r)["ioserver"])
+
+    def destroy_ioreq_server(self, ioserver: int) -> Any:
+        return self._request("destroy_ioreq_server", {"ioserver": ioserver}, _checked("destroy_ioreq_server"))
+
+    def guest_write(self, gfn: int, data: bytes, offset: int = 0) -> Any:
+        return self._request("guest_write", {"gfn": gfn, "offset": offset, "data": data}, _checked("guest_write"))
+
+    def guest_read(self, gfn: int, length: int, offset: int = 0) -> Any:
+        post = _checked("guest_read")
+        return self._request("guest_read", {"gfn": gfn, "offset": offset, "length": length}, lambda r: post(r)["data"])
+
+    def device_dma(self, bdf: str, addr: int, data: bytes | None = None, length: int = 0) -> Any:
+        """A DMA by one of this domain's devices: the reply map (``ok``, ``data``, ``reason``)."""
+        args: dict[str, Any] = {"bdf": bdf, "addr": addr, "length": length}
+        if data is not None:
+            args["data"] = data
+        return self._request("device_dma", args, _checked("device_dma"))
+
+    def domain_info(self) -> Any:
+        return self._request("domain_info", {}, _checked("domain_info"))
+
+
+class ControlApi(_Api):
+    def create_domain(self, type: str, memory: int, target: int | None = None, name: str = "") -> Any:
+        """``xl create``: the reply map with ``domid`` and ``token``."""
+        args: dict[str, Any] = {"type": type, "memory": memory, "domain_name": name}
+        if target is not None:
+            args["target"] = target
+        return self._request("create_domain", args, _checked("create_domain"))
+
+    def destroy_domain(self, domid: int) -> Any:
+        return self._request("destroy_domain", {"domid": domid}, _checked("destroy_domain"))
+
+    def list_domains(self) -> Any:
+        return self._request("list_domains", {}, lambda r: _checked("list_domains")(r)["domains"])
+
+    def assign_device(self, domid: int, bdf: str, rmrr: Sequence[tuple[int, int]] = ()) -> Any:
+        args = {"domid": domid, "bdf": bdf, "rmrr": [list(r) for r in rmrr]}
+        return self._request("assign_device", args, _checked("assign_device"))
+
+    def domain_token(self, domid: int) -> Any:
+        return self._request("domain_token", {"domid": domid}, lambda r: _checked("domain_token")(r)["token"])
+
+    def inject_fault(self, domid: int, bfn: int, clear: bool = False) -> Any:
+        return self._request("inject_fault", {"domid": domid, "bfn": bfn, "clear": clear}, _checked("inject_fault"))
+
+    def stats(self) -> Any:
+        return self._request("stats", {}, _checked("stats"))
+
+    def audit(self) -> Any:
+        return self._request("audit", {}, lambda r: _checked("audit")(r)["violations"])
+
+    def dump_mappings(self, domid: int, start: int = 0, limit: int = 4096) -> Any:
+        args = {"domid": domid, "start": start, "limit": limit}
+        return self._request("dump_mappings", args, lambda r: _checked("dump_mappings")(r)["mappings"])
+
+    def host_info(self) -> Any:
+        return self._request("host_info", {}, _checked("host_info"))
+
+
+def _hello_args(token: str | None) -> dict[str, Any]:
+    args: dict[str, Any] = {"version": PROTOCOL_VERSION}
+    if token is not None:
+        args["token"] = token
+    return args
+
+
+# -- async transport -------------------------------------------------------------------------------
+class _AsyncTransport(_Api):
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self._stream = stream
+        self._decoder = FrameDecoder()
+        self._ids = itertools.count(1)
+        self.events: deque[Message] = deque()
+        self.domid: int | None = None
+        self._lock = trio.Lock()
+
+    @classmethod
+    async def _open(cls, path: str | Path, token: str | None) -> Self:
+        stream = await trio.open_unix_socket(str(path))
+        client = cls(stream)
+        try:
+            hello = await client.call("hello", _hello_args(token))
+            client.domid = _checked("hello")(hello)["domid"]
+        except BaseException:
+            await stream.aclose()
+            raise
+        return client
+
+    async def call(self, op: str, args: dict[str, Any]) -> Message:
+        """Send one request and wait for its reply; pushed events are queued in ``events``."""
+        async with self._lock:
+            req_id = next(self._ids)
+            await self._stream.send_all(encode({"id": req_id, "op": op, "args": args}))
+            while True:
+                message = await self._next_message()
+                if "event" in message and "id" not in message:
+                    self.events.append(message)
+                    continue
+                if message.get("id") in (req_id, None):
+                    return message
+
+    async def send_raw(self, data: bytes) -> None:
+        await self._stream.send_all(data)
+
+    async def _next_message(self) -> Message:
+        while True:
+            message = self._decoder.next()
+            if isinstance(message, WireError):
+                raise ConnectionLost(message.message)
+            if message is not None:
+                return message
+            data = await self._stream.receive_some(1 << 16)
+            if not data:
+                raise ConnectionLost("the daemon closed the connection")
+            self._decoder.feed(data)
+
+    async def _request(self, op: str, args: dict[str, Any], post: Post) -> Any:
+        return post(await self.call(op, args))
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class HypercallClient(_AsyncTransport, HypercallApi):
+    """A guest's or emulator's connection: it speaks for the domain its token names."""
+
+    @classmethod
+    async def connect(cls, path: str | Path, token: str) -> HypercallClient:
+        return await cls._open(path, token)
+
+
+class ControlClient(_AsyncTransport, ControlApi):
+    """The toolstack's connection (the control socket is the daemon owner's only)."""
+
+    @classmethod
+    async def connect(cls, path: str | Path) -> ControlClient:
+        return await cls._open(path, None)
+
+
+# -- blocking transport ----------------------------------------------------------------------------
+class _SyncTransport(_Api):
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._decoder = FrameDecoder()
+        self._ids = itertools.count(1)
+        self.events: deque[Message] = deque()
+        self.domid: int | None = None
+
+    @classmethod
+    def _open(cls, path: str | Path, token: str | None) -> Self:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(str(path))
+            client = cls(sock)
+            client.domid = _checked("hello")(client.call("hello", _hello_args(token)))["domid"]
+        except BaseException:
+            sock.close()
+            raise
+        return client
+
+    def call(self, op: str, args: dict[str, Any]) -> Message:
+        req_id = next(self._ids)
+        self._sock.sendall(encode({"id": req_id, "op": op, "args": args}))
+        while True:
+            message = self._next_message()
+            if "event" in message and "id" not in message:
+                self.events.append(message)
+                continue
+            if message.get("id") in (req_id, None):
+                return message
+
+    def _next_message(self) -> Message:
+        while True:
+            message = self._decoder.next()
+            if isinstance(message, WireError):
+                raise ConnectionLost(message.message)
+            if message is not None:
+                return message
+            data = self._sock.recv(1 << 16)
+            if not data:
+                raise ConnectionLost("the daemon closed the connection")
+            self._decoder.feed(data)
+
+    def _request(self, op: str, args: dict[str, Any], post: Post) -> Any:
+        return post(self.call(op, args))
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class SyncHypercallClient(_SyncTransport, HypercallApi):
+    @classmethod
+    def connect(cls, path: str | Path, token: str) -> SyncHypercallClient:
+        return cls._open(path, token)
+
+
+class SyncControlClient(_SyncTransport, ControlApi):
+    @classmethod
+    def connect(cls, path: str | Path) -> SyncControlClient:
+        return cls._open(path, None)

@@ -1,0 +1,313 @@
+"""The trio shell: sockets, sessions, identity, and the scheduling of continuations.
+
+It owns no hypervisor semantics. A frame becomes a message (``wire``), a message becomes a
+typed action (``dispatch.parse``), and the action's generator is driven here: at each
+continuation point the shell yields to trio, so every other connection's requests run
+before a long batch resumes.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+import trio
+
+from xenemu import __version__
+from xenemu.core.actions_control import DestroyDomain
+from xenemu.core.dispatch import Channel, dispatch, parse
+from xenemu.core.domain import Domain
+from xenemu.core.errors import (
+    EACCES,
+    EINVAL,
+    EIO,
+    EPROTO,
+    EPROTONOSUPPORT,
+    ESRCH,
+    HypercallError,
+    errno_name,
+)
+from xenemu.core.host import Host
+from xenemu.wire import MAX_FRAME, PROTOCOL_VERSION, FrameDecoder, Message, WireError, encode
+
+log = structlog.get_logger("xenemu")
+
+READ_CHUNK = 1 << 16
+MAX_REQUEST_ID = 2**32 - 1
+#: Seconds in-flight requests get to finish at shutdown.
+SHUTDOWN_GRACE = 30
+
+
+@dataclass(eq=False)
+class Session:
+    """One connection: which socket, which domain it speaks for once it has said hello."""
+
+    stream: trio.SocketStream
+    channel: Channel
+    peer: int
+    domain: Domain | None = None
+    closing: bool = False
+    read_scope: trio.CancelScope | None = None
+    send_lock: trio.Lock = field(default_factory=trio.Lock)
+
+    async def send(self, message: Message) -> None:
+        data = encode(message)
+        async with self.send_lock:
+            await self.stream.send_all(data)
+
+    def close_soon(self) -> None:
+        self.closing = True
+        if self.read_scope is not None:
+            self.read_scope.cancel()
+
+
+class Daemon:
+    def __init__(self, host: Host, control_path: Path, hypercall_path: Path) -> None:
+        self.host = host
+        self.control_path = control_path
+        self.hypercall_path = hypercall_path
+        self.sessions: set[Session] = set()
+        self.stopping = False
+        self._accepting: trio.Nursery | None = None
+        self._next_peer = 1
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def serve(self, *, handle_signals: bool = True, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen on both sockets until shut down; in-flight requests finish first."""
+        control = await self._listen(self.control_path, 0o600)
+        hypercall = await self._listen(self.hypercall_path, 0o666)
+        log.info(
+            "listening",
+            control=str(self.control_path),
+            hypercall=str(self.hypercall_path),
+            frames=self.host.frames.nr_frames,
+            iommu=self.host.options.iommu,
+        )
+        try:
+            async with trio.open_nursery() as connections:
+                async with trio.open_nursery() as accepting:
+                    self._accepting = accepting
+                    if handle_signals:
+                        accepting.start_soon(self._watch_signals)
+                    accepting.start_soon(self._accept, control, "control", connections)
+                    accepting.start_soon(self._accept, hypercall, "hypercall", connections)
+                    task_status.started(self)
+                # accepting has stopped: connections finish their current request and close
+                for session in list(self.sessions):
+                    session.close_soon()
+                connections.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
+        finally:
+            for path in (self.control_path, self.hypercall_path):
+                path.unlink(missing_ok=True)
+            log.info("stopped")
+
+    def shutdown(self) -> None:
+        if not self.stopping:
+            self.stopping = True
+            log.info("shutting down", sessions=len(self.sessions))
+            if self._accepting is not None:
+                self._accepting.cancel_scope.cancel()
+
+    async def _watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.info("signal", signal=signal.Signals(signum).name)
+                self.shutdown()
+                return
+
+    async def _listen(self, path: Path, mode: int) -> trio.SocketListener:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        old_umask = os.umask(0o777 ^ mode)
+        try:
+            await sock.bind(str(path))
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, mode)
+        sock.listen(128)
+        return trio.SocketListener(sock)
+
+    async def _accept(self, listener: trio.SocketListener, channel: Channel, nursery: trio.Nursery) -> None:
+        async with listener:
+            while True:
+                stream = await listener.accept()
+                nursery.start_soon(self._serve_connection, stream, channel)
+
+    # -- connections ------------------------------------------------------------------------------
+    async def _serve_connection(self, stream: trio.SocketStream, channel: Channel) -> None:
+        session = Session(stream, channel, self._next_peer)
+        self._next_peer += 1
+        self.sessions.add(session)
+        decoder = FrameDecoder()
+        try:
+            while not session.closing:
+                message = decoder.next()
+                if message is None:
+                    data = await self._receive(session)
+                    if not data:
+                        if decoder.buffered:
+                            log.warning("truncated frame", peer=session.peer, buffered=decoder.buffered)
+                        break
+                    decoder.feed(data)
+                    continue
+                if isinstance(message, WireError):
+                    log.warning("malformed frame", peer=session.peer, error=message.message)
+                    await session.send(error_reply(None, -message.errno, message.message))
+                    if message.fatal:
+                        break
+                    continue
+                await self._handle(session, message)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self.sessions.discard(session)
+            await stream.aclose()
+            log.debug("disconnected", peer=session.peer, domid=session.domain.domid if session.domain else None)
+
+    async def _receive(self, session: Session) -> bytes:
+        if self.stopping:
+            return b""
+        with trio.CancelScope() as scope:
+            session.read_scope = scope
+            data: bytes = await session.stream.receive_some(READ_CHUNK)
+            session.read_scope = None
+            return data
+        session.read_scope = None
+        return b""
+
+    async def _handle(self, session: Session, message: Message) -> None:
+        req_id = message.get("id")
+        if req_id is not None and not (isinstance(req_id, int) and 0 <= req_id <= MAX_REQUEST_ID):
+            await self._refuse(session, None, -EINVAL, "id must be an unsigned 32-bit integer")
+            return
+        op = message.get("op")
+        args = message.get("args", {})
+        if session.domain is None:
+            await self._hello(session, req_id, op, args)
+            return
+        if op == "hello":
+            await self._refuse(session, req_id, -EPROTO, "already said hello")
+            return
+        dom = session.domain
+        if self.host.domains.get(dom.domid) is not dom:
+            await self._refuse(session, req_id, -ESRCH, f"d{dom.domid} no longer exists", close=True)
+            return
+        started = time.perf_counter()
+        try:
+            action = parse(op, args, session.channel)
+            result = await self._run(dispatch(self.host, dom.domid, action))
+        except HypercallError as exc:
+            await self._refuse(session, req_id, exc.errno, exc.message, op=op)
+            return
+        except Exception:
+            log.exception("internal error", peer=session.peer, domid=dom.domid, op=op)
+            await session.send(error_reply(req_id, -EIO, "internal error"))
+            return
+        log.debug(
+            "hypercall" if session.channel == "hypercall" else "control",
+            domid=dom.domid,
+            op=op,
+            ret=result.get("ret"),
+            ms=round((time.perf_counter() - started) * 1000, 3),
+        )
+        reply: Message = {"id": req_id, **result}
+        await session.send(reply)
+        if isinstance(action, DestroyDomain):
+            self._disconnect_domain(action.domid)
+
+    async def _run(self, outcome: Any) -> dict[str, Any]:
+        """Drive an action's generator; each continuation point lets other sessions run."""
+        while True:
+            try:
+                next(outcome)
+            except StopIteration as stop:
+                result: dict[str, Any] = stop.value
+                return result
+            await trio.lowlevel.checkpoint()
+
+    async def _hello(self, session: Session, req_id: int | None, op: Any, args: Any) -> None:
+        if op != "hello" or not isinstance(args, dict):
+            await self._refuse(session, req_id, -EPROTO, "the first request must be hello", close=True)
+            return
+        version = args.get("version")
+        if version != PROTOCOL_VERSION:
+            await self._refuse(
+                session, req_id, -EPROTONOSUPPORT, f"protocol version {version!r} unsupported", close=True
+            )
+            return
+        if session.channel == "control":
+            dom: Domain | None = self.host.hwdom
+        else:
+            dom = self._domain_for_token(args.get("token"))
+            if dom is None:
+                await self._refuse(session, req_id, -EACCES, "bad token", close=True, op="hello")
+                return
+        assert dom is not None
+        session.domain = dom
+        log.debug("hello", peer=session.peer, channel=session.channel, domid=dom.domid)
+        await session.send(
+            {
+                "id": req_id,
+                "ret": 0,
+                "version": PROTOCOL_VERSION,
+                "domid": dom.domid,
+                "max_frame": MAX_FRAME,
+                "server": f"xenemu {__version__}",
+            }
+        )
+
+    def _domain_for_token(self, token: Any) -> Domain | None:
+        if not isinstance(token, str):
+            return None
+        found = None
+        for dom in self.host.domains.values():
+            if hmac.compare_digest(dom.token.encode(), token.encode("utf-8", "replace")):
+                found = dom
+        return found
+
+    async def _refuse(
+        self, session: Session, req_id: int | None, errno: int, message: str, *, close: bool = False, op: Any = None
+    ) -> None:
+        log.warning(
+            "refused",
+            peer=session.peer,
+            channel=session.channel,
+            domid=session.domain.domid if session.domain else None,
+            op=op,
+            error=errno_name(errno),
+            reason=message,
+        )
+        await session.send(error_reply(req_id, errno, message))
+        if close:
+            session.closing = True
+
+    def _disconnect_domain(self, domid: int) -> None:
+        for session in list(self.sessions):
+            if session.channel == "hypercall" and session.domain is not None and session.domain.domid == domid:
+                session.close_soon()
+
+
+def error_reply(req_id: int | None, errno: int, message: str) -> Message:
+    return {"id": req_id, "ret": errno, "error": errno_name(errno).lstrip("-"), "message": message}
+
+
+async def run_daemon(
+    host: Host,
+    directory: Path,
+    *,
+    handle_signals: bool = True,
+    started: Callable[[Daemon], Awaitable[None]] | None = None,
+) -> None:
+    daemon = Daemon(host, directory / "control.sock", directory / "hypercall.sock")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lambda task_status: daemon.serve(handle_signals=handle_signals, task_status=task_status))
+        if started is not None:
+            await started(daemon)
