@@ -134,6 +134,10 @@ class ControlApi(_Api):
         args = {"domid": domid, "start": start, "limit": limit}
         return self._request("dump_mappings", args, lambda r: _checked("dump_mappings")(r)["mappings"])
 
+    def frame_info(self, mfn: int | None = None, domid: int | None = None, gfn: int | None = None) -> Any:
+        args = {k: v for k, v in (("mfn", mfn), ("domid", domid), ("gfn", gfn)) if v is not None}
+        return self._request("frame_info", args, _checked("frame_info"))
+
     def host_info(self) -> Any:
         return self._request("host_info", {}, _checked("host_info"))
 

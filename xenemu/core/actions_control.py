@@ -8,8 +8,10 @@ from typing import Any, Literal
 from xenemu.core.audit import audit
 from xenemu.core.dispatch import Action, handles
 from xenemu.core.domain import Domain
+from xenemu.core.errors import EINVAL, ENOENT, HypercallError
 from xenemu.core.host import Host
 from xenemu.core.iommu import entry_kind, entry_mfn, entry_perms
+from xenemu.core.memory import OWNER_NONE
 
 
 @dataclass(frozen=True)
@@ -190,3 +192,35 @@ class HostInfo(ControlAction):
 @handles(HostInfo)
 def _host_info(host: Host, caller: int, action: HostInfo) -> dict[str, Any]:
     return {"ret": 0, "options": host.options.to_dict(), "scratch_mfn": host.scratch_mfn}
+
+
+@dataclass(frozen=True)
+class FrameInfo(ControlAction):
+    """A frame's owner and reference counts, by MFN or by a domain's GFN (like getpageframeinfo)."""
+
+    name = "frame_info"
+    mfn: int | None = None
+    domid: int | None = None
+    gfn: int | None = None
+
+
+@handles(FrameInfo)
+def _frame_info(host: Host, caller: int, action: FrameInfo) -> dict[str, Any]:
+    mfn = action.mfn
+    if action.domid is not None and action.gfn is not None:
+        mfn = host.gfn_to_mfn(host.domain(action.domid), action.gfn)
+        if mfn is None:
+            raise HypercallError(-ENOENT, f"GFN {action.gfn:#x} of d{action.domid} is not populated")
+    if mfn is None or not host.frames.exists(mfn):
+        raise HypercallError(-EINVAL, "name a frame: mfn, or domid and gfn")
+    frames = host.frames
+    owner = frames.owner[mfn]
+    return {
+        "ret": 0,
+        "mfn": mfn,
+        "owner": None if owner == OWNER_NONE else owner,
+        "populated": bool(frames.populated[mfn]),
+        "count": frames.count[mfn],
+        "type_count": frames.type_count[mfn],
+        "m2b_entries": len(host.m2b.for_frame(mfn)),
+    }
