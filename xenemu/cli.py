@@ -26,8 +26,30 @@ from xenemu.core.options import HostOptions
 from xenemu.logs import configure
 from xenemu.server import run_daemon
 
-console = Console()
+
+def console() -> Console:
+    """A console sized to the terminal as it is now (COLUMNS is honoured)."""
+    return Console()
+
+
 CLIENTS_DIR = Path(__file__).resolve().parent.parent / "clients"
+
+
+class BasedInt(click.ParamType[int]):
+    """An integer in any base Python reads: 4096, 0x1000, 0o10000."""
+
+    name = "integer"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return int(value, 0)
+        except ValueError:
+            self.fail(f"{value!r} is not an integer", param, ctx)
+
+
+BASED_INT = BasedInt()
 
 
 def default_dir() -> Path:
@@ -175,7 +197,7 @@ def list_(directory: Path, as_json: bool) -> None:
             str(d["m2b_entries"]),
             str(d["dma_faults"]),
         )
-    console.print(table)
+    console().print(table)
 
 
 def parse_rmrr(value: str) -> tuple[int, int]:
@@ -219,7 +241,7 @@ def stats(directory: Path, as_json: bool) -> None:
     table = Table("Counter", "Value")
     for key, value in reply.items():
         table.add_row(key, str(value))
-    console.print(table)
+    console().print(table)
 
 
 @main.command()
@@ -232,16 +254,16 @@ def audit(directory: Path, as_json: bool) -> None:
         emit_json({"violations": violations})
     elif violations:
         for line in violations:
-            console.print(f"[red]violation[/red] {line}")
+            console().print(f"[red]violation[/red] {line}")
     else:
-        console.print("[green]audit clean[/green]")
+        console().print("[green]audit clean[/green]")
     if violations:
         sys.exit(1)
 
 
 @main.command()
 @click.argument("domid", type=int)
-@click.option("--start", type=int, default=0, help="First BFN.")
+@click.option("--start", type=BASED_INT, default=0, help="First BFN.")
 @click.option("--limit", type=int, default=64, show_default=True)
 @json_flag
 @click.pass_obj
@@ -254,7 +276,7 @@ def mappings(directory: Path, domid: int, start: int, limit: int, as_json: bool)
     table = Table("BFN", "MFN", "Perms", "Kind", title=f"d{domid} IOMMU mappings")
     for row in rows:
         table.add_row(f"{row['bfn']:#x}", f"{row['mfn']:#x}", row["perms"], row["kind"])
-    console.print(table)
+    console().print(table)
 
 
 @main.command()
@@ -269,12 +291,12 @@ def info(directory: Path, as_json: bool) -> None:
     table = Table("Option", "Value")
     for key, value in reply["options"].items():
         table.add_row(key, str(value))
-    console.print(table)
+    console().print(table)
 
 
 @main.command("inject-fault")
 @click.argument("domid", type=int)
-@click.argument("bfn", type=lambda v: int(v, 0))
+@click.argument("bfn", type=BASED_INT)
 @click.option("--clear", is_flag=True)
 @click.pass_obj
 def inject_fault(directory: Path, domid: int, bfn: int, clear: bool) -> None:
@@ -304,7 +326,7 @@ def demo(memory: int, log_level: str) -> None:
                 await ctl.assign_device(0, "0000:00:02.0")
                 guest = await ctl.create_domain("hvm", memory, name="demo-guest")
                 await ctl.assign_device(guest["domid"], "0000:00:03.0")
-                console.print(f"[bold]guest d{guest['domid']}[/bold]: HVM, {memory} frames, device 0000:00:03.0")
+                console().print(f"[bold]guest d{guest['domid']}[/bold]: HVM, {memory} frames, device 0000:00:03.0")
                 argv = [
                     sys.executable,
                     str(guest_program),
@@ -318,8 +340,8 @@ def demo(memory: int, log_level: str) -> None:
                 proc = await trio.run_process(argv, check=False, stdin=subprocess.DEVNULL)
                 violations = await ctl.audit()
                 for line in violations:
-                    console.print(f"[red]violation[/red] {line}")
-                console.print("[green]audit clean[/green]" if not violations else "[red]audit failed[/red]")
+                    console().print(f"[red]violation[/red] {line}")
+                console().print("[green]audit clean[/green]" if not violations else "[red]audit failed[/red]")
                 status = 0 if proc.returncode == 0 and not violations else 1
             daemon.shutdown()
 
