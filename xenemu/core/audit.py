@@ -71,7 +71,8 @@ def _check_memory(host: Host, domid: int) -> list[str]:
     frames = host.frames
     problems = []
     if dom.is_hvm:
-        if len(set(dom.p2m.values())) != len(dom.p2m):
+        mfns = list(dom.p2m.values())
+        if len(set(mfns)) != len(mfns):
             problems.append(f"d{domid}: p2m maps one frame at two GFNs")
         for gfn, mfn in dom.p2m.items():
             if not frames.belongs_to(mfn, domid):

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from xenemu.abi import const
 from xenemu.core.iommu import IommuContext
 from xenemu.core.options import DomainKind
+from xenemu.core.p2m import P2M
 
 DOMID_SELF = const("DOMID_SELF")
 DOMID_FIRST_RESERVED = const("DOMID_FIRST_RESERVED")
@@ -22,7 +23,7 @@ class Domain:
     #: The one domain a device-model domain is privileged over.
     target: int | None = None
     #: HVM only: GFN -> MFN.  A PV domain's GFN *is* its MFN.
-    p2m: dict[int, int] = field(default_factory=dict)
+    p2m: P2M = field(default_factory=P2M)
     #: Frames populated for this domain (HVM: len(p2m)).
     pages: int = 0
     devices: set[str] = field(default_factory=set)

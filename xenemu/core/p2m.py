@@ -1,0 +1,75 @@
+"""An HVM domain's physical-to-machine map, stored in 512-entry leaves like the page tables.
+
+A dict of a million GFNs would cost ~100 MB of Python objects; leaves of machine words cost
+4 KiB per 512 GFNs, so a guest's p2m stays a few bytes per page.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Iterator
+
+LEAF_SHIFT = 9
+LEAF_SIZE = 1 << LEAF_SHIFT
+LEAF_MASK = LEAF_SIZE - 1
+ABSENT = -1
+
+
+class P2M:
+    __slots__ = ("_leaves", "_count")
+
+    def __init__(self) -> None:
+        self._leaves: dict[int, array[int]] = {}
+        self._count = 0
+
+    def get(self, gfn: int) -> int | None:
+        leaf = self._leaves.get(gfn >> LEAF_SHIFT)
+        if leaf is None:
+            return None
+        mfn = leaf[gfn & LEAF_MASK]
+        return None if mfn == ABSENT else mfn
+
+    def __contains__(self, gfn: int) -> bool:
+        return self.get(gfn) is not None
+
+    def __setitem__(self, gfn: int, mfn: int) -> None:
+        if gfn < 0 or mfn < 0:
+            raise ValueError("GFN and MFN must be non-negative")
+        index = gfn >> LEAF_SHIFT
+        leaf = self._leaves.get(index)
+        if leaf is None:
+            leaf = self._leaves[index] = array("q", [ABSENT]) * LEAF_SIZE
+        if leaf[gfn & LEAF_MASK] == ABSENT:
+            self._count += 1
+        leaf[gfn & LEAF_MASK] = mfn
+
+    def pop(self, gfn: int) -> int | None:
+        """Remove ``gfn``; its MFN, or None if it was not populated."""
+        mfn = self.get(gfn)
+        if mfn is not None:
+            self._leaves[gfn >> LEAF_SHIFT][gfn & LEAF_MASK] = ABSENT
+            self._count -= 1
+        return mfn
+
+    def __len__(self) -> int:
+        return self._count
+
+    def items(self) -> Iterator[tuple[int, int]]:
+        for index in sorted(self._leaves):
+            base = index << LEAF_SHIFT
+            for i, mfn in enumerate(self._leaves[index]):
+                if mfn != ABSENT:
+                    yield base + i, mfn
+
+    def keys(self) -> Iterator[int]:
+        return (gfn for gfn, _ in self.items())
+
+    def values(self) -> Iterator[int]:
+        return (mfn for _, mfn in self.items())
+
+    def clear(self) -> None:
+        self._leaves.clear()
+        self._count = 0
+
+    def bytes_used(self) -> int:
+        return len(self._leaves) * LEAF_SIZE * 8
