@@ -16,7 +16,7 @@ ABSENT = -1
 
 
 class P2M:
-    __slots__ = ("_leaves", "_count")
+    __slots__ = ("_count", "_leaves")
 
     def __init__(self) -> None:
         self._leaves: dict[int, array[int]] = {}
