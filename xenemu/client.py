@@ -23,6 +23,7 @@ from typing import Any, Self
 import trio
 
 from xenemu.core.errors import errno_name
+from xenemu.ioreq_ring import BufferedRequest, SyncRequest, read_ring, read_sync
 from xenemu.ops import Op, pack, unpack
 from xenemu.wire import PROTOCOL_VERSION, FrameDecoder, Message, WireError, encode
 
@@ -98,6 +99,31 @@ class HypercallApi(_Api):
 
     def domain_info(self) -> Any:
         return self._request("domain_info", {}, _checked("domain_info"))
+
+    def decrease_reservation(self, gfns: Sequence[int]) -> Any:
+        """Balloon out: the reply map (``ret`` GFNs done, ``status`` why it stopped)."""
+        return self._request("decrease_reservation", {"gfns": list(gfns)}, _checked("decrease_reservation"))
+
+    def populate_physmap(self, gfns: Sequence[int]) -> Any:
+        return self._request("populate_physmap", {"gfns": list(gfns)}, _checked("populate_physmap"))
+
+    def ioreq_fetch(self, ioserver: int) -> Any:
+        """``(buffered requests, read pointer to acknowledge, synchronous requests)``."""
+        check = _checked("ioreq_fetch")
+
+        def post(reply: Message) -> tuple[list[BufferedRequest], int, list[SyncRequest]]:
+            check(reply)
+            buffered, read_pointer = read_ring(reply["page"])
+            return buffered, read_pointer, [read_sync(req_id, raw) for req_id, raw in reply["sync"]]
+
+        return self._request("ioreq_fetch", {"ioserver": ioserver}, post)
+
+    def ioreq_ack(self, ioserver: int, read_pointer: int) -> Any:
+        args = {"ioserver": ioserver, "read_pointer": read_pointer}
+        return self._request("ioreq_ack", args, _checked("ioreq_ack"))
+
+    def ioreq_complete(self, ioserver: int, req_id: int) -> Any:
+        return self._request("ioreq_complete", {"ioserver": ioserver, "id": req_id}, _checked("ioreq_complete"))
 
 
 class ControlApi(_Api):
@@ -182,6 +208,16 @@ class _AsyncTransport(_Api):
                     self.events.append(message)
                     continue
                 if message.get("id") in (req_id, None):
+                    return message
+
+    async def next_event(self) -> Message:
+        """The next pushed event (queued ones first); waits for one if none is queued."""
+        if self.events:
+            return self.events.popleft()
+        async with self._lock:
+            while True:
+                message = await self._next_message()
+                if "event" in message and "id" not in message:
                     return message
 
     async def send_raw(self, data: bytes) -> None:
@@ -274,6 +310,21 @@ class _SyncTransport(_Api):
 
     def _request(self, op: str, args: dict[str, Any], post: Post) -> Any:
         return post(self.call(op, args))
+
+    def next_event(self, timeout: float | None = None) -> Message | None:
+        """The next pushed event, or None if none came within ``timeout`` seconds."""
+        if self.events:
+            return self.events.popleft()
+        self._sock.settimeout(timeout)
+        try:
+            while True:
+                message = self._next_message()
+                if "event" in message and "id" not in message:
+                    return message
+        except TimeoutError:
+            return None
+        finally:
+            self._sock.settimeout(None)
 
     def close(self) -> None:
         self._sock.close()

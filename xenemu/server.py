@@ -22,6 +22,8 @@ import trio
 
 from xenemu import __version__
 from xenemu.core.actions_control import DestroyDomain
+from xenemu.core.actions_memory import ReleaseIoreqServers
+from xenemu.core.balloon import WaitForIoreqs
 from xenemu.core.dispatch import Channel, dispatch, parse
 from xenemu.core.domain import Domain
 from xenemu.core.errors import (
@@ -56,6 +58,22 @@ class Session:
     closing: bool = False
     read_scope: trio.CancelScope | None = None
     send_lock: trio.Lock = field(default_factory=trio.Lock)
+    #: IOREQ servers whose emulator (this session's domain) has news; sent by a task of its own
+    #: so that an emulator that stops reading never blocks whoever produced the news.
+    pending_events: set[int] = field(default_factory=set)
+    wake: trio.Event = field(default_factory=trio.Event)
+
+    def post(self, ioserver: int) -> None:
+        self.pending_events.add(ioserver)
+        self.wake.set()
+
+    async def send_events(self) -> None:
+        while True:
+            await self.wake.wait()
+            self.wake = trio.Event()
+            for ioserver in sorted(self.pending_events):
+                self.pending_events.discard(ioserver)
+                await self.send({"event": "ioreq", "ioserver": ioserver})
 
     async def send(self, message: Message) -> None:
         data = encode(message)
@@ -76,6 +94,7 @@ class Daemon:
         self.sessions: set[Session] = set()
         self.stopping = False
         self._accepting: trio.Nursery | None = None
+        self._changed = trio.Event()
         self._next_peer = 1
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -146,31 +165,56 @@ class Daemon:
         session = Session(stream, channel, self._next_peer)
         self._next_peer += 1
         self.sessions.add(session)
-        decoder = FrameDecoder()
         try:
-            while not session.closing:
-                message = decoder.next()
-                if message is None:
-                    data = await self._receive(session)
-                    if not data:
-                        if decoder.buffered:
-                            log.warning("truncated frame", peer=session.peer, buffered=decoder.buffered)
-                        break
-                    decoder.feed(data)
-                    continue
-                if isinstance(message, WireError):
-                    log.warning("malformed frame", peer=session.peer, error=message.message)
-                    await session.send(error_reply(None, -message.errno, message.message))
-                    if message.fatal:
-                        break
-                    continue
-                await self._handle(session, message)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._send_events, session)
+                await self._read_requests(session)
+                nursery.cancel_scope.cancel()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
             self.sessions.discard(session)
             await stream.aclose()
             log.debug("disconnected", peer=session.peer, domid=session.domain.domid if session.domain else None)
+            await self._after_disconnect(session)
+
+    async def _send_events(self, session: Session) -> None:
+        try:
+            await session.send_events()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            session.close_soon()
+
+    async def _read_requests(self, session: Session) -> None:
+        decoder = FrameDecoder()
+        while not session.closing:
+            message = decoder.next()
+            if message is None:
+                data = await self._receive(session)
+                if not data:
+                    if decoder.buffered:
+                        log.warning("truncated frame", peer=session.peer, buffered=decoder.buffered)
+                    return
+                decoder.feed(data)
+                continue
+            if isinstance(message, WireError):
+                log.warning("malformed frame", peer=session.peer, error=message.message)
+                await session.send(error_reply(None, -message.errno, message.message))
+                if message.fatal:
+                    return
+                continue
+            await self._handle(session, message)
+
+    async def _after_disconnect(self, session: Session) -> None:
+        """A domain whose last connection closed has no emulator left: release its servers."""
+        dom = session.domain
+        if session.channel != "hypercall" or dom is None or self.host.domains.get(dom.domid) is not dom:
+            return
+        if any(s.domain is dom and s.channel == "hypercall" for s in self.sessions):
+            return
+        if not any(server.creator == dom.domid for server in self.host.ioreq.servers.values()):
+            return
+        released = await self._run(dispatch(self.host, dom.domid, ReleaseIoreqServers(dom.domid)))
+        log.info("released ioreq servers", domid=dom.domid, servers=released["ret"])
 
     async def _receive(self, session: Session) -> bytes:
         if self.stopping:
@@ -224,14 +268,36 @@ class Daemon:
             self._disconnect_domain(action.domid)
 
     async def _run(self, outcome: Any) -> dict[str, Any]:
-        """Drive an action's generator; each continuation point lets other sessions run."""
-        while True:
-            try:
-                next(outcome)
-            except StopIteration as stop:
-                result: dict[str, Any] = stop.value
-                return result
-            await trio.lowlevel.checkpoint()
+        """Drive an action's generator: a continuation point lets other sessions run; a wait
+        for emulators parks only this request until the state it waits for comes about."""
+        try:
+            while True:
+                try:
+                    effect = next(outcome)
+                except StopIteration as stop:
+                    result: dict[str, Any] = stop.value
+                    return result
+                self._state_changed()
+                if isinstance(effect, WaitForIoreqs):
+                    while not effect.done(self.host):
+                        await self._changed.wait()
+                else:
+                    await trio.lowlevel.checkpoint()
+        finally:
+            self._state_changed()
+
+    def _state_changed(self) -> None:
+        """Deliver IOREQ news to emulators and wake every request waiting on host state."""
+        for ioserver in sorted(self.host.notify):
+            server = self.host.ioreq.get(ioserver)
+            if server is None:
+                continue
+            for session in self.sessions:
+                if session.channel == "hypercall" and session.domain and session.domain.domid == server.creator:
+                    session.post(ioserver)
+        self.host.notify.clear()
+        self._changed.set()
+        self._changed = trio.Event()
 
     async def _hello(self, session: Session, req_id: int | None, op: Any, args: Any) -> None:
         if op != "hello" or not isinstance(args, dict):

@@ -40,6 +40,11 @@ def audit(host: Host) -> list[str]:
         mapper = host.domains.get(key[0])
         if mapper is None or mapper.context is None:
             problems.append(f"M2B entry {entry} owns an IOMMU entry in a domain without a context")
+    for server in host.ioreq.servers.values():
+        if server.free_slots() < 0:
+            problems.append(f"IOREQ server {server.id}: buffered ring holds more than it has slots")
+        if server.creator not in host.domains:
+            problems.append(f"IOREQ server {server.id}: its emulator d{server.creator} is gone")
     if host.touched:
         problems.append(f"{len(host.touched)} contexts left with a pending flush")
 

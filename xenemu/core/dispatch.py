@@ -20,8 +20,8 @@ from typing import Any, ClassVar, Literal, TypeVar
 from xenemu.core.errors import EINVAL, EOPNOTSUPP, EPERM, HypercallError
 from xenemu.core.host import Host
 
-#: Which socket an action may arrive on.
-Channel = Literal["hypercall", "control"]
+#: Which socket an action may arrive on ("internal": raised by the shell itself, never parsed).
+Channel = Literal["hypercall", "control", "internal"]
 
 #: What a running action yields to the shell (continuation points, waits).
 Effect = Any
@@ -147,6 +147,7 @@ def run(host: Host, caller: int, action: Action) -> Any:
 FAMILIES = (
     "xenemu.core.actions_iommu",
     "xenemu.core.actions_control",
+    "xenemu.core.actions_memory",
 )
 
 for _family in FAMILIES:

@@ -52,6 +52,8 @@ class Host:
         self.injected_faults: set[tuple[int, int]] = set()
         #: Contexts with a flush pending; emptied before any operation returns or yields.
         self.touched: set[IommuContext] = set()
+        #: IOREQ servers with new requests their emulator has not been told of yet.
+        self.notify: set[int] = set()
         #: DMA faults of devices that see machine addresses (no context).
         self.machine_dma_faults = 0
         self.next_domid = 1
@@ -149,11 +151,17 @@ class Host:
                 other.target = None
         self.injected_faults = {f for f in self.injected_faults if f[0] != domid}
         del self.domains[domid]
+        # Emulators still holding its frames are told (or swapped), but nobody waits for them.
+        from xenemu.core.balloon import Invalidations, release_frame
+
+        owed = Invalidations()
         for mfn in self._own_frames(dom):
+            release_frame(self, mfn, owed)
             self.frames.unpopulate(mfn)
         dom.p2m.clear()
         dom.pages = 0
         self.flush_touched()
+        owed.send(self)
 
     def _own_frames(self, dom: Domain) -> list[int]:
         if dom.is_hvm:
@@ -280,14 +288,26 @@ class Host:
             raise HypercallError(-ENOSPC, "IOREQ server ids are exhausted")
         return self.ioreq.create(caller, target)
 
-    def destroy_ioreq_server(self, caller: int, ioserver: int) -> None:
+    def own_ioreq_server(self, caller: int, ioserver: int) -> IoreqServer:
+        """The caller's own server, or -ENOENT / -EPERM."""
         server = self.ioreq.get(ioserver)
         if server is None:
             raise HypercallError(-ENOENT, f"no IOREQ server {ioserver}")
         if server.creator != caller:
             raise HypercallError(-EPERM, f"IOREQ server {ioserver} is not d{caller}'s")
-        self._destroy_ioreq_server(server)
+        return server
+
+    def destroy_ioreq_server(self, caller: int, ioserver: int) -> None:
+        self._destroy_ioreq_server(self.own_ioreq_server(caller, ioserver))
         self.flush_touched()
+
+    def release_ioreq_servers(self, creator: int) -> int:
+        """Destroy every server ``creator`` made (its emulator went away); how many there were."""
+        servers = [s for s in self.ioreq.servers.values() if s.creator == creator]
+        for server in servers:
+            self._destroy_ioreq_server(server)
+        self.flush_touched()
+        return len(servers)
 
     def _destroy_ioreq_server(self, server: IoreqServer) -> None:
         mapper = self.domains.get(server.creator)
@@ -300,6 +320,7 @@ class Host:
                 ctx.table.clear(bfn)
                 self.note_flush(ctx, FlushType.MODIFIED)
         del self.ioreq.servers[server.id]
+        self.notify.discard(server.id)
 
     def drop_m2b_entry(self, entry: M2BEntry) -> None:
         """Remove an M2B entry, the IOMMU entry it owns, and its references (no flush)."""
