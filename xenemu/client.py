@@ -177,13 +177,20 @@ def _hello_args(token: str | None) -> dict[str, Any]:
 
 # -- async transport -------------------------------------------------------------------------------
 class _AsyncTransport(_Api):
+    """Several tasks may share one connection: whichever needs a message reads the next one
+    and routes it (a reply to the request that waits for it, an event to ``events``)."""
+
     def __init__(self, stream: trio.SocketStream) -> None:
         self._stream = stream
         self._decoder = FrameDecoder()
         self._ids = itertools.count(1)
         self.events: deque[Message] = deque()
         self.domid: int | None = None
-        self._lock = trio.Lock()
+        self._send_lock = trio.Lock()
+        self._read_lock = trio.Lock()
+        self._routed = trio.Event()
+        self._outstanding: list[int] = []
+        self._replies: dict[int, Message] = {}
 
     @classmethod
     async def _open(cls, path: str | Path, token: str | None) -> Self:
@@ -199,26 +206,46 @@ class _AsyncTransport(_Api):
 
     async def call(self, op: str, args: dict[str, Any]) -> Message:
         """Send one request and wait for its reply; pushed events are queued in ``events``."""
-        async with self._lock:
-            req_id = next(self._ids)
+        req_id = next(self._ids)
+        async with self._send_lock:
+            self._outstanding.append(req_id)
             await self._stream.send_all(encode({"id": req_id, "op": op, "args": args}))
-            while True:
-                message = await self._next_message()
-                if "event" in message and "id" not in message:
-                    self.events.append(message)
-                    continue
-                if message.get("id") in (req_id, None):
-                    return message
+        try:
+            await self._pump_until(lambda: req_id in self._replies)
+        finally:
+            if req_id in self._outstanding:
+                self._outstanding.remove(req_id)
+        return self._replies.pop(req_id)
 
     async def next_event(self) -> Message:
         """The next pushed event (queued ones first); waits for one if none is queued."""
-        if self.events:
-            return self.events.popleft()
-        async with self._lock:
-            while True:
-                message = await self._next_message()
-                if "event" in message and "id" not in message:
-                    return message
+        await self._pump_until(lambda: bool(self.events))
+        return self.events.popleft()
+
+    async def _pump_until(self, ready: Callable[[], bool]) -> None:
+        while not ready():
+            if self._read_lock.locked():
+                await self._routed.wait()
+                continue
+            async with self._read_lock:
+                try:
+                    if ready():
+                        return
+                    self._route(await self._next_message())
+                finally:  # wake the other waiters even if this reader was cancelled
+                    routed, self._routed = self._routed, trio.Event()
+                    routed.set()
+
+    def _route(self, message: Message) -> None:
+        if "event" in message and "id" not in message:
+            self.events.append(message)
+            return
+        req_id = message.get("id")
+        if req_id is None and self._outstanding:  # an error about a frame: the oldest request's
+            req_id = self._outstanding[0]
+        if req_id in self._outstanding:
+            self._outstanding.remove(req_id)
+            self._replies[req_id] = message
 
     async def send_raw(self, data: bytes) -> None:
         await self._stream.send_all(data)

@@ -104,3 +104,54 @@ def test_op_is_32_bytes_with_union_at_8() -> None:
     assert OP_SIZE == 32
     assert ffi.offsetof("struct pv_iommu_op", "u") == 8
     assert ffi.sizeof("ioservid_t") == 2
+
+
+IOREQ_PROGRAM = r"""
+#include <stdio.h>
+#include <stddef.h>
+#include <string.h>
+#include "ioreq.h"
+static void dump(const void *p, size_t n) {
+    for (size_t i = 0; i < n; i++) printf("%02x", ((const unsigned char *)p)[i]);
+    printf("\n");
+}
+int main(void) {
+    printf("%zu %zu %zu\n", sizeof(ioreq_t), sizeof(buf_ioreq_t), sizeof(buffered_iopage_t));
+    printf("%zu %zu %zu %zu %zu %zu\n", offsetof(ioreq_t, addr), offsetof(ioreq_t, data), offsetof(ioreq_t, count),
+           offsetof(ioreq_t, size), offsetof(ioreq_t, vp_eport), offsetof(ioreq_t, type));
+    printf("%zu %zu\n", offsetof(buf_ioreq_t, data), offsetof(buffered_iopage_t, buf_ioreq));
+    ioreq_t r; memset(&r, 0, sizeof r);
+    r.state = 3; r.data_is_ptr = 1; r.dir = 1; r.df = 1; r.type = 8; r.data = 0x1122334455667788ULL;
+    dump(&r, sizeof r);
+    buf_ioreq_t b; memset(&b, 0, sizeof b);
+    b.type = 8; b.pad = 1; b.dir = 1; b.size = 2; b.addr = 0xABCDE; b.data = 0xDEADBEEF;
+    dump(&b, sizeof b);
+    return 0;
+}
+"""
+
+
+def python_ioreq_lines() -> list[str]:
+    sizes = f"{ffi.sizeof('ioreq_t')} {ffi.sizeof('buf_ioreq_t')} {ffi.sizeof('buffered_iopage_t')}"
+    offsets = " ".join(str(ffi.offsetof("ioreq_t", f)) for f in ("addr", "data", "count", "size", "vp_eport", "type"))
+    more = f"{ffi.offsetof('buf_ioreq_t', 'data')} {ffi.offsetof('buffered_iopage_t', 'buf_ioreq')}"
+    r = bytearray(ffi.sizeof("ioreq_t"))
+    view = ffi.from_buffer("ioreq_t *", r)
+    view.state, view.data_is_ptr, view.dir, view.df, view.type, view.data = 3, 1, 1, 1, 8, 0x1122334455667788
+    b = bytearray(ffi.sizeof("buf_ioreq_t"))
+    slot = ffi.from_buffer("buf_ioreq_t *", b)
+    slot.type, slot.pad, slot.dir, slot.size, slot.addr, slot.data = 8, 1, 1, 2, 0xABCDE, 0xDEADBEEF
+    return [sizes, offsets, more, r.hex(), b.hex()]
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not installed")
+def test_ioreq_layouts_and_bitfields_agree(tmp_path: Path) -> None:
+    source = tmp_path / "ioreq.c"
+    source.write_text(IOREQ_PROGRAM)
+    binary = tmp_path / "ioreq"
+    subprocess.run(
+        ["gcc", "-Wall", "-Werror", "-std=c11", "-I", str(abi_dir()), "-o", str(binary), str(source)], check=True
+    )
+    printed = subprocess.run([str(binary)], check=True, capture_output=True, text=True).stdout.splitlines()
+    assert printed == python_ioreq_lines()
+    assert printed[0] == "32 8 4096"
