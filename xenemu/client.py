@@ -23,6 +23,7 @@ from typing import Any, Self
 import trio
 
 from xenemu.core.errors import errno_name
+from xenemu.grants import MapGrant, UnmapGrant, pack_map, pack_unmap, unpack_map, unpack_unmap
 from xenemu.ioreq_ring import BufferedRequest, SyncRequest, read_ring, read_sync
 from xenemu.ops import Op, pack, unpack
 from xenemu.wire import PROTOCOL_VERSION, FrameDecoder, Message, WireError, encode
@@ -117,6 +118,24 @@ class HypercallApi(_Api):
             return buffered, read_pointer, [read_sync(req_id, raw) for req_id, raw in reply["sync"]]
 
         return self._request("ioreq_fetch", {"ioserver": ioserver}, post)
+
+    def grant_access(self, ref: int, domid: int, gfn: int, readonly: bool = False) -> Any:
+        args = {"ref": ref, "domid": domid, "gfn": gfn, "readonly": readonly}
+        return self._request("grant_access", args, _checked("grant_access"))
+
+    def end_access(self, ref: int) -> Any:
+        return self._request("end_access", {"ref": ref}, _checked("end_access"))
+
+    def map_grant_refs(self, batch: Sequence[MapGrant]) -> Any:
+        """``GNTTABOP_map_grant_ref``: the ops back with status, handle and dev_bus_addr."""
+        check = _checked("map_grant_ref")
+        args = {"cmd": "map_grant_ref", "buf": pack_map(batch), "count": len(batch)}
+        return self._request("grant_table_op", args, lambda r: unpack_map(check(r)["buf"]))
+
+    def unmap_grant_refs(self, batch: Sequence[UnmapGrant]) -> Any:
+        check = _checked("unmap_grant_ref")
+        args = {"cmd": "unmap_grant_ref", "buf": pack_unmap(batch), "count": len(batch)}
+        return self._request("grant_table_op", args, lambda r: unpack_unmap(check(r)["buf"]))
 
     def ioreq_ack(self, ioserver: int, read_pointer: int) -> Any:
         args = {"ioserver": ioserver, "read_pointer": read_pointer}

@@ -241,6 +241,7 @@ class DaemonProcess:
         self.directory = directory
         self.control_path = directory / "control.sock"
         self.hypercall_path = directory / "hypercall.sock"
+        directory.mkdir(parents=True, exist_ok=True)
         self.log = open(directory / "daemon.log", "w")  # noqa: SIM115 - closed in stop()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(

@@ -223,4 +223,5 @@ def _frame_info(host: Host, caller: int, action: FrameInfo) -> dict[str, Any]:
         "count": frames.count[mfn],
         "type_count": frames.type_count[mfn],
         "m2b_entries": len(host.m2b.for_frame(mfn)),
+        "grant_maps": sum(1 for d in host.domains.values() for m in d.maptrack.mappings.values() if m.mfn == mfn),
     }

@@ -28,10 +28,20 @@ def audit(host: Host) -> list[str]:
         if entry.owns_iommu_entry:
             owning[(entry.mapper, entry.bfn)] = entry
     problems += _check_m2b(host)
+    grant_bfns: dict[tuple[int, int], int] = {}
+    pins: Counter[tuple[int, int, bool]] = Counter()
+    for dom in host.domains.values():
+        for mapping in dom.maptrack.mappings.values():
+            general[mapping.mfn] += 1
+            writable[mapping.mfn] += not mapping.readonly
+            pins[(mapping.granter, mapping.ref, mapping.readonly)] += 1
+            if mapping.bfn is not None:
+                grant_bfns[(dom.domid, mapping.bfn)] = mapping.mfn
+    problems += _check_grant_pins(host, pins)
 
     for dom in host.domains.values():
         if dom.context is not None:
-            problems += _check_context(host, dom.context, owning, general, writable)
+            problems += _check_context(host, dom.context, owning, grant_bfns, general, writable)
         wants = host.map_cap(dom)
         if wants != (dom.context is not None):
             problems.append(f"d{dom.domid}: context is {'missing' if wants else 'present'} but map_cap is {wants}")
@@ -91,6 +101,7 @@ def _check_context(
     host: Host,
     ctx: IommuContext,
     owning: dict[tuple[int, int], M2BEntry],
+    grant_bfns: dict[tuple[int, int], int],
     general: Counter[int],
     writable: Counter[int],
 ) -> list[str]:
@@ -103,9 +114,11 @@ def _check_context(
     seen_rmrr, seen_scratch, seen_foreign = set(), set(), set()
     for bfn, entry in ctx.table.materialized():
         kind, mfn, perms = entry_kind(entry), entry_mfn(entry), entry_perms(entry)
-        if kind in (Kind.MAP, Kind.GRANT):
+        if kind == Kind.MAP:
             general[mfn] += 1
             writable[mfn] += bool(perms & PERM_W)
+        elif kind == Kind.GRANT and grant_bfns.get((ctx.domid, bfn)) != mfn:
+            problems.append(f"{where}: grant entry at BFN {bfn:#x} has no grant mapping for frame {mfn:#x}")
         if kind == Kind.DEFAULT:
             if identity_defaults and mfn != bfn:
                 problems.append(f"{where}: default entry at BFN {bfn:#x} is not 1:1 (-> {mfn:#x})")
@@ -136,6 +149,10 @@ def _check_context(
         problems.append(f"{where}: RMRR entries {sorted(seen_rmrr ^ set(ctx.rmrr))} not matched by devices")
     if seen_scratch != set(ctx.scratch):
         problems.append(f"{where}: scratch entries disagree with their record")
+    for mapper, bfn in grant_bfns:
+        present = ctx.table.get(bfn) if mapper == ctx.domid else None
+        if mapper == ctx.domid and (not present or entry_kind(present) != Kind.GRANT):
+            problems.append(f"{where}: grant mapping at BFN {bfn:#x} lost its IOMMU entry")
     for mapper, bfn in owning:
         if mapper == ctx.domid and bfn not in seen_foreign:
             problems.append(f"{where}: M2B entry at BFN {bfn:#x} lost its IOMMU entry")
@@ -164,4 +181,18 @@ def _check_m2b(host: Host) -> list[str]:
             problems.append(f"M2B {entry}: frame is free")
     if sum(len(v) for v in m2b.by_mfn.values()) != len(m2b.by_key):
         problems.append("M2B: per-frame index has entries the main index lacks")
+    return problems
+
+
+def _check_grant_pins(host: Host, pins: Counter[tuple[int, int, bool]]) -> list[str]:
+    """Every granter's pin counts equal the mappings of its entries that exist."""
+    problems = []
+    for dom in host.domains.values():
+        table = dom.grant_table
+        for ref, (readers, writers) in table.pins.items():
+            if (readers, writers) != (pins[(dom.domid, ref, True)], pins[(dom.domid, ref, False)]):
+                problems.append(f"d{dom.domid} grant {ref}: pinned {readers}/{writers}, mapped otherwise")
+        for (granter, ref, _ro), count in pins.items():
+            if granter == dom.domid and count and ref not in table.pins:
+                problems.append(f"d{dom.domid} grant {ref}: mapped but not pinned")
     return problems

@@ -148,6 +148,7 @@ FAMILIES = (
     "xenemu.core.actions_iommu",
     "xenemu.core.actions_control",
     "xenemu.core.actions_memory",
+    "xenemu.core.actions_grant",
 )
 
 for _family in FAMILIES:

@@ -6,6 +6,7 @@ import secrets
 from dataclasses import dataclass, field
 
 from xenemu.abi import const
+from xenemu.core.grant_table import GrantTable, Maptrack
 from xenemu.core.iommu import IommuContext
 from xenemu.core.options import DomainKind
 from xenemu.core.p2m import P2M
@@ -29,6 +30,9 @@ class Domain:
     devices: set[str] = field(default_factory=set)
     context: IommuContext | None = None
     name: str = ""
+    #: Entries this domain grants to others, and the grants of others it has mapped.
+    grant_table: GrantTable = field(default_factory=GrantTable)
+    maptrack: Maptrack = field(default_factory=Maptrack)
     #: The secret a connection presents to speak for this domain.
     token: str = field(default_factory=lambda: secrets.token_hex(16))
 

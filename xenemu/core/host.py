@@ -132,11 +132,14 @@ class Host:
             raise HypercallError(-EPERM, "the hardware domain cannot be destroyed")
         for server in [s for s in self.ioreq.servers.values() if s.creator == domid]:
             self._destroy_ioreq_server(server)
+        from xenemu.core.gnttab_op import release_mapping
+
+        for mapping in list(dom.maptrack.mappings.values()):
+            release_mapping(self, dom, mapping)
         ctx = dom.context
         if ctx is not None:
             for _bfn, entry in ctx.table.materialized():
-                kind = entry_kind(entry)
-                if kind in (Kind.MAP, Kind.GRANT):
+                if entry_kind(entry) == Kind.MAP:
                     self.frames.put(entry_mfn(entry), bool(entry_perms(entry) & PERM_W))
             self.touched.discard(ctx)
             dom.context = None

@@ -1,0 +1,59 @@
+"""Grant-table hypercalls: the granter's entries, and batched map/unmap by the mapper."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from xenemu.core.dispatch import Action, handles
+from xenemu.core.gnttab_op import end_access, grant_access, map_grant_refs, unmap_grant_refs
+from xenemu.core.host import Host
+
+
+@dataclass(frozen=True)
+class GrantAccess(Action):
+    """Write grant entry ``ref``: ``domid`` may map the caller's ``gfn`` (read-only or not)."""
+
+    name = "grant_access"
+    ref: int
+    domid: int
+    gfn: int
+    readonly: bool = False
+
+
+@handles(GrantAccess)
+def _grant_access(host: Host, caller: int, action: GrantAccess) -> dict[str, Any]:
+    grant_access(host, caller, action.ref, action.domid, action.gfn, action.readonly)
+    return {"ret": 0}
+
+
+@dataclass(frozen=True)
+class EndAccess(Action):
+    """Revoke grant entry ``ref`` (``-EBUSY`` while mapped)."""
+
+    name = "end_access"
+    ref: int
+
+
+@handles(EndAccess)
+def _end_access(host: Host, caller: int, action: EndAccess) -> dict[str, Any]:
+    end_access(host, caller, action.ref)
+    return {"ret": 0}
+
+
+@dataclass(frozen=True)
+class GrantTableOp(Action):
+    """``GNTTABOP_map_grant_ref`` / ``unmap_grant_ref`` on ``count`` packed structs in ``buf``."""
+
+    name = "grant_table_op"
+    cmd: Literal["map_grant_ref", "unmap_grant_ref"]
+    buf: bytes
+    count: int
+
+
+@handles(GrantTableOp)
+def _grant_table_op(host: Host, caller: int, action: GrantTableOp) -> dict[str, Any]:
+    buf = bytearray(action.buf)
+    run = map_grant_refs if action.cmd == "map_grant_ref" else unmap_grant_refs
+    ret = run(host, caller, buf, action.count)
+    return {"ret": ret, "buf": bytes(buf)}

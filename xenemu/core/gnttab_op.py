@@ -1,0 +1,174 @@
+"""``grant_table_op`` map and unmap, batched like Xen's, and the granting side's entries.
+
+Each op of a batch gets its own ``GNTST_*`` status; IOMMU writes are flushed once per batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from xenemu.abi import ffi
+from xenemu.core.domain import Domain
+from xenemu.core.errors import E2BIG, EBUSY, EINVAL, HypercallError
+from xenemu.core.grant_table import (
+    MAP_SIZE,
+    NR_GRANT_ENTRIES,
+    PAGE_MASK,
+    UNMAP_SIZE,
+    GNTMAP_device_map,
+    GNTMAP_host_map,
+    GNTMAP_readonly,
+    GNTMAP_request_bfn_map,
+    GNTST_bad_dev_addr,
+    GNTST_bad_domain,
+    GNTST_bad_gntref,
+    GNTST_bad_handle,
+    GNTST_bad_page,
+    GNTST_bad_virt_addr,
+    GNTST_general_error,
+    GNTST_no_space,
+    GNTST_okay,
+    GNTST_permission_denied,
+    GrantMapping,
+    GTF_permit_access,
+    GTF_readonly,
+    GTF_type_mask,
+)
+from xenemu.core.host import RW, Host
+from xenemu.core.iommu import PERM_R, FlushType, Kind, entry_kind, make_entry
+from xenemu.core.memory import PAGE_SHIFT
+
+#: Most ops in one grant_table_op call.
+MAX_GRANT_OPS = 4096
+U32 = 1 << 32
+
+
+def grant_access(host: Host, caller: int, ref: int, domid: int, gfn: int, readonly: bool = False) -> None:
+    """The granter writes entry ``ref``: ``domid`` may map its ``gfn``."""
+    table = host.domain(caller).grant_table
+    if not 0 <= ref < NR_GRANT_ENTRIES or not 0 <= gfn < U32 or not 0 <= domid < 1 << 16:
+        raise HypercallError(-EINVAL, "grant ref, domid or frame out of range")
+    if ref in table.pins:
+        raise HypercallError(-EBUSY, f"grant {ref} is mapped")
+    entry = table.entries[ref]
+    entry.domid = domid
+    entry.frame = gfn
+    entry.flags = GTF_permit_access | (GTF_readonly if readonly else 0)
+
+
+def end_access(host: Host, caller: int, ref: int) -> None:
+    """Revoke entry ``ref``; refused while it is mapped, as Xen's end_foreign_access is."""
+    table = host.domain(caller).grant_table
+    if not 0 <= ref < NR_GRANT_ENTRIES:
+        raise HypercallError(-EINVAL, "grant ref out of range")
+    if ref in table.pins:
+        raise HypercallError(-EBUSY, f"grant {ref} is still mapped")
+    entry = table.entries[ref]
+    entry.flags = 0
+    entry.domid = 0
+    entry.frame = 0
+
+
+def _batch(buf: bytearray, count: int, size: int, ctype: str) -> Any:
+    if len(buf) != count * size:
+        raise HypercallError(-EINVAL, f"buffer is not {count} x {size} bytes")
+    if count > MAX_GRANT_OPS:
+        raise HypercallError(-E2BIG, f"more than {MAX_GRANT_OPS} ops")
+    return ffi.from_buffer(f"{ctype}[]", buf) if count else []
+
+
+def map_grant_refs(host: Host, caller: int, buf: bytearray, count: int) -> int:
+    mapper = host.domain(caller)
+    for op in _batch(buf, count, MAP_SIZE, "gnttab_map_grant_ref_t"):
+        op.status = _map_one(host, mapper, op)
+    host.flush_touched()
+    return 0
+
+
+def _map_one(host: Host, mapper: Domain, op: Any) -> int:
+    flags = op.flags
+    if not flags & (GNTMAP_device_map | GNTMAP_host_map):
+        return GNTST_bad_gntref
+    granter = host.resolve_foreign(op.dom)
+    if granter is None or granter is mapper:
+        return GNTST_bad_domain
+    ref = op.ref
+    if ref >= NR_GRANT_ENTRIES:
+        return GNTST_bad_gntref
+    entry = granter.grant_table.entries[ref]
+    if entry.flags & GTF_type_mask != GTF_permit_access or entry.domid != mapper.domid:
+        return GNTST_bad_gntref
+    readonly = bool(flags & GNTMAP_readonly)
+    if not readonly and entry.flags & GTF_readonly:
+        return GNTST_permission_denied
+    mfn = host.gfn_to_mfn(granter, entry.frame)
+    if mfn is None:
+        return GNTST_bad_page
+    if flags & GNTMAP_host_map and (not op.host_addr or op.host_addr & PAGE_MASK):
+        return GNTST_bad_virt_addr
+    bfn = None
+    ctx = mapper.context
+    if flags & GNTMAP_device_map and flags & GNTMAP_request_bfn_map:
+        addr = op.dev_bus_addr
+        if addr & PAGE_MASK:
+            return GNTST_bad_dev_addr
+        if ctx is None or not host.map_cap(mapper):
+            return GNTST_general_error
+        bfn = addr >> PAGE_SHIFT
+        present = ctx.table.get(bfn)
+        if bfn in ctx.rmrr or (present and entry_kind(present) != Kind.DEFAULT):
+            return GNTST_bad_dev_addr
+        if (mapper.domid, bfn) in host.injected_faults:
+            return GNTST_general_error
+    handle = mapper.maptrack.allocate()
+    if handle is None:
+        return GNTST_no_space
+    dev_bus_addr = mfn << PAGE_SHIFT if flags & GNTMAP_device_map and bfn is None else 0
+    mapper.maptrack.mappings[handle] = GrantMapping(
+        handle, granter.domid, ref, mfn, readonly, op.host_addr, bfn, dev_bus_addr
+    )
+    host.frames.get(mfn, not readonly)
+    granter.grant_table.pin(ref, readonly)
+    if bfn is not None and ctx is not None:
+        host.note_flush(ctx, FlushType.MODIFIED if ctx.table.get(bfn) else FlushType.ADDED)
+        ctx.table.set(bfn, make_entry(mfn, Kind.GRANT, PERM_R if readonly else RW))
+    elif dev_bus_addr:
+        op.dev_bus_addr = dev_bus_addr
+    op.handle = handle
+    return GNTST_okay
+
+
+def unmap_grant_refs(host: Host, caller: int, buf: bytearray, count: int) -> int:
+    mapper = host.domain(caller)
+    for op in _batch(buf, count, UNMAP_SIZE, "gnttab_unmap_grant_ref_t"):
+        op.status = _unmap_one(host, mapper, op)
+    host.flush_touched()
+    return 0
+
+
+def _unmap_one(host: Host, mapper: Domain, op: Any) -> int:
+    mapping = mapper.maptrack.mappings.get(op.handle)
+    if mapping is None:
+        return GNTST_bad_handle
+    if op.host_addr and op.host_addr != mapping.host_addr:
+        return GNTST_bad_virt_addr
+    bus = mapping.bfn << PAGE_SHIFT if mapping.bfn is not None else mapping.dev_bus_addr
+    if op.dev_bus_addr and op.dev_bus_addr != bus:
+        return GNTST_bad_dev_addr
+    if mapping.bfn is not None and (mapper.domid, mapping.bfn) in host.injected_faults:
+        return GNTST_general_error
+    release_mapping(host, mapper, mapping)
+    return GNTST_okay
+
+
+def release_mapping(host: Host, mapper: Domain, mapping: GrantMapping) -> None:
+    """Drop a grant mapping: its IOMMU entry, its references, the granter's pin (no flush)."""
+    del mapper.maptrack.mappings[mapping.handle]
+    ctx = mapper.context
+    if mapping.bfn is not None and ctx is not None:
+        ctx.table.clear(mapping.bfn)
+        host.note_flush(ctx, FlushType.MODIFIED)
+    host.frames.put(mapping.mfn, not mapping.readonly)
+    granter = host.domains.get(mapping.granter)
+    if granter is not None:
+        granter.grant_table.unpin(mapping.ref, mapping.readonly)
