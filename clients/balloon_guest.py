@@ -13,9 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from exchange import resolve, write_result
 
 from xenemu import ops
 from xenemu.client import HypercallClient
@@ -30,14 +35,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--self-map", action="store_true", help="hold the frames in its own IOMMU context first")
     parser.add_argument("--self-map-base", type=lambda v: int(v, 0), default=0x100000)
+    parser.add_argument("--result", type=Path, help="also write the summary here")
+    parser.add_argument("--pause", type=float, default=0.0, help="seconds between rounds (emulators remap)")
+    parser.add_argument("--after", help="wait for this file first (e.g. the emulator's ready file)")
     return parser.parse_args(argv)
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.after:
+        await trio.to_thread.run_sync(resolve, "@" + args.after)
     start, _, count = args.gfns.partition(":")
     gfns = list(range(int(start, 0), int(start, 0) + int(count or "1", 0)))
     summary: dict[str, Any] = {"ok": True, "rounds": 0, "ballooned": 0, "populated": 0, "waited": 0, "errors": []}
-    async with await HypercallClient.connect(args.socket, args.token) as xc:
+    async with await HypercallClient.connect(args.socket, resolve(args.token)) as xc:
         for round_no in range(args.rounds):
             for i in range(0, len(gfns), args.chunk):
                 chunk = gfns[i : i + args.chunk]
@@ -66,12 +76,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     if await xc.guest_read(g, len(note)) != note:
                         summary["errors"].append(f"gfn {g}: read back differs")
             summary["rounds"] += 1
+            if args.pause and round_no + 1 < args.rounds:
+                await trio.sleep(args.pause)
     summary["ok"] = not summary["errors"]
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
-    summary = trio.run(run, parse_args(argv))
+    args = parse_args(argv)
+    summary = trio.run(run, args)
+    write_result(args.result, summary)
     print(json.dumps(summary), flush=True)
     return 0 if summary["ok"] else 1
 

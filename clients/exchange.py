@@ -25,3 +25,22 @@ def wait_for(directory: Path, name: str, timeout: float = 120.0) -> Any:
             raise TimeoutError(f"{path} did not appear within {timeout} s")
         time.sleep(0.02)
     return json.loads(path.read_text())
+
+
+def resolve(value: str, timeout: float = 120.0) -> str:
+    """``@PATH`` is the contents of PATH (waited for), anything else is itself."""
+    if not value.startswith("@"):
+        return value
+    path = Path(value[1:])
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear within {timeout} s")
+        time.sleep(0.02)
+    return path.read_text().strip()
+
+
+def write_result(path: Path | None, summary: Any) -> None:
+    """A program's summary for the scenario's verdict (DIR/results/NAME.json)."""
+    if path is not None:
+        publish(path.parent, path.name, summary)

@@ -19,7 +19,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from exchange import publish, wait_for
+from exchange import publish, resolve, wait_for, write_result
 
 from xenemu import grants
 from xenemu.client import SyncHypercallClient
@@ -33,13 +33,14 @@ def sector_data(sector: int) -> bytes:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--socket", required=True)
-    parser.add_argument("--token", required=True)
+    parser.add_argument("--token", required=True, help="this domain's token, or @FILE")
+    parser.add_argument("--result", type=Path, help="also write the summary here")
     parser.add_argument("--exchange", type=Path, required=True)
     parser.add_argument("--bfn-base", type=lambda v: int(v, 0), default=0x40000)
     parser.add_argument("--bdf", help="the backend's device (default: its first)")
     args = parser.parse_args(argv)
     summary: dict[str, Any] = {"ok": False, "errors": []}
-    with SyncHypercallClient.connect(args.socket, args.token) as xc:
+    with SyncHypercallClient.connect(args.socket, resolve(args.token)) as xc:
         bdf = args.bdf or xc.domain_info()["devices"][0]
         job = wait_for(args.exchange, "requests.json")
         frontend, requests = job["frontend"], job["requests"]
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             mapped=sum(1 for g in mapped if g.status == 0),
             read_only_faults=read_only_faults,
         )
+    write_result(args.result, summary)
     print(json.dumps(summary), flush=True)
     return 0 if summary["ok"] else 1
 

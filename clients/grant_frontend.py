@@ -18,7 +18,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from exchange import publish, wait_for
+from exchange import publish, resolve, wait_for, write_result
 
 from xenemu.client import SyncHypercallClient, XenError
 
@@ -30,14 +30,16 @@ def sector_data(sector: int) -> bytes:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--socket", required=True)
-    parser.add_argument("--token", required=True)
-    parser.add_argument("--backend", type=int, required=True, help="the backend's domid")
+    parser.add_argument("--token", required=True, help="this domain's token, or @FILE")
+    parser.add_argument("--result", type=Path, help="also write the summary here")
+    parser.add_argument("--backend", required=True, help="the backend's domid, or @FILE")
     parser.add_argument("--exchange", type=Path, required=True, help="directory shared with the backend")
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--gfn-base", type=int, default=8)
     args = parser.parse_args(argv)
     summary: dict[str, Any] = {"ok": False, "errors": []}
-    with SyncHypercallClient.connect(args.socket, args.token) as xc:
+    args.backend = int(resolve(args.backend))
+    with SyncHypercallClient.connect(args.socket, resolve(args.token)) as xc:
         requests = []
         for i in range(args.requests):
             gfn, op = args.gfn_base + i, "write" if i % 2 == 0 else "read"
@@ -64,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             except XenError as exc:
                 summary["errors"].append(f"grant {req['ref']} still mapped: {exc}")
         summary.update(ok=not summary["errors"], requests=len(requests), frontend=xc.domid)
+    write_result(args.result, summary)
     print(json.dumps(summary), flush=True)
     return 0 if summary["ok"] else 1
 

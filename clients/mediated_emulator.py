@@ -19,9 +19,14 @@ import argparse
 import json
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from exchange import resolve, write_result
 
 from xenemu import ops
 from xenemu.client import HypercallClient
@@ -33,8 +38,8 @@ IOREQ_TYPE_INVALIDATE = 8
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--socket", required=True)
-    parser.add_argument("--token", required=True, help="the emulator domain's token")
-    parser.add_argument("--guest", type=int, required=True, help="the guest's domid")
+    parser.add_argument("--token", required=True, help="the emulator domain's token, or @FILE")
+    parser.add_argument("--guest", required=True, help="the guest's domid, or @FILE")
     parser.add_argument("--gfns", default="0:64", help="START:COUNT of guest frames to map")
     parser.add_argument("--bdf", help="the emulator's device (default: its first)")
     parser.add_argument("--bfn-base", type=lambda v: int(v, 0), default=0x80000)
@@ -42,7 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--duration", type=float, default=None, help="seconds to run (default: until signalled)")
     parser.add_argument("--until-stdin-closes", action="store_true")
+    parser.add_argument("--until-file", type=Path, help="stop once this file exists")
+    parser.add_argument("--ready-file", type=Path, help="create this file once the pages are mapped")
     parser.add_argument("--remap-interval", type=float, default=0.05)
+    parser.add_argument("--result", type=Path, help="also write the summary here")
     return parser.parse_args(argv)
 
 
@@ -162,7 +170,14 @@ async def wait_for_stop(args: argparse.Namespace) -> None:
             await trio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)
             nursery.cancel_scope.cancel()
 
+        async def on_file() -> None:
+            while not args.until_file.exists():
+                await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+
         nursery.start_soon(on_signal)
+        if args.until_file is not None:
+            nursery.start_soon(on_file)
         if args.until_stdin_closes:
             nursery.start_soon(on_stdin)
         if args.duration is not None:
@@ -171,22 +186,20 @@ async def wait_for_stop(args: argparse.Namespace) -> None:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    async with await HypercallClient.connect(args.socket, args.token) as xc:
+    args.guest = int(resolve(args.guest))
+    async with await HypercallClient.connect(args.socket, resolve(args.token)) as xc:
         info = await xc.domain_info()
         bdf = args.bdf or (info["devices"][0] if info["devices"] else None)
         emulator = Emulator(xc, args)
         await emulator.start()
-        print(
-            json.dumps(
-                {
-                    "ready": True,
-                    "ioserver": emulator.server,
-                    "map_cap": emulator.map_cap,
-                    "mapped": len(emulator.mapped),
-                }
-            ),
-            flush=True,
-        )
+        ready = {
+            "ready": True,
+            "ioserver": emulator.server,
+            "map_cap": emulator.map_cap,
+            "mapped": len(emulator.mapped),
+        }
+        print(json.dumps(ready), flush=True)
+        write_result(args.ready_file, ready)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(emulator.events)
             nursery.start_soon(emulator.work, bdf)
@@ -203,7 +216,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    summary = trio.run(run, parse_args(argv))
+    args = parse_args(argv)
+    summary = trio.run(run, args)
+    write_result(args.result, summary)
     print(json.dumps(summary), flush=True)
     return 0 if summary["ok"] else 1
 

@@ -16,10 +16,15 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import trio
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from exchange import resolve, write_result
 
 from xenemu import ops
 from xenemu.client import HypercallClient
@@ -30,11 +35,12 @@ PAGE = 4096
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--socket", required=True, help="the daemon's hypercall.sock")
-    parser.add_argument("--token", required=True, help="this domain's token (xenemu token DOMID)")
+    parser.add_argument("--token", required=True, help="this domain's token (xenemu token DOMID), or @FILE")
     parser.add_argument("--bdf", help="the device to DMA with (default: the domain's first)")
     parser.add_argument("--batch", type=int, default=512, help="ops per do_iommu_op call")
     parser.add_argument("--samples", type=int, default=64, help="pages checked by DMA")
     parser.add_argument("--json", action="store_true", help="print a JSON summary, no progress bars")
+    parser.add_argument("--result", type=Path, help="also write the summary here (for a scenario's verdict)")
     return parser.parse_args(argv)
 
 
@@ -45,7 +51,7 @@ def pattern(gfn: int) -> bytes:
 async def run(args: argparse.Namespace) -> dict[str, object]:
     console = Console(stderr=True, quiet=args.json)
     summary: dict[str, object] = {"ok": False}
-    async with await HypercallClient.connect(args.socket, args.token) as xc:
+    async with await HypercallClient.connect(args.socket, resolve(args.token)) as xc:
         info = await xc.domain_info()
         pages, devices = info["pages"], info["devices"]
         bdf = args.bdf or (devices[0] if devices else None)
@@ -107,6 +113,7 @@ async def batched(xc: HypercallClient, console: Console, label: str, batch: list
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     summary = trio.run(run, args)
+    write_result(args.result, summary)
     if args.json:
         print(json.dumps(summary))
     else:
