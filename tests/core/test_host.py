@@ -229,3 +229,10 @@ def test_audit_reports_pending_flush(bed: Bed) -> None:
     assert g.context is not None
     bed.host.note_flush(g.context, g.context.pending_flush.__class__.ADDED)
     assert any("pending" in p for p in audit(bed.host))
+
+
+def test_failed_create_does_not_consume_a_domid(bed: Bed) -> None:
+    """Found by the model-based test: an -ENOMEM create used to burn a domain id."""
+    first = bed.guest(device=None).domid
+    assert errno_of(bed.host.create_domain, "hvm", bed.host.frames.nr_free + 1) == -12
+    assert bed.guest(device=None).domid == first + 1

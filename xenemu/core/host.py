@@ -120,6 +120,8 @@ class Host:
             raise HypercallError(-EINVAL, "negative memory")
         if target is not None:
             self.domain(target)
+        if memory > self.frames.nr_free:  # before an id is taken: a failed create consumes none
+            raise HypercallError(-ENOMEM, f"{memory} frames wanted, {self.frames.nr_free} free")
         domid = self._allocate_domid()
         dom = self._new_domain(domid, kind, memory, name)
         dom.target = target

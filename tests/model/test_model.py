@@ -1,0 +1,333 @@
+"""Model-based test: random call sequences on the core and on the reference model, step by step.
+
+After every step the audit must be clean, and statuses, out fields, every frame's reference
+counts, every IOMMU context, the M2B, IOREQ servers and the invalidates announced must equal
+what the independent reference model (tests/model/reference.py) predicts.
+
+The CI profile runs a couple of hundred sequences; for a long campaign:
+
+    XENEMU_MODEL_EXAMPLES=20000 XENEMU_MODEL_STEPS=80 pytest tests/model -p no:cacheprovider
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from typing import Any
+
+from hypothesis import HealthCheck, event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+from tests.model.reference import Reference
+from xenemu.core.audit import audit
+from xenemu.core.balloon import WaitForIoreqs, decrease_reservation, populate_physmap
+from xenemu.core.errors import HypercallError
+from xenemu.core.host import Host
+from xenemu.core.iommu import Kind, entry_kind, entry_mfn, entry_perms
+from xenemu.core.iommu_op import run_iommu_op
+from xenemu.core.options import HostOptions
+from xenemu.ioreq_ring import read_ring, read_sync
+from xenemu.ops import Op, pack, unpack
+
+NR_FRAMES, XEN_FRAMES, DOM0_MEMORY = 160, 16, 24
+KIND_NAMES = {
+    Kind.DEFAULT: "default",
+    Kind.MAP: "map",
+    Kind.MAP_NOREF: "noref",
+    Kind.FOREIGN: "foreign",
+    Kind.SCRATCH: "scratch",
+    Kind.RMRR: "rmrr",
+}
+
+orders = st.sampled_from([0, 0, 0, 1, 2, 19])
+perms = st.sampled_from([1, 2, 3, 3, 0, 7, 11])
+flags = st.one_of(st.builds(lambda p, o: p | (o << 10), perms, orders), st.integers(0, 0xFFFF))
+small = st.one_of(st.integers(0, 40), st.integers(0, NR_FRAMES + 8), st.sampled_from([0x1000, 0x1002, 0x1004]))
+frame_numbers = st.one_of(small, st.just(2**64 - 1))
+op_strategy = st.builds(
+    Op,
+    subop=st.sampled_from([1, 2, 2, 3, 3, 4, 4, 5, 6, 6, 0, 9]),
+    flags=flags,
+    bfn=frame_numbers,
+    gfn=frame_numbers,
+    domid=st.one_of(st.integers(0, 8), st.sampled_from([0x7FF0, 0x7FF2, 0x7FF4])),
+    ioserver=st.integers(0, 6),
+)
+
+
+class PvIommuModel(RuleBasedStateMachine):
+    host: Host
+    ref: Reference
+
+    @initialize(
+        iommu=st.sampled_from([True, True, False]),
+        mode=st.sampled_from(["default", "default", "strict", "passthrough"]),
+        dom0_kind=st.sampled_from(["pv", "hvm"]),
+        max_order=st.sampled_from([0, 2, 18]),
+    )
+    def setup(self, iommu: bool, mode: str, dom0_kind: str, max_order: int) -> None:
+        options = HostOptions(
+            iommu=iommu,
+            dom0_strict=mode == "strict",
+            dom0_passthrough=mode == "passthrough",
+            max_order=max_order,
+            nr_frames=NR_FRAMES,
+            xen_frames=XEN_FRAMES,
+            dom0_memory=DOM0_MEMORY,
+            dom0_kind=dom0_kind,  # type: ignore[arg-type]
+            fault_injection=True,
+        )
+        self.host = Host(options)
+        self.ref = Reference(
+            iommu, mode == "strict", mode == "passthrough", max_order, NR_FRAMES, XEN_FRAMES, DOM0_MEMORY, dom0_kind
+        )
+        self.next_bus = 1
+        self.announced: list[tuple[int, int]] = []
+
+    def pick(self, index: int) -> int:
+        domids = sorted(self.host.domains)
+        return domids[index % len(domids)]
+
+    def errno(self, fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except HypercallError as exc:
+            return exc.errno
+
+    # -- rules ------------------------------------------------------------------------------------
+    @rule(
+        kind=st.sampled_from(["pv", "hvm"]), memory=st.integers(0, 24), dm_of=st.integers(-1, 6), device=st.booleans()
+    )
+    def create_domain(self, kind: str, memory: int, dm_of: int, device: bool) -> None:
+        target_id = None if dm_of < 0 else self.pick(dm_of)
+        got = self.errno(self.host.create_domain, kind, memory, target_id)
+        want = self.ref.create_domain(kind, memory, target_id)
+        domid = got if isinstance(got, int) else got.domid
+        assert domid == want
+        if want >= 0 and device:
+            self.assign(want)
+
+    def assign(self, domid: int) -> None:
+        bdf = f"00:{self.next_bus % 32:02x}.{self.next_bus // 32 % 8}"
+        self.next_bus += 1
+        got = self.errno(self.host.assign_device, domid, bdf)
+        want = self.ref.assign(domid, "0000:" + bdf)
+        assert (0 if not isinstance(got, int) else got) == want
+
+    @rule(guest_kind=st.sampled_from(["pv", "hvm"]), dm_kind=st.sampled_from(["pv", "hvm"]), device=st.booleans())
+    def emulator_for_a_new_guest(self, guest_kind: str, dm_kind: str, device: bool) -> None:
+        """A guest, a device model domain for it and its IOREQ server: the foreign subops' stage."""
+        before = set(self.host.domains)
+        self.create_domain(guest_kind, 8, -1, True)
+        guest = next(iter(set(self.host.domains) - before), None)
+        if guest is None:
+            return
+        got = self.errno(self.host.create_domain, dm_kind, 4, guest)
+        want = self.ref.create_domain(dm_kind, 4, guest)
+        assert (got if isinstance(got, int) else got.domid) == want
+        if want < 0:
+            return
+        if device:
+            self.assign(want)
+        server = self.errno(self.host.create_ioreq_server, want, guest)
+        assert (server if isinstance(server, int) else server.id) == self.ref.create_server(want, guest)
+
+    @rule(index=st.integers(0, 8))
+    def assign_device(self, index: int) -> None:
+        if self.next_bus < 250:
+            self.assign(self.pick(index))
+
+    @rule(index=st.integers(0, 8))
+    def destroy_domain(self, index: int) -> None:
+        domid = self.pick(index)
+        got = self.errno(self.host.destroy_domain, domid)
+        assert (got or 0) == self.ref.destroy_domain(domid)
+        self.collect_invalidates()
+
+    @rule(caller=st.integers(0, 8), guest=st.integers(0, 8))
+    def create_server(self, caller: int, guest: int) -> None:
+        c, t = self.pick(caller), self.pick(guest)
+        got = self.errno(self.host.create_ioreq_server, c, t)
+        assert (got if isinstance(got, int) else got.id) == self.ref.create_server(c, t)
+
+    @rule(caller=st.integers(0, 8), server=st.integers(0, 6))
+    def destroy_server(self, caller: int, server: int) -> None:
+        c = self.pick(caller)
+        got = self.errno(self.host.destroy_ioreq_server, c, server)
+        assert (got or 0) == self.ref.destroy_server(c, server)
+
+    @rule(caller=st.integers(0, 8), batch=st.lists(op_strategy, max_size=6))
+    def iommu_op(self, caller: int, batch: list[Op]) -> None:
+        self.run_batch(self.pick(caller), batch)
+
+    def run_batch(self, c: int, batch: list[Op]) -> None:
+        buf = pack(batch)
+        assert run_iommu_op(self.host, c, buf, len(batch)) == 0
+        got = unpack(buf)
+        want = self.ref.iommu_op(
+            c,
+            [
+                dict(subop=o.subop, flags=o.flags, bfn=o.bfn, gfn=o.gfn, domid=o.domid, ioserver=o.ioserver)
+                for o in batch
+            ],
+        )
+        for sent, g, w in zip(batch, got, want, strict=True):
+            event(f"subop {sent.subop}: {g.status_name}")
+            assert g.status == w["status"], (sent, g.status_name, w["status"])
+            assert (g.flags, g.bfn) == (w["flags"], w["bfn"]), (sent, g, w)
+
+    @rule(data=st.data())
+    def iommu_op_likely_valid(self, data: st.DataObject) -> None:
+        """Ops built from the state (own GFNs, own servers, mapped BFNs), so success paths run."""
+        host = self.host
+        capable = [d for d in sorted(host.domains) if host.domains[d].devices] or sorted(host.domains)
+        emulators = sorted({s.creator for s in host.ioreq.servers.values() if s.target is not None})
+        if emulators and data.draw(st.integers(0, 9)) < 7:
+            capable = emulators
+        caller = data.draw(st.sampled_from(capable))
+        dom = host.domains[caller]
+        own = list(dom.p2m.keys()) if dom.is_hvm else [m for m in range(NR_FRAMES) if host.frames.belongs_to(m, caller)]
+        if host.is_non_strict_hwdom(dom) and not dom.is_hvm:
+            own += list(range(XEN_FRAMES - 2, NR_FRAMES))
+        servers = [s for s in host.ioreq.servers.values() if s.creator == caller and s.target is not None]
+        mapped = sorted({e.bfn for e in host.m2b.held_by(caller)} | set(dom.context.scratch if dom.context else ()))
+        ctx_bfns = [b for b, _ in host.context_entries(dom)][:64]
+        bfns = st.one_of(st.integers(0, 48), st.sampled_from([0x1000, 0x1001, 0x1002, 0x1004]))
+        perms = st.sampled_from([1, 2, 3, 3, 3 | 4])
+        order = st.sampled_from([0, 0, 0, 0, 1])
+        choices: list[st.SearchStrategy[Op]] = [st.just(Op(1))]
+        if own:
+            choices.append(
+                st.builds(
+                    lambda b, g, p, o: Op(
+                        2, (p & 3) | (p & 4 if host.is_non_strict_hwdom(dom) else 0) | (o << 10), b, g
+                    ),
+                    bfns,
+                    st.sampled_from(own),
+                    perms,
+                    order,
+                )
+            )
+        if ctx_bfns:
+            choices.append(st.builds(lambda b, o: Op(3, o << 10, b), st.sampled_from(ctx_bfns), order))
+        for server in servers[:3]:
+            guest = host.domains.get(server.target or -1)
+            if guest is None:
+                continue
+            theirs = (
+                list(guest.p2m.keys())
+                if guest.is_hvm
+                else [m for m in range(NR_FRAMES) if host.frames.belongs_to(m, guest.domid)]
+            )
+            if theirs:
+                gfn = st.sampled_from(theirs)
+                choices.append(
+                    st.builds(
+                        lambda b, g, p, o, s=server: Op(4, p | (o << 10), b, g, s.target, s.id), bfns, gfn, perms, order
+                    )
+                )
+                choices.append(st.builds(lambda g, s=server: Op(5, 0, 0, g, s.target, s.id), gfn))
+            if mapped:
+                choices.append(st.builds(lambda b, s=server: Op(6, 0, b, ioserver=s.id), st.sampled_from(mapped)))
+        batch = data.draw(st.lists(st.one_of(choices), min_size=1, max_size=6))
+        self.run_batch(caller, batch)
+
+    @rule(caller=st.integers(0, 8), gfns=st.lists(st.integers(0, NR_FRAMES), max_size=8))
+    def balloon(self, caller: int, gfns: list[int]) -> None:
+        c = self.pick(caller)
+        gen = decrease_reservation(self.host, c, gfns)
+        while True:
+            try:
+                effect = next(gen)
+            except StopIteration as stop:
+                result = stop.value
+                break
+            assert isinstance(effect, WaitForIoreqs)
+            self.collect_invalidates()  # the emulators answer
+            assert effect.done(self.host)
+        self.collect_invalidates()
+        assert (result["ret"], result["status"]) == self.ref.decrease(c, gfns)
+
+    @rule(caller=st.integers(0, 8), gfns=st.lists(st.integers(0, NR_FRAMES), max_size=8))
+    def populate(self, caller: int, gfns: list[int]) -> None:
+        c = self.pick(caller)
+        result = populate_physmap(self.host, c, gfns)
+        assert (result["ret"], result["status"]) == self.ref.populate(c, gfns)
+
+    @rule(index=st.integers(0, 8), bfn=small, write=st.booleans())
+    def dma(self, index: int, bfn: int, write: bool) -> None:
+        domid = self.pick(index)
+        for bdf in sorted(self.host.domains[domid].devices):
+            result = self.host.device_dma(bdf, bfn << 12, b"x" if write else None, 0 if write else 1)
+            assert result.ok == (self.ref.translate(domid, bfn, write) is not None), (bdf, bfn, write)
+
+    @rule(index=st.integers(0, 8), bfn=small, clear=st.booleans())
+    def fault(self, index: int, bfn: int, clear: bool) -> None:
+        domid = self.pick(index)
+        if clear:
+            self.host.clear_fault(domid, bfn)
+            self.ref.faults.discard((domid, bfn))
+        else:
+            self.host.inject_fault(domid, bfn)
+            self.ref.faults.add((domid, bfn))
+
+    def collect_invalidates(self) -> None:
+        """Play every emulator: read and acknowledge rings, complete synchronous requests."""
+        for server in self.host.ioreq.servers.values():
+            entries, read_pointer = read_ring(bytes(server.page))
+            server.acknowledge(read_pointer)
+            self.announced += [(server.id, e.data) for e in entries]
+            for req_id, raw in list(server.pending.items()):
+                self.announced.append((server.id, read_sync(req_id, bytes(raw)).data))
+                server.complete(req_id)
+        self.host.notify.clear()
+
+    # -- invariants ---------------------------------------------------------------------------------
+    @invariant()
+    def audit_is_clean(self) -> None:
+        if hasattr(self, "host"):
+            problems = audit(self.host)
+            assert not problems, problems
+
+    @invariant()
+    def matches_the_reference(self) -> None:
+        if not hasattr(self, "host"):
+            return
+        host, ref = self.host, self.ref
+        frames = host.frames
+        for mfn in range(NR_FRAMES):
+            want = ref.frames[mfn]
+            owner = None if frames.is_free(mfn) else frames.owner[mfn]
+            got = (owner, bool(frames.populated[mfn]), frames.count[mfn], frames.type_count[mfn])
+            assert got == (want.owner, want.populated, want.refs, want.wrefs), (mfn, got, want)
+        assert sorted(host.domains) == sorted(ref.doms)
+        for domid, dom in host.domains.items():
+            rdom = ref.doms[domid]
+            assert dom.devices == rdom.devices and dom.target == rdom.target
+            if dom.is_hvm:
+                assert dict(dom.p2m.items()) == rdom.p2m
+            if rdom.ctx is None:
+                assert dom.context is None
+                continue
+            got_ctx = {
+                b: (entry_mfn(e), KIND_NAMES[entry_kind(e)], entry_perms(e)) for b, e in host.context_entries(dom)
+            }
+            want_ctx = {b: (e.mfn, e.kind, e.perms) for b, e in rdom.ctx.items()}
+            assert got_ctx == want_ctx, (domid, set(got_ctx.items()) ^ set(want_ctx.items()))
+        got_m2b = Counter((e.mfn, e.bfn, e.mapper, e.domid, e.ioserver, e.flags, e.owns_iommu_entry) for e in host.m2b)
+        want_m2b = Counter((e.mfn, e.bfn, e.mapper, e.domid, e.ioserver, e.flags, e.owns) for e in ref.m2b)
+        assert got_m2b == want_m2b
+        assert {s.id: (s.creator, s.target) for s in host.ioreq.servers.values()} == {
+            k: (v["creator"], v["target"]) for k, v in ref.servers.items()
+        }
+        assert sorted(self.announced) == sorted(ref.invalidates)
+
+
+PvIommuModel.TestCase.settings = settings(
+    max_examples=int(os.environ.get("XENEMU_MODEL_EXAMPLES", "150")),
+    stateful_step_count=int(os.environ.get("XENEMU_MODEL_STEPS", "30")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+TestPvIommuModel = PvIommuModel.TestCase
