@@ -20,6 +20,9 @@
 #define XEN_EINVAL      22
 #define XEN_ENOSPC      28
 #define XEN_EOPNOTSUPP  95
+#define XEN_EDQUOT      122
+#define XEN_EMFILE      24
+#define XEN_ETIMEDOUT   110
 /* Wire-protocol errors (PROTOCOL.md), never returned by a hypercall itself. */
 #define XEN_EPROTO      71
 #define XEN_EBADMSG     74

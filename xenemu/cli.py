@@ -24,7 +24,7 @@ from xenemu.client import ConnectionLost, SyncControlClient, XenError
 from xenemu.core.host import Host
 from xenemu.core.options import HostOptions
 from xenemu.logs import configure
-from xenemu.server import run_daemon
+from xenemu.server import Limits, run_daemon
 
 
 def console() -> Console:
@@ -84,6 +84,7 @@ def host_options(**kw: Any) -> HostOptions:
         max_ops_per_call=kw["max_ops"],
         continuation_every=kw["continuation_every"],
         fault_injection=kw["fault_injection"],
+        max_mappings=kw.get("max_mappings", HostOptions().max_mappings),
     )
 
 
@@ -110,17 +111,43 @@ def host_option_flags(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 @main.command()
 @host_option_flags
+@click.option(
+    "--max-mappings",
+    type=int,
+    default=HostOptions().max_mappings,
+    show_default=True,
+    help="Default quota of mappings per domain.",
+)
+@click.option("--max-connections", type=int, default=Limits().max_connections, show_default=True)
+@click.option("--max-connections-per-domain", type=int, default=Limits().max_connections_per_domain, show_default=True)
+@click.option(
+    "--hello-timeout",
+    type=float,
+    default=Limits().hello_timeout,
+    show_default=True,
+    help="Seconds a new connection has to say hello.",
+)
 @click.option("--log-json", is_flag=True, help="Log JSON lines instead of readable text.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
 @click.pass_obj
-def serve(directory: Path, /, log_json: bool, log_level: str, **kw: Any) -> None:
+def serve(
+    directory: Path,
+    /,
+    log_json: bool,
+    log_level: str,
+    max_connections: int,
+    max_connections_per_domain: int,
+    hello_timeout: float,
+    **kw: Any,
+) -> None:
     """Run the hypervisor: control.sock (toolstack) and hypercall.sock (guests) in --dir."""
     configure(json=log_json, level=log_level)
     try:
         options = host_options(**kw)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    trio.run(lambda: run_daemon(Host(options), directory))
+    limits = Limits(max_connections, max_connections_per_domain, hello_timeout)
+    trio.run(lambda: run_daemon(Host(options), directory, limits=limits))
 
 
 # -- toolstack verbs ----------------------------------------------------------------------------------
@@ -154,11 +181,14 @@ def emit_json(value: Any) -> None:
 @click.option("--memory", type=int, default=256, show_default=True, help="Memory in 4K frames.")
 @click.option("--target", type=int, default=None, help="Make it a device model for this domain.")
 @click.option("--name", default="", help="A name to show in 'list'.")
+@click.option("--max-mappings", type=int, default=None, help="Its quota of mappings (default: the host's).")
 @json_flag
 @click.pass_obj
-def create(directory: Path, kind: str, memory: int, target: int | None, name: str, as_json: bool) -> None:
+def create(
+    directory: Path, kind: str, memory: int, target: int | None, name: str, max_mappings: int | None, as_json: bool
+) -> None:
     """Create a domain; prints its id and the token its programs connect with."""
-    reply = run_control(directory, lambda c: c.create_domain(kind, memory, target, name))
+    reply = run_control(directory, lambda c: c.create_domain(kind, memory, target, name, max_mappings))
     if as_json:
         emit_json({"domid": reply["domid"], "token": reply["token"]})
     else:

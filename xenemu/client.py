@@ -146,11 +146,15 @@ class HypercallApi(_Api):
 
 
 class ControlApi(_Api):
-    def create_domain(self, type: str, memory: int, target: int | None = None, name: str = "") -> Any:
+    def create_domain(
+        self, type: str, memory: int, target: int | None = None, name: str = "", max_mappings: int | None = None
+    ) -> Any:
         """``xl create``: the reply map with ``domid`` and ``token``."""
         args: dict[str, Any] = {"type": type, "memory": memory, "domain_name": name}
         if target is not None:
             args["target"] = target
+        if max_mappings is not None:
+            args["max_mappings"] = max_mappings
         return self._request("create_domain", args, _checked("create_domain"))
 
     def destroy_domain(self, domid: int) -> Any:

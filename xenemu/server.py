@@ -9,6 +9,7 @@ before a long batch resumes.
 from __future__ import annotations
 
 import hmac
+import math
 import os
 import signal
 import time
@@ -30,9 +31,11 @@ from xenemu.core.errors import (
     EACCES,
     EINVAL,
     EIO,
+    EMFILE,
     EPROTO,
     EPROTONOSUPPORT,
     ESRCH,
+    ETIMEDOUT,
     HypercallError,
     errno_name,
 )
@@ -47,6 +50,15 @@ MAX_REQUEST_ID = 2**32 - 1
 SHUTDOWN_GRACE = 30
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one peer may consume: connections, and time to say hello."""
+
+    max_connections: int = 256
+    max_connections_per_domain: int = 16
+    hello_timeout: float = 10.0
+
+
 @dataclass(eq=False)
 class Session:
     """One connection: which socket, which domain it speaks for once it has said hello."""
@@ -57,6 +69,7 @@ class Session:
     domain: Domain | None = None
     closing: bool = False
     read_scope: trio.CancelScope | None = None
+    hello_deadline: float = math.inf
     send_lock: trio.Lock = field(default_factory=trio.Lock)
     #: IOREQ servers whose emulator (this session's domain) has news; sent by a task of its own
     #: so that an emulator that stops reading never blocks whoever produced the news.
@@ -87,8 +100,15 @@ class Session:
 
 
 class Daemon:
-    def __init__(self, host: Host, control_path: Path, hypercall_path: Path) -> None:
+    def __init__(
+        self,
+        host: Host,
+        control_path: Path,
+        hypercall_path: Path,
+        limits: Limits | None = None,
+    ) -> None:
         self.host = host
+        self.limits = limits or Limits()
         self.control_path = control_path
         self.hypercall_path = hypercall_path
         self.sessions: set[Session] = set()
@@ -164,7 +184,14 @@ class Daemon:
     async def _serve_connection(self, stream: trio.SocketStream, channel: Channel) -> None:
         session = Session(stream, channel, self._next_peer)
         self._next_peer += 1
+        if len(self.sessions) >= self.limits.max_connections:
+            log.warning("refused", peer=session.peer, channel=channel, error="-EMFILE", reason="too many connections")
+            with trio.move_on_after(1):
+                await session.send(error_reply(None, -EMFILE, "too many connections"))
+            await stream.aclose()
+            return
         self.sessions.add(session)
+        session.hello_deadline = trio.current_time() + self.limits.hello_timeout
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._send_events, session)
@@ -219,12 +246,18 @@ class Daemon:
     async def _receive(self, session: Session) -> bytes:
         if self.stopping:
             return b""
-        with trio.CancelScope() as scope:
+        if session.domain is None and trio.current_time() >= session.hello_deadline:
+            await self._refuse(session, None, -ETIMEDOUT, "no hello in time", close=True)
+            return b""
+        deadline = session.hello_deadline if session.domain is None else math.inf
+        with trio.CancelScope(deadline=deadline) as scope:
             session.read_scope = scope
             data: bytes = await session.stream.receive_some(READ_CHUNK)
             session.read_scope = None
             return data
         session.read_scope = None
+        if session.domain is None and not session.closing and trio.current_time() >= session.hello_deadline:
+            await self._refuse(session, None, -ETIMEDOUT, "no hello in time", close=True)
         return b""
 
     async def _handle(self, session: Session, message: Message) -> None:
@@ -317,6 +350,11 @@ class Daemon:
                 await self._refuse(session, req_id, -EACCES, "bad token", close=True, op="hello")
                 return
         assert dom is not None
+        if session.channel == "hypercall":
+            peers = sum(1 for s in self.sessions if s.domain is dom and s.channel == "hypercall")
+            if peers >= self.limits.max_connections_per_domain:
+                await self._refuse(session, req_id, -EMFILE, f"d{dom.domid} has {peers} connections", close=True)
+                return
         session.domain = dom
         log.debug("hello", peer=session.peer, channel=session.channel, domid=dom.domid)
         await session.send(
@@ -371,8 +409,9 @@ async def run_daemon(
     *,
     handle_signals: bool = True,
     started: Callable[[Daemon], Awaitable[None]] | None = None,
+    limits: Limits | None = None,
 ) -> None:
-    daemon = Daemon(host, directory / "control.sock", directory / "hypercall.sock")
+    daemon = Daemon(host, directory / "control.sock", directory / "hypercall.sock", limits)
     async with trio.open_nursery() as nursery:
         await nursery.start(lambda task_status: daemon.serve(handle_signals=handle_signals, task_status=task_status))
         if started is not None:

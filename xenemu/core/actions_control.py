@@ -26,11 +26,13 @@ class CreateDomain(ControlAction):
     memory: int
     target: int | None = None
     domain_name: str = ""
+    #: Quota of mappings (default: the host's max_mappings).
+    max_mappings: int | None = None
 
 
 @handles(CreateDomain)
 def _create_domain(host: Host, caller: int, action: CreateDomain) -> dict[str, Any]:
-    dom = host.create_domain(action.type, action.memory, action.target, action.domain_name)
+    dom = host.create_domain(action.type, action.memory, action.target, action.domain_name, action.max_mappings)
     return {"ret": 0, "domid": dom.domid, "token": dom.token}
 
 
@@ -74,6 +76,8 @@ def describe(host: Host, dom: Domain) -> dict[str, Any]:
         "flushes": dict(ctx.flushes) if ctx else {},
         "dma_faults": ctx.fault_count if ctx else 0,
         "m2b_entries": sum(1 for _ in host.m2b.held_by(dom.domid)),
+        "mappings": host.mappings_held[dom.domid],
+        "max_mappings": dom.max_mappings,
     }
 
 

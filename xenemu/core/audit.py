@@ -50,6 +50,17 @@ def audit(host: Host) -> list[str]:
         mapper = host.domains.get(key[0])
         if mapper is None or mapper.context is None:
             problems.append(f"M2B entry {entry} owns an IOMMU entry in a domain without a context")
+    held: Counter[int] = Counter()
+    for entry in host.m2b:
+        held[entry.mapper] += 1
+    for dom in host.domains.values():
+        held[dom.domid] += len(dom.maptrack.mappings)
+        if dom.context is not None:
+            held[dom.domid] += sum(
+                1 for _, e in dom.context.table.materialized() if entry_kind(e) in (Kind.MAP, Kind.MAP_NOREF)
+            )
+    if +held != +host.mappings_held:
+        problems.append(f"mappings held per domain {dict(host.mappings_held)}, recounted {dict(held)}")
     for server in host.ioreq.servers.values():
         if server.free_slots() < 0:
             problems.append(f"IOREQ server {server.id}: buffered ring holds more than it has slots")

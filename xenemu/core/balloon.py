@@ -61,6 +61,7 @@ def release_frame(host: Host, mfn: int, owed: Invalidations) -> None:
             ctx = mapper.context
             assert ctx is not None
             host.m2b.remove(entry)
+            host.count_mappings(entry.mapper, -1)
             ctx.table.set(entry.bfn, make_entry(host.scratch_mfn, Kind.SCRATCH, entry.flags & RW))
             ctx.scratch[entry.bfn] = entry.ioserver
             host.note_flush(ctx, FlushType.MODIFIED)

@@ -33,6 +33,8 @@ class Domain:
     #: Entries this domain grants to others, and the grants of others it has mapped.
     grant_table: GrantTable = field(default_factory=GrantTable)
     maptrack: Maptrack = field(default_factory=Maptrack)
+    #: Quota of mappings it may hold (map_page, M2B entries as mapper, grant mappings).
+    max_mappings: int = 1 << 22
     #: The secret a connection presents to speak for this domain.
     token: str = field(default_factory=lambda: secrets.token_hex(16))
 

@@ -121,13 +121,14 @@ def _map_one(host: Host, mapper: Domain, op: Any) -> int:
         if (mapper.domid, bfn) in host.injected_faults:
             return GNTST_general_error
     handle = mapper.maptrack.allocate()
-    if handle is None:
+    if handle is None or not host.quota_allows(mapper, 1):
         return GNTST_no_space
     dev_bus_addr = mfn << PAGE_SHIFT if flags & GNTMAP_device_map and bfn is None else 0
     mapper.maptrack.mappings[handle] = GrantMapping(
         handle, granter.domid, ref, mfn, readonly, op.host_addr, bfn, dev_bus_addr
     )
     host.frames.get(mfn, not readonly)
+    host.count_mappings(mapper.domid, 1)
     granter.grant_table.pin(ref, readonly)
     if bfn is not None and ctx is not None:
         host.note_flush(ctx, FlushType.MODIFIED if ctx.table.get(bfn) else FlushType.ADDED)
@@ -169,6 +170,7 @@ def release_mapping(host: Host, mapper: Domain, mapping: GrantMapping) -> None:
         ctx.table.clear(mapping.bfn)
         host.note_flush(ctx, FlushType.MODIFIED)
     host.frames.put(mapping.mfn, not mapping.readonly)
+    host.count_mappings(mapper.domid, -1)
     granter = host.domains.get(mapping.granter)
     if granter is not None:
         granter.grant_table.unpin(mapping.ref, mapping.readonly)

@@ -6,6 +6,7 @@ they never block or do I/O, so the core can be driven directly by tests.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 
 from xenemu.core.device import DmaResult, PciDevice, normalise_bdf
@@ -52,6 +53,8 @@ class Host:
         self.injected_faults: set[tuple[int, int]] = set()
         #: Contexts with a flush pending; emptied before any operation returns or yields.
         self.touched: set[IommuContext] = set()
+        #: Mappings each domain holds (map_page entries, M2B entries it made, grant mappings).
+        self.mappings_held: Counter[int] = Counter()
         #: IOREQ servers with new requests their emulator has not been told of yet.
         self.notify: set[int] = set()
         #: DMA faults of devices that see machine addresses (no context).
@@ -59,6 +62,7 @@ class Host:
         self.next_domid = 1
         self.hwdom = self._new_domain(HWDOM_ID, opts.dom0_kind, opts.dom0_memory, "Domain-0")
         self.hwdom.is_hwdom = True
+        self.hwdom.max_mappings = opts.max_mappings
 
     # -- lookups ------------------------------------------------------------------------------
     def domain(self, domid: int) -> Domain:
@@ -113,11 +117,13 @@ class Host:
                 return domid
         raise HypercallError(-ENOSPC, "no free domain id")
 
-    def create_domain(self, kind: DomainKind, memory: int, target: int | None = None, name: str = "") -> Domain:
+    def create_domain(
+        self, kind: DomainKind, memory: int, target: int | None = None, name: str = "", max_mappings: int | None = None
+    ) -> Domain:
         if kind not in ("pv", "hvm"):
             raise HypercallError(-EINVAL, f"bad domain type {kind!r}")
-        if memory < 0:
-            raise HypercallError(-EINVAL, "negative memory")
+        if memory < 0 or (max_mappings is not None and max_mappings < 0):
+            raise HypercallError(-EINVAL, "negative memory or quota")
         if target is not None:
             self.domain(target)
         if memory > self.frames.nr_free:  # before an id is taken: a failed create consumes none
@@ -125,7 +131,16 @@ class Host:
         domid = self._allocate_domid()
         dom = self._new_domain(domid, kind, memory, name)
         dom.target = target
+        dom.max_mappings = self.options.max_mappings if max_mappings is None else max_mappings
         return dom
+
+    def quota_allows(self, dom: Domain, new: int) -> bool:
+        return self.mappings_held[dom.domid] + new <= dom.max_mappings
+
+    def count_mappings(self, domid: int, delta: int) -> None:
+        self.mappings_held[domid] += delta
+        if not self.mappings_held[domid]:
+            del self.mappings_held[domid]
 
     def destroy_domain(self, domid: int) -> None:
         """Release everything the domain holds; frames others still hold stay until let go."""
@@ -156,6 +171,7 @@ class Host:
                 other.target = None
         self.injected_faults = {f for f in self.injected_faults if f[0] != domid}
         del self.domains[domid]
+        self.mappings_held.pop(domid, None)
         # Emulators still holding its frames are told (or swapped), but nobody waits for them.
         from xenemu.core.balloon import Invalidations, release_frame
 
@@ -330,6 +346,7 @@ class Host:
     def drop_m2b_entry(self, entry: M2BEntry) -> None:
         """Remove an M2B entry, the IOMMU entry it owns, and its references (no flush)."""
         self.m2b.remove(entry)
+        self.count_mappings(entry.mapper, -1)
         if entry.owns_iommu_entry:
             mapper = self.domains.get(entry.mapper)
             ctx = mapper.context if mapper else None

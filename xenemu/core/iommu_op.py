@@ -15,6 +15,7 @@ from xenemu.core.domain import DOMID_SELF, Domain
 from xenemu.core.errors import (
     E2BIG,
     EACCES,
+    EDQUOT,
     EEXIST,
     EINVAL,
     EIO,
@@ -182,6 +183,8 @@ def map_page(host: Host, dom: Domain, op: Op) -> int:
         if (domid, b) in faults:
             return -EIO
         mfns.append(mfn)
+    if not host.quota_allows(dom, len(mfns)):
+        return -EDQUOT
     perms = flags & RW
     writable = bool(perms & PERM_W)
     kind = Kind.MAP_NOREF if no_ref else Kind.MAP
@@ -196,6 +199,7 @@ def map_page(host: Host, dom: Domain, op: Op) -> int:
         if not no_ref:
             frames.get(mfn, writable)
         table.set(b, make_entry(mfn, kind, perms))
+    host.count_mappings(dom.domid, len(mfns))
     host.note_flush(ctx, flush)
     return 0
 
@@ -225,8 +229,11 @@ def unmap_page(host: Host, dom: Domain, op: Op) -> int:
         entries.append(entry)
     frames = host.frames
     for i, entry in enumerate(entries):
-        if entry_kind(entry) == Kind.MAP:
+        kind = entry_kind(entry)
+        if kind == Kind.MAP:
             frames.put(entry >> 8, bool(entry & PERM_W))
+        if kind != Kind.DEFAULT:
+            host.count_mappings(dom.domid, -1)
         table.clear(bfn + i)
     host.note_flush(ctx, FlushType.MODIFIED)
     return 0
@@ -280,6 +287,8 @@ def map_foreign_page(host: Host, dom: Domain, op: Op) -> int:
             if existing is not None:
                 return -EEXIST
         new.append((b, mfn))
+    if not host.quota_allows(dom, len(new)):
+        return -EDQUOT
     perms = flags & RW
     flush = FlushType.NONE
     for b, mfn in new:
@@ -302,6 +311,7 @@ def _add_m2b(
 ) -> M2BEntry:
     entry = M2BEntry(mfn, bfn, dom.domid, guest.domid, ioserver, flags, owns)
     host.m2b.add(entry)
+    host.count_mappings(dom.domid, 1)
     host.frames.get(mfn, entry.writable)
     return entry
 
@@ -316,6 +326,8 @@ def lookup_foreign_page(host: Host, dom: Domain, op: Op) -> int:
     if mfn < 0:
         return mfn
     existing = host.m2b.lowest_for(mfn, ioserver)
+    if existing is None and not host.quota_allows(dom, 1):
+        return -EDQUOT
     if existing is None:
         ctx = dom.context
         if not host.options.iommu or ctx is None:

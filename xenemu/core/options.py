@@ -26,6 +26,9 @@ class HostOptions:
     dom0_kind: DomainKind = "pv"
     max_ops_per_call: int = 65536
     continuation_every: int = 1024
+    #: Mappings one domain may hold at once (map_page, M2B and grant mappings), unless its
+    #: toolstack gave it another quota.
+    max_mappings: int = 1 << 22
     #: Allows ``inject_fault`` (tests only).
     fault_injection: bool = False
 
