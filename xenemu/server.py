@@ -197,8 +197,10 @@ class Daemon:
                 nursery.start_soon(self._send_events, session)
                 await self._read_requests(session)
                 nursery.cancel_scope.cancel()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the peer went away, possibly while its reply was being sent
+        except* Exception:
+            log.exception("connection task failed", peer=session.peer)
         finally:
             self.sessions.discard(session)
             await stream.aclose()
