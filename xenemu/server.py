@@ -162,16 +162,20 @@ class Daemon:
                 return
 
     async def _listen(self, path: Path, mode: int) -> trio.SocketListener:
+        """Bind and listen under a temporary name, then rename: a client that sees the socket
+        file can always connect to it."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.unlink(missing_ok=True)
+        staging = path.with_name(f".{path.name}.{os.getpid()}")
+        staging.unlink(missing_ok=True)
         sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
         old_umask = os.umask(0o777 ^ mode)
         try:
-            await sock.bind(str(path))
+            await sock.bind(str(staging))
         finally:
             os.umask(old_umask)
-        os.chmod(path, mode)
+        os.chmod(staging, mode)
         sock.listen(128)
+        os.replace(staging, path)
         return trio.SocketListener(sock)
 
     async def _accept(self, listener: trio.SocketListener, channel: Channel, nursery: trio.Nursery) -> None:
