@@ -334,6 +334,24 @@ def inject_fault(directory: Path, domid: int, bfn: int, clear: bool) -> None:
     run_control(directory, lambda c: c.inject_fault(domid, bfn, clear))
 
 
+# -- benchmark ----------------------------------------------------------------------------------------
+@main.command()
+@click.option("--quick", is_flag=True, help="Small sizes: a smoke run, not figures to quote.")
+@click.option("--compare", "rev", default=None, help="Also run the benchmark of this git revision, side by side.")
+@json_flag
+def bench(quick: bool, rev: str | None, as_json: bool) -> None:
+    """Measure throughput, latency, scaling, memory, fairness and ballooning against an echo baseline."""
+    from xenemu.bench import Scale, compare, run_bench, side_by_side, table
+
+    results = run_bench(Scale.quick() if quick else Scale())
+    if as_json:
+        emit_json(results)
+    else:
+        click.echo(table(results))
+    if rev:
+        click.echo(side_by_side(results, compare(rev, quick), rev))
+
+
 # -- demo ---------------------------------------------------------------------------------------------
 @main.command()
 @click.option("--memory", type=int, default=1024, show_default=True, help="The guest's frames.")

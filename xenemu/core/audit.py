@@ -82,6 +82,8 @@ def audit(host: Host) -> list[str]:
             )
         if (owner == OWNER_NONE) != (have == 0):
             problems.append(f"frame {mfn:#x}: owner {owner:#x} with {have} references")
+        if not frames.free_map_agrees(mfn):
+            problems.append(f"frame {mfn:#x}: the free map disagrees with its owner {owner:#x}")
         if frames.populated[mfn] and owner not in host.domains:
             problems.append(f"frame {mfn:#x}: populated for d{owner}, which does not exist")
 
@@ -185,11 +187,16 @@ def _check_m2b(host: Host) -> list[str]:
             problems.append(f"M2B {entry}: missing from the per-frame index")
         if entry.bfn not in m2b.by_frame_server.get((entry.mfn, entry.ioserver), ()):
             problems.append(f"M2B {entry}: missing from the per-server-frame index")
+        if m2b.mapper_of.get(entry.ioserver) != entry.mapper:
+            problems.append(f"M2B {entry}: its server's mapper is recorded as {m2b.mapper_of.get(entry.ioserver)}")
         server = host.ioreq.get(entry.ioserver)
         if server is None or server.creator != entry.mapper:
             problems.append(f"M2B {entry}: its IOREQ server is gone or not the mapper's")
         if host.frames.is_free(entry.mfn):
             problems.append(f"M2B {entry}: frame is free")
+    for frame_server, bfns in m2b.by_frame_server.items():
+        if m2b.lowest.get(frame_server) != min(bfns):
+            problems.append(f"M2B: lowest BFN of frame/server {frame_server} is stale")
     if sum(len(v) for v in m2b.by_mfn.values()) != len(m2b.by_key):
         problems.append("M2B: per-frame index has entries the main index lacks")
     return problems

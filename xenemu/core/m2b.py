@@ -41,8 +41,12 @@ class M2B:
     def __init__(self) -> None:
         self.by_mfn: dict[int, dict[tuple[int, int, int], M2BEntry]] = {}
         self.by_key: dict[tuple[int, int, int], M2BEntry] = {}
-        #: (mfn, ioserver) -> BFNs, for lookup_foreign_page's "lowest such BFN".
+        #: (mfn, ioserver) -> BFNs, for lookup_foreign_page's "lowest such BFN", and that lowest
+        #: BFN kept current so a lookup costs the same however many entries share the frame.
         self.by_frame_server: dict[tuple[int, int], set[int]] = {}
+        self.lowest: dict[tuple[int, int], int] = {}
+        #: An IOREQ server's entries are all its creator's.
+        self.mapper_of: dict[int, int] = {}
         self.by_server: dict[int, set[tuple[int, int, int]]] = {}
 
     def __len__(self) -> int:
@@ -56,8 +60,12 @@ class M2B:
         assert key not in self.by_key
         self.by_key[key] = entry
         self.by_mfn.setdefault(entry.mfn, {})[key] = entry
-        self.by_frame_server.setdefault((entry.mfn, entry.ioserver), set()).add(entry.bfn)
+        frame_server = (entry.mfn, entry.ioserver)
+        self.by_frame_server.setdefault(frame_server, set()).add(entry.bfn)
+        if entry.bfn < self.lowest.get(frame_server, entry.bfn + 1):
+            self.lowest[frame_server] = entry.bfn
         self.by_server.setdefault(entry.ioserver, set()).add(key)
+        self.mapper_of[entry.ioserver] = entry.mapper
 
     def remove(self, entry: M2BEntry) -> None:
         key = entry.key
@@ -66,24 +74,28 @@ class M2B:
         del frame[key]
         if not frame:
             del self.by_mfn[entry.mfn]
-        bfns = self.by_frame_server[(entry.mfn, entry.ioserver)]
+        frame_server = (entry.mfn, entry.ioserver)
+        bfns = self.by_frame_server[frame_server]
         bfns.discard(entry.bfn)
         if not bfns:
-            del self.by_frame_server[(entry.mfn, entry.ioserver)]
+            del self.by_frame_server[frame_server]
+            del self.lowest[frame_server]
+        elif self.lowest[frame_server] == entry.bfn:
+            self.lowest[frame_server] = min(bfns)
         keys = self.by_server[entry.ioserver]
         keys.discard(key)
         if not keys:
             del self.by_server[entry.ioserver]
+            del self.mapper_of[entry.ioserver]
 
     def lowest_for(self, mfn: int, ioserver: int) -> M2BEntry | None:
-        bfns = self.by_frame_server.get((mfn, ioserver))
-        if not bfns:
+        bfn = self.lowest.get((mfn, ioserver))
+        if bfn is None:
             return None
-        bfn = min(bfns)
-        for entry in self.by_mfn[mfn].values():
-            if entry.bfn == bfn and entry.ioserver == ioserver:
-                return entry
-        raise AssertionError("M2B indexes disagree")
+        entry = self.by_key.get((self.mapper_of[ioserver], ioserver, bfn))
+        if entry is None or entry.mfn != mfn:
+            raise AssertionError("M2B indexes disagree")
+        return entry
 
     def for_frame(self, mfn: int) -> list[M2BEntry]:
         return list(self.by_mfn.get(mfn, {}).values())

@@ -6,7 +6,6 @@ costs a few bytes per frame; frame contents are allocated only when first writte
 
 from __future__ import annotations
 
-import heapq
 from array import array
 from collections import Counter
 
@@ -30,7 +29,10 @@ class FrameTable:
         self.count = array("I", [0]) * nr_frames
         self.type_count = array("I", [0]) * nr_frames
         self.data: dict[int, bytearray] = {}
-        self._free_heap: list[int] = list(range(nr_frames))
+        #: One byte per frame, 1 while free: the lowest free frame is a C-speed ``find`` away,
+        #: at a byte per frame instead of a Python int per free frame.
+        self._free_map = bytearray(b"\x01") * nr_frames
+        self._lowest_hint = 0
         self.nr_free = nr_frames
         #: Frames (free or not) currently owned by each domain id, for id reuse rules.
         self.held: Counter[int] = Counter()
@@ -41,6 +43,11 @@ class FrameTable:
 
     def is_free(self, mfn: int) -> bool:
         return self.owner[mfn] == OWNER_NONE
+
+    def free_map_agrees(self, mfn: int) -> bool:
+        return bool(self._free_map[mfn]) == (self.owner[mfn] == OWNER_NONE) and (
+            not self._free_map[mfn] or mfn >= self._lowest_hint
+        )
 
     def is_xen(self, mfn: int) -> bool:
         return self.owner[mfn] == DOMID_XEN
@@ -59,15 +66,16 @@ class FrameTable:
 
     def allocate(self, domid: int) -> int | None:
         """The lowest free frame, now owned and populated by ``domid`` (one allocation ref)."""
-        heap = self._free_heap
-        while heap:
-            mfn = heapq.heappop(heap)
-            if self.owner[mfn] == OWNER_NONE:
-                self._take(mfn, domid)
-                return mfn
-        return None
+        mfn = self._free_map.find(1, self._lowest_hint)
+        if mfn < 0:
+            self._lowest_hint = self.nr_frames
+            return None
+        self._take(mfn, domid)
+        self._lowest_hint = mfn + 1  # every frame below it is taken
+        return mfn
 
     def _take(self, mfn: int, domid: int) -> None:
+        self._free_map[mfn] = 0
         self.owner[mfn] = domid
         self.populated[mfn] = 1
         self.count[mfn] = 1
@@ -109,7 +117,8 @@ class FrameTable:
         self.type_count[mfn] = 0
         self.data.pop(mfn, None)
         self.nr_free += 1
-        heapq.heappush(self._free_heap, mfn)
+        self._free_map[mfn] = 1
+        self._lowest_hint = min(self._lowest_hint, mfn)
 
     # -- contents -------------------------------------------------------------------------
     def read(self, mfn: int, offset: int, length: int) -> bytes:

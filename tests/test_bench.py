@@ -1,0 +1,29 @@
+"""``xenemu bench`` runs end to end and reports every figure (behaviour, never wall time)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def test_quick_bench_reports_every_figure() -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "xenemu", "bench", "--quick", "--json"], capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr
+    results = json.loads(run.stdout)
+    assert [row["batch"] for row in results["throughput"]] == [1, 16, 256, 4096]
+    for row in results["throughput"]:
+        assert row["ops_per_s"] > 0 and row["echo_ops_per_s"] > 0 and row["ratio"] > 0
+        # exactly one flush per call, or per continuation segment (1,024 ops)
+        segments = max(1, row["batch"] // 1024)
+        assert row["flushes_added_per_call"] == row["flushes_modified_per_call"] == segments / 2
+    assert set(results["latency_us"]) == {"p50", "p99", "echo_p50", "echo_p99", "p50_ratio"}
+    assert [r["live_mappings"] for r in results["scaling"]] == [1_000, 10_000, 50_000]
+    assert [r["entries_on_frame"] for r in results["m2b"]] == [1, 1_000]
+    assert results["bytes_per_live_mapping"] > 0
+    assert "bytes_per_untouched_guest_frame" in results
+    assert set(results["fairness_us"]) == {"alone_p50", "alone_p99", "flood_p50", "flood_p99"}
+    assert set(results["balloon_frames_per_s"]) == {"invalidate", "swap_mfn"}
+    assert results["audit_clean"] is True
