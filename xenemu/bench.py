@@ -256,11 +256,11 @@ def m2b_section(ctl: SyncControlClient, daemon: Daemon, scale: Scale) -> dict[st
         remap = bytes(ops.pack([ops.map_foreign_page(last, 5, gid, server, ops.R)]))
         rounds = max(scale.ops_per_batch_size // 1024, 4)
         lookup_s = repeat(rounds, xc.iommu_op_raw, lookups, 256)
-        start = time.perf_counter()
+        began = time.perf_counter()
         for _ in range(rounds * 4):  # the same BFN out and back in: both succeed every time
             assert xc.iommu_op_raw(unmap, 1)[1][4:8] == b"\0\0\0\0"
             assert xc.iommu_op_raw(remap, 1)[1][4:8] == b"\0\0\0\0"
-        cycle_s = time.perf_counter() - start
+        cycle_s = time.perf_counter() - began
         rows.append(
             {
                 "entries_on_frame": ctl.frame_info(domid=gid, gfn=5)["m2b_entries"],
