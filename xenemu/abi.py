@@ -8,7 +8,7 @@ from pathlib import Path
 
 import cffi
 
-HEADERS = ("xen_errno.h", "pv_iommu.h", "ioreq.h", "grant_table.h")
+HEADERS = ("xen_errno.h", "pv_iommu.h", "ioreq.h", "grant_table.h", "gic_its.h")
 
 _CDEF_BLOCK = re.compile(r"/\* XENEMU_CDEF_BEGIN \*/(.*?)/\* XENEMU_CDEF_END \*/", re.S)
 
