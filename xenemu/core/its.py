@@ -587,11 +587,11 @@ class ItsHost:
             return 0
 
     def _v_int(self, vits: Vits, c: ItsCommand) -> list[ItsCommand]:
-        device, ite = self._ite(vits, c, "INT_UNMAPPED_INTERRUPT")
+        device, _ite = self._ite(vits, c, "INT_UNMAPPED_INTERRUPT")
         return [cmds.event_cmd(cmds.INT, device.info.pdevid, c.eventid)]
 
     def _v_clear(self, vits: Vits, c: ItsCommand) -> list[ItsCommand]:
-        device, ite = self._ite(vits, c, "CLEAR_UNMAPPED_INTERRUPT")
+        device, _ite = self._ite(vits, c, "CLEAR_UNMAPPED_INTERRUPT")
         return [cmds.event_cmd(cmds.CLEAR, device.info.pdevid, c.eventid)]
 
     def _v_discard(self, vits: Vits, c: ItsCommand) -> list[ItsCommand]:
