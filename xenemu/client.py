@@ -137,6 +137,17 @@ class HypercallApi(_Api):
         args = {"cmd": "unmap_grant_ref", "buf": pack_unmap(batch), "count": len(batch)}
         return self._request("grant_table_op", args, lambda r: unpack_unmap(check(r)["buf"]))
 
+    def its_mmio(self, frame: str, index: int, offset: int, size: int, value: int | None = None) -> Any:
+        """A trapped vITS ("its", pITS index) or redistributor ("redist", vCPU) access; a read's value."""
+        args: dict[str, Any] = {"frame": frame, "index": index, "offset": offset, "size": size}
+        if value is not None:
+            args["value"] = value
+        check = _checked("its_mmio")
+        return self._request("its_mmio", args, lambda r: check(r).get("value"))
+
+    def its_end(self, vcpu: int, intid: int) -> Any:
+        return self._request("its_end", {"vcpu": vcpu, "intid": intid}, _checked("its_end"))
+
     def ioreq_ack(self, ioserver: int, read_pointer: int) -> Any:
         args = {"ioserver": ioserver, "read_pointer": read_pointer}
         return self._request("ioreq_ack", args, _checked("ioreq_ack"))
@@ -147,10 +158,19 @@ class HypercallApi(_Api):
 
 class ControlApi(_Api):
     def create_domain(
-        self, type: str, memory: int, target: int | None = None, name: str = "", max_mappings: int | None = None
+        self,
+        type: str,
+        memory: int,
+        target: int | None = None,
+        name: str = "",
+        max_mappings: int | None = None,
+        vcpus: int = 1,
+        pin: Sequence[int] | None = None,
     ) -> Any:
         """``xl create``: the reply map with ``domid`` and ``token``."""
-        args: dict[str, Any] = {"type": type, "memory": memory, "domain_name": name}
+        args: dict[str, Any] = {"type": type, "memory": memory, "domain_name": name, "vcpus": vcpus}
+        if pin is not None:
+            args["pin"] = list(pin)
         if target is not None:
             args["target"] = target
         if max_mappings is not None:
@@ -163,8 +183,18 @@ class ControlApi(_Api):
     def list_domains(self) -> Any:
         return self._request("list_domains", {}, lambda r: _checked("list_domains")(r)["domains"])
 
-    def assign_device(self, domid: int, bdf: str, rmrr: Sequence[tuple[int, int]] = ()) -> Any:
-        args = {"domid": domid, "bdf": bdf, "rmrr": [list(r) for r in rmrr]}
+    def assign_device(
+        self,
+        domid: int,
+        bdf: str,
+        rmrr: Sequence[tuple[int, int]] = (),
+        its_devid: int | None = None,
+        its_events: int = 0,
+        pits: int = 0,
+    ) -> Any:
+        args: dict[str, Any] = {"domid": domid, "bdf": bdf, "rmrr": [list(r) for r in rmrr]}
+        if its_devid is not None:
+            args.update(its_devid=its_devid, its_events=its_events, pits=pits)
         return self._request("assign_device", args, _checked("assign_device"))
 
     def domain_token(self, domid: int) -> Any:
@@ -186,6 +216,12 @@ class ControlApi(_Api):
     def frame_info(self, mfn: int | None = None, domid: int | None = None, gfn: int | None = None) -> Any:
         args = {k: v for k, v in (("mfn", mfn), ("domid", domid), ("gfn", gfn)) if v is not None}
         return self._request("frame_info", args, _checked("frame_info"))
+
+    def its_info(self, domid: int) -> Any:
+        return self._request("its_info", {"domid": domid}, _checked("its_info"))
+
+    def its_stats(self) -> Any:
+        return self._request("its_stats", {}, _checked("its_stats"))
 
     def host_info(self) -> Any:
         return self._request("host_info", {}, _checked("host_info"))

@@ -46,6 +46,9 @@ log = structlog.get_logger("xenemu")
 
 READ_CHUNK = 1 << 16
 MAX_REQUEST_ID = 2**32 - 1
+#: How often the pITS model advances while it has work, and while idle.
+ITS_TICK = 0.0005
+ITS_IDLE_TICK = 0.01
 #: Seconds in-flight requests get to finish at shutdown.
 SHUTDOWN_GRACE = 30
 
@@ -74,10 +77,16 @@ class Session:
     #: IOREQ servers whose emulator (this session's domain) has news; sent by a task of its own
     #: so that an emulator that stops reading never blocks whoever produced the news.
     pending_events: set[int] = field(default_factory=set)
+    #: Other events in the order they happened (LPIs).
+    queued_events: list[Message] = field(default_factory=list)
     wake: trio.Event = field(default_factory=trio.Event)
 
     def post(self, ioserver: int) -> None:
         self.pending_events.add(ioserver)
+        self.wake.set()
+
+    def post_message(self, message: Message) -> None:
+        self.queued_events.append(message)
         self.wake.set()
 
     async def send_events(self) -> None:
@@ -87,6 +96,9 @@ class Session:
             for ioserver in sorted(self.pending_events):
                 self.pending_events.discard(ioserver)
                 await self.send({"event": "ioreq", "ioserver": ioserver})
+            queued, self.queued_events = self.queued_events, []
+            for message in queued:
+                await self.send(message)
 
     async def send(self, message: Message) -> None:
         data = encode(message)
@@ -137,6 +149,7 @@ class Daemon:
                         accepting.start_soon(self._watch_signals)
                     accepting.start_soon(self._accept, control, "control", connections)
                     accepting.start_soon(self._accept, hypercall, "hypercall", connections)
+                    accepting.start_soon(self._run_its_hardware)
                     task_status.started(self)
                 # accepting has stopped: connections finish their current request and close
                 for session in list(self.sessions):
@@ -146,6 +159,21 @@ class Daemon:
             for path in (self.control_path, self.hypercall_path):
                 path.unlink(missing_ok=True)
             log.info("stopped")
+
+    async def _run_its_hardware(self) -> None:
+        """The pITSs run on their own: let their time pass, take their interrupts, run passes."""
+        its = self.host.its
+        last = trio.current_time()
+        while True:
+            busy = any(s.hw.queued() or s.hw.pending for s in its.pits)
+            await trio.sleep(ITS_TICK if busy else ITS_IDLE_TICK)
+            now = trio.current_time()
+            its.advance(now - last)
+            last = now
+            its.deliver()
+            its.run_passes()
+            if its.deliveries:
+                self._state_changed()
 
     def shutdown(self) -> None:
         if not self.stopping:
@@ -335,6 +363,11 @@ class Daemon:
                 if session.channel == "hypercall" and session.domain and session.domain.domid == server.creator:
                     session.post(ioserver)
         self.host.notify.clear()
+        deliveries, self.host.its.deliveries = self.host.its.deliveries, []
+        for delivery in deliveries:
+            for session in self.sessions:
+                if session.channel == "hypercall" and session.domain and session.domain.domid == delivery.domid:
+                    session.post_message({"event": "lpi", "vcpu": delivery.vcpu, "intid": delivery.intid})
         self._changed.set()
         self._changed = trio.Event()
 

@@ -6,17 +6,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from xenemu.core.audit import audit
-from xenemu.core.dispatch import Action, handles
+from xenemu.core.dispatch import ControlAction, handles
 from xenemu.core.domain import Domain
 from xenemu.core.errors import EINVAL, ENOENT, HypercallError
 from xenemu.core.host import Host
 from xenemu.core.iommu import entry_kind, entry_mfn, entry_perms
 from xenemu.core.memory import OWNER_NONE
-
-
-@dataclass(frozen=True)
-class ControlAction(Action):
-    channel = "control"
 
 
 @dataclass(frozen=True)
@@ -28,11 +23,16 @@ class CreateDomain(ControlAction):
     domain_name: str = ""
     #: Quota of mappings (default: the host's max_mappings).
     max_mappings: int | None = None
+    vcpus: int = 1
+    #: The physical CPU each vCPU runs on (default: vCPU i on CPU i mod CPUs).
+    pin: list[int] | None = None
 
 
 @handles(CreateDomain)
 def _create_domain(host: Host, caller: int, action: CreateDomain) -> dict[str, Any]:
-    dom = host.create_domain(action.type, action.memory, action.target, action.domain_name, action.max_mappings)
+    dom = host.create_domain(
+        action.type, action.memory, action.target, action.domain_name, action.max_mappings, action.vcpus, action.pin
+    )
     return {"ret": 0, "domid": dom.domid, "token": dom.token}
 
 
@@ -99,12 +99,21 @@ class AssignDevice(ControlAction):
     domid: int
     bdf: str
     rmrr: list[tuple[int, int]] | None = None
+    #: An MSI-capable device: its ITS DeviceID, number of events, and the pITS it sits behind.
+    its_devid: int | None = None
+    its_events: int = 0
+    pits: int = 0
 
 
 @handles(AssignDevice)
 def _assign_device(host: Host, caller: int, action: AssignDevice) -> dict[str, Any]:
-    device = host.assign_device(action.domid, action.bdf, list(action.rmrr or []))
-    return {"ret": 0, "bdf": device.bdf}
+    device = host.assign_device(
+        action.domid, action.bdf, list(action.rmrr or []), action.its_devid, action.its_events, action.pits
+    )
+    reply: dict[str, Any] = {"ret": 0, "bdf": device.bdf}
+    if device.its is not None:
+        reply["vdevid"] = device.its.vdevid
+    return reply
 
 
 @dataclass(frozen=True)

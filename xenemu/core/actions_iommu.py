@@ -67,6 +67,15 @@ class GuestWrite(Action):
 @handles(GuestWrite)
 def _guest_write(host: Host, caller: int, action: GuestWrite) -> dict[str, Any]:
     host.guest_access(caller, action.gfn, action.offset, action.data)
+    its = host.its
+    if caller in its.domains and its.domains[caller].propbaser:
+        # The LPI configuration table is trapped: each byte written there reaches the vITS.
+        start, end = its.config_range(caller)
+        gpa = (action.gfn << 12) + action.offset
+        for i, value in enumerate(action.data):
+            if start <= gpa + i < end:
+                its.config_written(caller, 8192 + gpa + i - start, value)
+        its.run_passes()
     return {"ret": 0}
 
 

@@ -11,6 +11,7 @@ from collections import Counter
 
 from xenemu.core.host import RW, Host
 from xenemu.core.iommu import PERM_W, FlushType, IommuContext, Kind, entry_kind, entry_mfn, entry_perms, make_entry
+from xenemu.core.its import DOORBELL_MFN, audit_its
 from xenemu.core.m2b import M2BEntry
 from xenemu.core.memory import DOMID_XEN, OWNER_NONE
 
@@ -66,6 +67,7 @@ def audit(host: Host) -> list[str]:
             problems.append(f"IOREQ server {server.id}: buffered ring holds more than it has slots")
         if server.creator not in host.domains:
             problems.append(f"IOREQ server {server.id}: its emulator d{server.creator} is gone")
+    problems += audit_its(host.its)
     if host.touched:
         problems.append(f"{len(host.touched)} contexts left with a pending flush")
 
@@ -139,7 +141,7 @@ def _check_context(
                 problems.append(f"{where}: default entry at BFN {bfn:#x} -> {mfn:#x} does not follow the p2m")
         elif kind == Kind.MAP_NOREF and not identity_defaults:
             problems.append(f"{where}: no_ref_cnt mapping at BFN {bfn:#x} outside the non-strict hardware domain")
-        elif kind == Kind.RMRR:
+        elif kind in (Kind.RMRR, Kind.DOORBELL):
             seen_rmrr.add(bfn)
         elif kind == Kind.SCRATCH:
             seen_scratch.add(bfn)
@@ -156,7 +158,10 @@ def _check_context(
         if frames.exists(mfn) and frames.is_free(mfn) and not trusted:
             problems.append(f"{where}: BFN {bfn:#x} ({kind.name}) points at free frame {mfn:#x}")
     for bfn in ctx.rmrr:
-        if ctx.table.get(bfn) != make_entry(bfn, Kind.RMRR, RW):
+        if bfn in ctx.doorbells:
+            if ctx.table.get(bfn) != make_entry(DOORBELL_MFN + ctx.doorbells[bfn], Kind.DOORBELL, PERM_W):
+                problems.append(f"{where}: doorbell BFN {bfn:#x} does not map its pITS's doorbell")
+        elif ctx.table.get(bfn) != make_entry(bfn, Kind.RMRR, RW):
             problems.append(f"{where}: RMRR BFN {bfn:#x} is not identity-mapped R/W")
     if seen_rmrr != set(ctx.rmrr):
         problems.append(f"{where}: RMRR entries {sorted(seen_rmrr ^ set(ctx.rmrr))} not matched by devices")

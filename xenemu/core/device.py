@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 BDF_RE = re.compile(r"^[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$")
 
@@ -23,6 +24,8 @@ class PciDevice:
     domid: int
     #: Reserved regions as (first frame, frame count), identity-mapped in the context.
     rmrr: list[tuple[int, int]] = field(default_factory=list)
+    #: Its ITS side (DeviceID, pITS, events, physical LPIs), if it raises MSIs.
+    its: Any = None
 
     def rmrr_frames(self) -> list[int]:
         return [start + i for start, count in self.rmrr for i in range(count)]

@@ -55,6 +55,13 @@ class Action:
         return cls(**values)
 
 
+@dataclasses.dataclass(frozen=True)
+class ControlAction(Action):
+    """A toolstack request: only on the control socket."""
+
+    channel: ClassVar[Channel] = "control"
+
+
 def _check_type(action: str, field: str, value: Any, hint: Any) -> Any:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
@@ -149,6 +156,7 @@ FAMILIES = (
     "xenemu.core.actions_control",
     "xenemu.core.actions_memory",
     "xenemu.core.actions_grant",
+    "xenemu.core.actions_its",
 )
 
 for _family in FAMILIES:

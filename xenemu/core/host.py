@@ -28,6 +28,7 @@ from xenemu.core.iommu import (
     make_entry,
 )
 from xenemu.core.ioreq import IoreqRegistry, IoreqServer
+from xenemu.core.its import DOORBELL_MFN, DOORBELL_OFFSET, ItsHost, ItsOptions
 from xenemu.core.m2b import M2B, M2BEntry
 from xenemu.core.memory import PAGE_SHIFT, PAGE_SIZE, FrameTable
 from xenemu.core.options import DomainKind, HostOptions
@@ -60,7 +61,19 @@ class Host:
         #: DMA faults of devices that see machine addresses (no context).
         self.machine_dma_faults = 0
         self.next_domid = 1
+        self.its = ItsHost(
+            self,
+            ItsOptions(
+                pits=opts.its_pits,
+                cpus=opts.its_cpus,
+                queue_slots=opts.its_queue_slots,
+                rate=opts.its_rate,
+                batch_size=opts.vits_batch_size,
+                elision=opts.its_elision,  # type: ignore[arg-type]
+            ),
+        )
         self.hwdom = self._new_domain(HWDOM_ID, opts.dom0_kind, opts.dom0_memory, "Domain-0")
+        self.its.add_domain(HWDOM_ID)
         self.hwdom.is_hwdom = True
         self.hwdom.max_mappings = opts.max_mappings
 
@@ -118,7 +131,14 @@ class Host:
         raise HypercallError(-ENOSPC, "no free domain id")
 
     def create_domain(
-        self, kind: DomainKind, memory: int, target: int | None = None, name: str = "", max_mappings: int | None = None
+        self,
+        kind: DomainKind,
+        memory: int,
+        target: int | None = None,
+        name: str = "",
+        max_mappings: int | None = None,
+        vcpus: int = 1,
+        pin: list[int] | None = None,
     ) -> Domain:
         if kind not in ("pv", "hvm"):
             raise HypercallError(-EINVAL, f"bad domain type {kind!r}")
@@ -126,12 +146,17 @@ class Host:
             raise HypercallError(-EINVAL, "negative memory or quota")
         if target is not None:
             self.domain(target)
+        if not 1 <= vcpus <= 64 or (
+            pin is not None and (len(pin) != vcpus or not all(0 <= p < self.options.its_cpus for p in pin))
+        ):
+            raise HypercallError(-EINVAL, "bad vCPUs or pinning")
         if memory > self.frames.nr_free:  # before an id is taken: a failed create consumes none
             raise HypercallError(-ENOMEM, f"{memory} frames wanted, {self.frames.nr_free} free")
         domid = self._allocate_domid()
         dom = self._new_domain(domid, kind, memory, name)
         dom.target = target
         dom.max_mappings = self.options.max_mappings if max_mappings is None else max_mappings
+        self.its.add_domain(domid, vcpus, pin)
         return dom
 
     def quota_allows(self, dom: Domain, new: int) -> bool:
@@ -172,6 +197,7 @@ class Host:
         self.injected_faults = {f for f in self.injected_faults if f[0] != domid}
         del self.domains[domid]
         self.mappings_held.pop(domid, None)
+        self.its.forget_domain(domid)
         # Emulators still holding its frames are told (or swapped), but nobody waits for them.
         from xenemu.core.balloon import Invalidations, release_frame
 
@@ -216,8 +242,17 @@ class Host:
 
         return pv
 
-    def assign_device(self, domid: int, bdf: str, rmrr: list[tuple[int, int]] | None = None) -> PciDevice:
-        """Assign a device; its domain's first device creates the IOMMU context."""
+    def assign_device(
+        self,
+        domid: int,
+        bdf: str,
+        rmrr: list[tuple[int, int]] | None = None,
+        its_devid: int | None = None,
+        its_events: int = 0,
+        pits: int = 0,
+    ) -> PciDevice:
+        """Assign a device; its domain's first device creates the IOMMU context. A device with an
+        ITS DeviceID gets its physical LPIs now, and its doorbell in the IOMMU context."""
         dom = self.domain(domid)
         try:
             bdf = normalise_bdf(bdf)
@@ -255,6 +290,18 @@ class Host:
                     self.note_flush(ctx, FlushType.MODIFIED if before else FlushType.ADDED)
         self.devices[bdf] = device
         dom.devices.add(bdf)
+        if its_devid is not None:
+            vdevid = sum(1 for d in self.devices.values() if d.domid == domid and d.its is not None)
+            device.its = self.its.assign(domid, its_devid, pits, its_events, vdevid)
+            ctx = dom.context
+            if ctx is not None:
+                bfn = self.its.translation_gpa(domid, pits) >> PAGE_SHIFT
+                if bfn not in ctx.doorbells:
+                    before = ctx.table.get(bfn)
+                    ctx.doorbells[bfn] = pits
+                    ctx.rmrr[bfn] = ctx.rmrr.get(bfn, 0) + 1
+                    ctx.table.set(bfn, make_entry(DOORBELL_MFN + pits, Kind.DOORBELL, PERM_W))
+                    self.note_flush(ctx, FlushType.MODIFIED if before else FlushType.ADDED)
         self.flush_touched()
         return device
 
@@ -393,7 +440,14 @@ class Host:
                 else:
                     ctx.record_fault(DmaFault(device.bdf, bfn, write, reason))
                 return DmaResult(False, bytes(out), bfn, reason)
-            if data is not None:
+            if mfn >= DOORBELL_MFN:  # the ITS doorbell: a 32-bit write of an EventID is an MSI
+                if data is not None and offset == DOORBELL_OFFSET and chunk == 4 and device.its is not None:
+                    self.its.pits[mfn - DOORBELL_MFN].hw.msi(
+                        device.its.pdevid, int.from_bytes(data[done : done + 4], "little")
+                    )
+                elif data is None:
+                    out += bytes(chunk)
+            elif data is not None:
                 self.frames.write(mfn, offset, data[done : done + chunk])
             else:
                 out += self.frames.read(mfn, offset, chunk)

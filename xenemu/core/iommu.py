@@ -33,6 +33,7 @@ class Kind(IntEnum):
     SCRATCH = 5  # a swapped foreign mapping, pointing at the scratch frame
     RMRR = 6  # identity-mapped reserved region of an assigned device
     GRANT = 7  # grant map at a caller-chosen BFN; holds references
+    DOORBELL = 8  # the ITS doorbell (GITS_TRANSLATER) at the guest's vITS translation frame
 
 
 def make_entry(mfn: int, kind: Kind, perms: int) -> int:
@@ -44,7 +45,7 @@ def entry_mfn(entry: int) -> int:
 
 
 def entry_kind(entry: int) -> Kind:
-    return Kind((entry >> 2) & 7)
+    return Kind((entry >> 2) & 15)
 
 
 def entry_perms(entry: int) -> int:
@@ -153,6 +154,8 @@ class IommuContext:
     iotlb: Iotlb = field(default_factory=Iotlb)
     #: RMRR BFNs -> how many assigned devices reserve them.
     rmrr: dict[int, int] = field(default_factory=dict)
+    #: Doorbell BFNs -> the pITS behind them (also in ``rmrr``: no subop may touch them).
+    doorbells: dict[int, int] = field(default_factory=dict)
     #: Scratch entries' BFN -> the IOREQ server they belong to.
     scratch: dict[int, int] = field(default_factory=dict)
     pending_flush: FlushType = FlushType.NONE

@@ -17,15 +17,17 @@ from __future__ import annotations
 import math
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from xenemu.abi import const
 from xenemu.core import its_cmd as cmds
 from xenemu.core.errors import HypercallError
-from xenemu.core.host import Host
 from xenemu.core.its_cmd import ItsCommand
 from xenemu.core.memory import PAGE_SHIFT, PAGE_SIZE
 from xenemu.core.pits import PhysicalIts
+
+if TYPE_CHECKING:
+    from xenemu.core.host import Host
 
 Elision = Literal["lazy", "eager", "off"]
 
@@ -38,6 +40,9 @@ CBASER_VALID = const("GITS_CBASER_VALID")
 CBASER_ADDR = const("GITS_CBASER_ADDR_MASK")
 BASER_VALID = const("GITS_BASER_VALID")
 XEN_DEVID = (1 << 16) - 1
+#: Machine frame of each pITS's translation frame (beyond any RAM): the doorbell page.
+DOORBELL_MFN = 1 << 36
+DOORBELL_OFFSET = const("GITS_TRANSLATER") & 0xFFF
 ITS_BASE_GPA = 0x08080000
 GICR_BASE_GPA = 0x080A0000
 U64 = (1 << 64) - 1
@@ -243,6 +248,28 @@ class ItsHost:
         self.domains[domid] = dom
         return dom
 
+    def forget_domain(self, domid: int) -> None:
+        """Destruction: nothing of the domain is scheduled, bound or delivered any more.
+
+        (Draft C's wait for its commands in flight and Xen's teardown MAPD V=0 / INVALL are
+        not modelled yet: its slots simply complete unowned.)"""
+        dom = self.domains.pop(domid, None)
+        if dom is None:
+            return
+        dom.dying = True
+        for vits in dom.vits.values():
+            state = self.pits[vits.pits]
+            state.schedule = [v for v in state.schedule if v is not vits]
+            if state.last_served is vits:
+                state.last_served = None
+            for slot, owner in list(state.owner.items()):
+                if owner is vits:
+                    state.owner[slot] = None
+            for ite in vits.ites.values():
+                self.bindings.pop(ite.plpi, None)
+                self.dirty.discard(ite.plpi)
+                self.prop[ite.plpi - LPI_BASE] = XEN_PRIORITY
+
     def assign(self, domid: int, pdevid: int, pits: int, events: int, vdevid: int) -> ItsDeviceInfo:
         """At assignment Xen allocates the device's physical LPIs and maps it (nothing later)."""
         dom = self.domains[domid]
@@ -266,6 +293,17 @@ class ItsHost:
         return info
 
     # -- MMIO -----------------------------------------------------------------------------------------
+    def translation_gpa(self, domid: int, pits: int) -> int:
+        """Where the guest sees the translation frame of its vITS for ``pits`` (doorbell page)."""
+        return self.frames(domid)[0][pits] + 0x10000
+
+    def config_range(self, domid: int) -> tuple[int, int]:
+        """The guest-physical range of its LPI configuration table (trapped)."""
+        dom = self.domains[domid]
+        idbits = (dom.propbaser & 0x1F) + 1
+        base = dom.propbaser & CBASER_ADDR
+        return base, base + max(0, (1 << idbits) - LPI_BASE)
+
     def frames(self, domid: int) -> tuple[dict[int, int], int]:
         """Guest-physical base of each vITS (by pITS), and of the first redistributor."""
         dom = self.domains[domid]

@@ -29,6 +29,14 @@ class HostOptions:
     #: Mappings one domain may hold at once (map_page, M2B and grant mappings), unless its
     #: toolstack gave it another quota.
     max_mappings: int = 1 << 22
+    #: The GICv3 ITS: physical ITSs, physical CPUs, each pITS's queue slots and command rate,
+    #: commands per vITS batch, and the elision policy (lazy, eager or off).
+    its_pits: int = 1
+    its_cpus: int = 4
+    its_queue_slots: int = 32768
+    its_rate: float = 2_000_000.0
+    vits_batch_size: int = 8
+    its_elision: str = "lazy"
     #: Allows ``inject_fault`` (tests only).
     fault_injection: bool = False
 
@@ -43,6 +51,10 @@ class HostOptions:
             raise ValueError("nr_frames too small for Xen's frames and dom0's memory")
         if self.continuation_every < 1 or self.max_ops_per_call < 1:
             raise ValueError("max_ops_per_call and continuation_every must be positive")
+        if self.its_elision not in ("lazy", "eager", "off"):
+            raise ValueError("its_elision must be lazy, eager or off")
+        if self.its_pits < 1 or self.its_cpus < 1 or self.its_queue_slots < 4 or self.vits_batch_size < 1:
+            raise ValueError("bad ITS options")
         if self.dom0_kind not in ("pv", "hvm"):
             raise ValueError("dom0_kind must be 'pv' or 'hvm'")
 
