@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import time
 from pathlib import Path
 from typing import Any
+
+
+def program_args(description: str | None) -> argparse.ArgumentParser:
+    """The arguments every scenario program takes: the socket, its domain's token, a result file."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--socket", required=True, help="the daemon's hypercall.sock")
+    parser.add_argument("--token", required=True, help="this domain's token, or @FILE")
+    parser.add_argument("--result", type=Path, help="also write the summary here (for a scenario's verdict)")
+    return parser
+
+
+def sector_data(sector: int) -> bytes:
+    """What the grant pair's "disk" holds at ``sector``: both sides must agree on it."""
+    return f"sector {sector:06d} ".encode() * 16
 
 
 def publish(directory: Path, name: str, value: Any) -> None:

@@ -10,7 +10,6 @@ responses. Prints a JSON summary.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
@@ -19,22 +18,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from exchange import publish, resolve, wait_for, write_result
+from exchange import program_args, publish, resolve, sector_data, wait_for, write_result
 
 from xenemu import grants
 from xenemu.client import SyncHypercallClient
 from xenemu.grants import UnmapGrant
 
 
-def sector_data(sector: int) -> bytes:
-    return f"sector {sector:06d} ".encode() * 16
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--socket", required=True)
-    parser.add_argument("--token", required=True, help="this domain's token, or @FILE")
-    parser.add_argument("--result", type=Path, help="also write the summary here")
+    parser = program_args(__doc__)
     parser.add_argument("--exchange", type=Path, required=True)
     parser.add_argument("--bfn-base", type=lambda v: int(v, 0), default=0x40000)
     parser.add_argument("--bdf", help="the backend's device (default: its first)")

@@ -9,7 +9,6 @@ revokes every grant (which fails if the backend left one mapped). Prints a JSON 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
@@ -18,20 +17,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from exchange import publish, resolve, wait_for, write_result
+from exchange import program_args, publish, resolve, sector_data, wait_for, write_result
 
 from xenemu.client import SyncHypercallClient, XenError
 
 
-def sector_data(sector: int) -> bytes:
-    return f"sector {sector:06d} ".encode() * 16
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--socket", required=True)
-    parser.add_argument("--token", required=True, help="this domain's token, or @FILE")
-    parser.add_argument("--result", type=Path, help="also write the summary here")
+    parser = program_args(__doc__)
     parser.add_argument("--backend", required=True, help="the backend's domid, or @FILE")
     parser.add_argument("--exchange", type=Path, required=True, help="directory shared with the backend")
     parser.add_argument("--requests", type=int, default=16)
