@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from tests.conformance.beds import DaemonProcess
 from xenemu.cli import main
+from xenemu.client import SyncControlClient
 
 
 @pytest.fixture
@@ -121,3 +122,21 @@ def test_demo() -> None:
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "guest: all checks passed" in run.stdout and "audit clean" in run.stdout
+
+
+def test_its_verbs(tmp_path: Path) -> None:
+    daemon = DaemonProcess(tmp_path, "--its-cpus", "2", "--its-elision", "eager", "--its-pits", "2")
+    try:
+        code, out = xl(daemon, "create", "--json")
+        domid = json.loads(out)["domid"]
+        with SyncControlClient.connect(daemon.control_path) as ctl:
+            ctl.assign_device(domid, "00:03.0", its_devid=7, its_events=4, pits=1)
+        code, out = xl(daemon, "its", "--json")
+        stats = json.loads(out)
+        assert stats["options"]["elision"] == "eager" and len(stats["pits"]) == 2
+        code, out = xl(daemon, "its")
+        assert code == 0 and "MAPC=3" in out
+        code, out = xl(daemon, "its", str(domid))
+        assert code == 0 and "DeviceID 0x7 -> virtual 0" in out
+    finally:
+        daemon.stop()

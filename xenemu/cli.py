@@ -85,6 +85,12 @@ def host_options(**kw: Any) -> HostOptions:
         continuation_every=kw["continuation_every"],
         fault_injection=kw["fault_injection"],
         max_mappings=kw.get("max_mappings", HostOptions().max_mappings),
+        its_pits=kw["its_pits"],
+        its_cpus=kw["its_cpus"],
+        its_queue_slots=kw["its_queue_slots"],
+        its_rate=kw["its_rate"],
+        vits_batch_size=kw["vits_batch_size"],
+        its_elision=kw["its_elision"],
     )
 
 
@@ -103,6 +109,23 @@ def host_option_flags(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--max-ops", type=int, default=defaults.max_ops_per_call, show_default=True),
         click.option("--continuation-every", type=int, default=defaults.continuation_every, show_default=True),
         click.option("--fault-injection", is_flag=True, help="Allow inject-fault (tests)."),
+        click.option("--its-pits", type=int, default=defaults.its_pits, show_default=True, help="Physical ITSs."),
+        click.option("--its-cpus", type=int, default=defaults.its_cpus, show_default=True, help="Physical CPUs."),
+        click.option("--its-queue-slots", type=int, default=defaults.its_queue_slots, show_default=True),
+        click.option(
+            "--its-rate",
+            type=float,
+            default=defaults.its_rate,
+            show_default=True,
+            help="Commands per second each pITS executes.",
+        ),
+        click.option("--vits-batch-size", type=int, default=defaults.vits_batch_size, show_default=True),
+        click.option(
+            "--its-elision",
+            type=click.Choice(["lazy", "eager", "off"]),
+            default=defaults.its_elision,
+            show_default=True,
+        ),
     ]
     for flag in reversed(flags):
         fn = flag(fn)
@@ -322,6 +345,51 @@ def info(directory: Path, as_json: bool) -> None:
     for key, value in reply["options"].items():
         table.add_row(key, str(value))
     console().print(table)
+
+
+@main.command("its")
+@click.argument("domid", type=int, required=False)
+@json_flag
+@click.pass_obj
+def its(directory: Path, domid: int | None, as_json: bool) -> None:
+    """The ITS: per pITS counters, or a domain's vITS frames, devices and counters."""
+    reply = run_control(directory, lambda c: c.its_stats() if domid is None else c.its_info(domid))
+    reply.pop("id", None)
+    reply.pop("ret", None)
+    if as_json:
+        emit_json(reply)
+        return
+    if domid is None:
+        table = Table("pITS", "Passes", "Batches", "Xen INTs", "Queued", "Physical commands", "HW errors")
+        for p in reply["pits"]:
+            table.add_row(
+                str(p["index"]),
+                str(p["passes"]),
+                str(p["batches"]),
+                str(p["xen_ints"]),
+                str(p["queued"]),
+                " ".join(f"{k}={v}" for k, v in sorted(p["physical"].items())),
+                " ".join(f"{k}={v}" for k, v in sorted(p["hardware_errors"].items())),
+            )
+        console().print(table)
+        return
+    table = Table("vITS", "Frame", "Received", "Forwarded", "Elided", "Dropped", "Longest wait", title=f"d{domid}")
+    for pits, counters in reply["vits"].items():
+        table.add_row(
+            pits,
+            f"{int(reply['its_frames'][pits]):#x}",
+            *(
+                " ".join(f"{k}={v}" for k, v in sorted(counters[n].items()))
+                for n in ("received", "forwarded", "elided", "dropped")
+            ),
+            str(counters["longest_wait_passes"]),
+        )
+    console().print(table)
+    for device in reply["devices"]:
+        console().print(
+            f"{device['bdf']}: DeviceID {device['devid']:#x} -> virtual {device['vdevid']}, "
+            f"{device['events']} events, pITS {device['pits']}"
+        )
 
 
 @main.command("inject-fault")
