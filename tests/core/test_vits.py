@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from xenemu.core import its_cmd as c
 from xenemu.core.host import Host
-from xenemu.core.its import Delivery, ItsHost, ItsOptions, audit_its
+from xenemu.core.its import Delivery, ItsHost, audit_its
 from xenemu.core.its_cmd import ItsCommand
 from xenemu.core.options import HostOptions
 
@@ -22,9 +22,8 @@ class Guest:
     """A guest that programs its vITS like Linux's ITS driver."""
 
     def __init__(self, its: ItsHost, host: Host, vcpus: int = 2, devid: int = 0x10, events: int = 8) -> None:
-        dom = host.create_domain("hvm", 64)
+        dom = host.create_domain("hvm", 64, vcpus=vcpus)
         self.domid, self.its, self.host = dom.domid, its, host
-        its.add_domain(self.domid, vcpus)
         its.assign(self.domid, devid, 0, events, vdevid=devid - 0x10)
         self.offset = 0
         for reg, value in ((0x80, CBASER), (0x100, BASER), (0x108, BASER)):
@@ -71,10 +70,23 @@ def settle(its: ItsHost) -> list[Delivery]:
     raise AssertionError("the vITS did not settle")
 
 
+def its_host(elision: str = "lazy", slots: int = 64, batch: int = 4) -> tuple[Host, ItsHost]:
+    host = Host(
+        HostOptions(
+            nr_frames=4096,
+            dom0_memory=64,
+            its_cpus=2,
+            its_queue_slots=slots,
+            vits_batch_size=batch,
+            its_elision=elision,
+        )
+    )
+    return host, host.its
+
+
 @pytest.fixture
 def setup() -> tuple[Host, ItsHost]:
-    host = Host(HostOptions(nr_frames=4096, dom0_memory=64))
-    return host, ItsHost(host, ItsOptions(cpus=2, queue_slots=64, batch_size=4))
+    return its_host()
 
 
 def bring_up(g: Guest, events: int = 8, vcpu: int = 0) -> None:
@@ -191,8 +203,7 @@ def physical(its: ItsHost) -> dict[str, int]:
     ("policy", "invalls", "invs", "syncs"), [("lazy", 1, 0, 1), ("eager", 0, 8, 1), ("off", 2, 0, 2)]
 )
 def test_elision_policies(policy: str, invalls: int, invs: int, syncs: int) -> None:
-    host = Host(HostOptions(nr_frames=4096, dom0_memory=64))
-    its = ItsHost(host, ItsOptions(cpus=2, queue_slots=64, batch_size=4, elision=policy))  # type: ignore[arg-type]
+    host, its = its_host(policy)
     g = Guest(its, host)
     bring_up(g)
     settle(its)
@@ -279,8 +290,7 @@ def test_random_command_streams_drain_with_a_clean_audit(
     toggles: list[tuple[int, int, bool]],
     msis: list[tuple[int, int]],
 ) -> None:
-    host = Host(HostOptions(nr_frames=4096, dom0_memory=64))
-    its = ItsHost(host, ItsOptions(cpus=2, queue_slots=16, batch_size=3, elision=policy))  # type: ignore[arg-type]
+    host, its = its_host(policy, slots=16, batch=3)
     guests = [Guest(its, host, devid=0x10 + i) for i in range(2)]
     for guest, stream in zip(guests, streams, strict=True):
         if stream:
@@ -297,3 +307,54 @@ def test_random_command_streams_drain_with_a_clean_audit(
     owners = {g.domid: {ite.vlpi for ite in g.vits().ites.values()} for g in guests}
     for delivery in deliveries:
         assert delivery.intid in owners[delivery.domid]
+
+
+def test_destruction_waits_for_commands_in_flight_then_tears_down(setup: tuple[Host, ItsHost]) -> None:
+    host, its = setup
+    g = Guest(its, host)
+    other = Guest(its, host, devid=0x11)
+    bring_up(g)
+    settle(its)
+    for e in range(8):
+        g.enable(LPI + 32 + e)
+    g.queue(c.invall(0), *[c.sync(i % 2) for i in range(6)])  # a batch goes onto the pITS
+    state = its.pits[0]
+    assert g.vits().batch_in_flight()
+    plpis = [ite.plpi for ite in g.vits().ites.values()]
+    host.destroy_domain(g.domid)
+    its.run_passes()
+    assert its.tearing_down[g.domid] == -1  # still draining its own commands
+    assert not its.teardown_done(g.domid)
+    # the dying domain's MMIO is ignored, and nothing of it is delivered
+    its.mmio_write(g.domid, 0, 0x88, 8, 0)
+    state.hw.msi(0x10, 0)
+    before = dict(state.physical)
+    deliveries = settle(its)
+    assert all(d.domid != g.domid for d in deliveries)
+    assert its.teardown_done(g.domid)
+    assert (
+        state.physical["MAPD"] == before.get("MAPD", 0) + 1 and state.physical["INVALL"] >= before.get("INVALL", 0) + 1
+    )
+    assert not any(p in its.bindings for p in plpis)
+    assert all(its.prop[p - LPI] & 1 == 0 for p in plpis)
+    assert not any(o is not None for o in state.owner.values())
+    assert 0x10 not in state.hw.devices  # the pITS no longer maps the device
+    # its DeviceID can be assigned again only now, and the other guest was never disturbed
+    fresh = host.create_domain("hvm", 8)
+    its.assign(fresh.domid, 0x10, 0, 4, 0)
+    other.queue(c.mapc(0, 0), c.sync(0))
+    settle(its)
+    assert other.creadr() == other.offset
+
+
+def test_a_device_being_torn_down_cannot_be_reassigned(setup: tuple[Host, ItsHost]) -> None:
+    host, its = setup
+    g = Guest(its, host)
+    g.queue(*[c.sync(i % 2) for i in range(6)])
+    host.destroy_domain(g.domid)
+    fresh = host.create_domain("hvm", 8)
+    with pytest.raises(Exception) as info:
+        its.assign(fresh.domid, 0x10, 0, 4, 0)
+    assert "torn down" in str(info.value)
+    settle(its)
+    its.assign(fresh.domid, 0x10, 0, 4, 0)

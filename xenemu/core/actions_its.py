@@ -124,4 +124,5 @@ def _its_stats(host: Host, caller: int, action: ItsStats) -> dict[str, Any]:
             }
             for s in host.its.pits
         ],
+        "tearing_down": sorted(host.its.tearing_down),
     }

@@ -126,7 +126,7 @@ class Host:
         for _ in range(DOMID_FIRST_RESERVED):
             domid = self.next_domid
             self.next_domid = domid + 1 if domid + 1 < DOMID_FIRST_RESERVED else 1
-            if domid not in self.domains and domid not in self.frames.held:
+            if domid not in self.domains and domid not in self.frames.held and domid not in self.its.domains:
                 return domid
         raise HypercallError(-ENOSPC, "no free domain id")
 
@@ -197,7 +197,7 @@ class Host:
         self.injected_faults = {f for f in self.injected_faults if f[0] != domid}
         del self.domains[domid]
         self.mappings_held.pop(domid, None)
-        self.its.forget_domain(domid)
+        self.its.begin_teardown(domid)
         # Emulators still holding its frames are told (or swapped), but nobody waits for them.
         from xenemu.core.balloon import Invalidations, release_frame
 

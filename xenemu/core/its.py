@@ -193,8 +193,11 @@ class PitsState:
     last_creadr: int = 0
     #: Slot -> who placed the command there (a Vits, or None for Xen).
     owner: dict[int, Vits | None] = field(default_factory=dict)
-    #: Xen's own commands, with the physical LPI each concerns (skipped if unbound meanwhile).
-    xen_queue: deque[tuple[ItsCommand, int | None]] = field(default_factory=deque)
+    #: Xen's own commands, with the physical LPI each concerns (skipped if unbound meanwhile)
+    #: and the dying domain whose teardown it is part of.
+    xen_queue: deque[tuple[ItsCommand, int | None, int | None]] = field(default_factory=deque)
+    #: Slots holding a teardown command -> the domain it tears down.
+    teardown_slots: dict[int, int] = field(default_factory=dict)
     xen_int_outstanding: bool = False
     #: The last forwarded guest SYNC's physical target, for eliding SYNC; SYNC.
     last_forwarded_sync: int | None = None
@@ -219,6 +222,10 @@ class ItsHost:
         self.bindings: dict[int, tuple[int, int, tuple[int, int]]] = {}
         self.raised: set[int] = set()
         self.deliveries: list[Delivery] = []
+        #: Dying domains: -1 while their commands drain, then how many teardown commands remain.
+        self.tearing_down: dict[int, int] = {}
+        #: Physical DeviceIDs of dying domains: not assignable until their teardown completes.
+        self.retired: set[int] = set()
         for state in self.pits:
             self._boot(state)
 
@@ -248,33 +255,68 @@ class ItsHost:
         self.domains[domid] = dom
         return dom
 
-    def forget_domain(self, domid: int) -> None:
-        """Destruction: nothing of the domain is scheduled, bound or delivered any more.
-
-        (Draft C's wait for its commands in flight and Xen's teardown MAPD V=0 / INVALL are
-        not modelled yet: its slots simply complete unowned.)"""
-        dom = self.domains.pop(domid, None)
-        if dom is None:
+    def begin_teardown(self, domid: int) -> None:
+        """Destruction: the domain's MMIO is ignored and its LPIs dropped from now on, nothing
+        new of it is placed; once its commands on every pITS have completed, Xen disables its
+        LPIs, unmaps its devices (MAPD V=0) and sends one INVALL on each pITS, and only when
+        those have completed is everything freed (``teardown_done``)."""
+        dom = self.domains.get(domid)
+        if dom is None or dom.dying:
             return
         dom.dying = True
+        if not dom.vits:
+            del self.domains[domid]
+            return
+        self.tearing_down[domid] = -1  # draining: its own commands still on a pITS
+        self.retired |= {d.info.pdevid for v in dom.vits.values() for d in v.devices.values()}
         for vits in dom.vits.values():
             state = self.pits[vits.pits]
             state.schedule = [v for v in state.schedule if v is not vits]
             if state.last_served is vits:
                 state.last_served = None
-            for slot, owner in list(state.owner.items()):
-                if owner is vits:
-                    state.owner[slot] = None
-            for ite in vits.ites.values():
-                self.bindings.pop(ite.plpi, None)
-                self.dirty.discard(ite.plpi)
-                self.prop[ite.plpi - LPI_BASE] = XEN_PRIORITY
+            self.raised.add(vits.pits)
+
+    def teardown_done(self, domid: int) -> bool:
+        return domid not in self.domains
+
+    def _progress_teardowns(self) -> None:
+        for domid, left in list(self.tearing_down.items()):
+            dom = self.domains[domid]
+            if left == -1:
+                owned = any(o is v for v in dom.vits.values() for s in self.pits for o in s.owner.values())
+                if owned:
+                    continue
+                queued = 0
+                for vits in dom.vits.values():
+                    state = self.pits[vits.pits]
+                    for ite in vits.ites.values():
+                        self.prop[ite.plpi - LPI_BASE] = XEN_PRIORITY
+                    for device in vits.devices.values():
+                        state.xen_queue.append((cmds.mapd(device.info.pdevid, 0, 0, False), None, domid))
+                        queued += 1
+                    state.xen_queue.append((cmds.invall(self.options.cpus), None, domid))
+                    queued += 1
+                    self.raised.add(vits.pits)
+                self.tearing_down[domid] = queued
+            if self.tearing_down[domid] == 0:
+                del self.tearing_down[domid]
+                del self.domains[domid]
+                for vits in dom.vits.values():
+                    for ite in vits.ites.values():
+                        self.bindings.pop(ite.plpi, None)
+                        self.dirty.discard(ite.plpi)
+                    for device in vits.devices.values():
+                        self.retired.discard(device.info.pdevid)
 
     def assign(self, domid: int, pdevid: int, pits: int, events: int, vdevid: int) -> ItsDeviceInfo:
         """At assignment Xen allocates the device's physical LPIs and maps it (nothing later)."""
         dom = self.domains[domid]
         if not 0 <= pits < len(self.pits) or not 0 < events <= 1 << 16 or pdevid == XEN_DEVID:
             raise HypercallError(-22, "bad ITS device")
+        if pdevid in self.retired or any(
+            d.info.pdevid == pdevid for o in self.domains.values() for v in o.vits.values() for d in v.devices.values()
+        ):
+            raise HypercallError(-16, f"DeviceID {pdevid:#x} is in use or still being torn down")
         plpis = list(range(self.next_lpi, self.next_lpi + events))
         if plpis[-1] - LPI_BASE >= len(self.prop):
             raise HypercallError(-28, "no physical LPIs left")
@@ -288,7 +330,7 @@ class ItsHost:
         vits.devices[vdevid] = VDevice(info)
         state = self.pits[pits]
         size = max(0, math.ceil(math.log2(max(events, 2))) - 1)
-        state.xen_queue.append((cmds.mapd(pdevid, size, 0x1000 * pdevid), None))
+        state.xen_queue.append((cmds.mapd(pdevid, size, 0x1000 * pdevid), None, None))
         self.raised.add(pits)
         return info
 
@@ -426,9 +468,11 @@ class ItsHost:
         self._complete(state)
         free = hw.free_slots() - (0 if state.xen_int_outstanding else 1)
         while state.xen_queue and free > 0:
-            command, plpi = state.xen_queue.popleft()
+            command, plpi, teardown = state.xen_queue.popleft()
             if plpi is not None and plpi not in self.bindings:
                 continue
+            if teardown is not None:
+                state.teardown_slots[state.hw.cwriter] = teardown
             self._xen_place(state, command)
             free -= 1
         schedule = state.schedule
@@ -461,12 +505,16 @@ class ItsHost:
         slot = state.last_creadr
         while slot != hw.creadr:
             owner = state.owner.pop(slot, None)
+            teardown = state.teardown_slots.pop(slot, None)
+            if teardown is not None:
+                self.tearing_down[teardown] -= 1
             if owner is not None:
                 for taken in owner.taken:
                     if taken.slot == slot:
                         taken.done = True
             slot = (slot + 1) % hw.slots
         state.last_creadr = hw.creadr
+        self._progress_teardowns()
         for dom in self.domains.values():
             for vits in dom.vits.values():
                 if vits.pits == hw.index:
@@ -584,7 +632,7 @@ class ItsHost:
             new = self._pcoll(vits, c.icid)
             if new != old:
                 pdevid = vits.devices[vdevid].info.pdevid
-                state.xen_queue.append((cmds.event_cmd(cmds.MOVI, pdevid, event, new), ite.plpi))
+                state.xen_queue.append((cmds.event_cmd(cmds.MOVI, pdevid, event, new), ite.plpi, None))
         return []
 
     def _physical_target(self, vits: Vits, ite: Ite) -> int:
@@ -689,7 +737,9 @@ class ItsHost:
                 ite.vcpu_override = c.target2
                 if dom.pin[c.target2] != dom.pin[c.target]:
                     pdevid = vits.devices[vdevid].info.pdevid
-                    state.xen_queue.append((cmds.event_cmd(cmds.MOVI, pdevid, event, dom.pin[c.target2]), ite.plpi))
+                    state.xen_queue.append(
+                        (cmds.event_cmd(cmds.MOVI, pdevid, event, dom.pin[c.target2]), ite.plpi, None)
+                    )
         return []
 
     def _target_vcpu(self, vits: Vits, ite: Ite) -> int | None:
@@ -712,7 +762,7 @@ class ItsHost:
             if self.options.elision == "eager":
                 state = self.pits[pits]
                 pdevid = vits.devices[key[0]].info.pdevid
-                inv = (cmds.event_cmd(cmds.INV, pdevid, key[1]), plpi)
+                inv = (cmds.event_cmd(cmds.INV, pdevid, key[1]), plpi, None)
                 if inv not in state.xen_queue:
                     state.xen_queue.append(inv)
                 self.dirty.discard(plpi)
