@@ -358,3 +358,53 @@ def test_a_device_being_torn_down_cannot_be_reassigned(setup: tuple[Host, ItsHos
     assert "torn down" in str(info.value)
     settle(its)
     its.assign(fresh.domid, 0x10, 0, 4, 0)
+
+
+def test_mapti_into_a_collection_mapped_later(setup: tuple[Host, ItsHost]) -> None:
+    host, its = setup
+    g = Guest(its, host)
+    g.queue(c.mapd(0, 2, ITT_GFN << 12), c.mapti(0, 1, LPI + 40, 1))  # collection 1: not mapped yet
+    g.enable(LPI + 40)
+    g.queue(c.event_cmd(c.INT, 0, 1))
+    assert settle(its) == []  # fired, but held: its collection routes nowhere yet
+    g.queue(c.mapc(1, 1), c.sync(1))
+    settle(its)
+    assert [d for d in its.deliveries if d.domid == g.domid][-1] == Delivery(g.domid, 1, LPI + 40)
+    assert not its.domains[g.domid].held
+
+
+def test_lpi_for_a_vcpu_without_enable_lpis_is_dropped(setup: tuple[Host, ItsHost]) -> None:
+    host, its = setup
+    g = Guest(its, host)
+    bring_up(g, events=1)
+    g.enable(LPI + 32)
+    g.queue(c.invall(0), c.sync(0))
+    settle(its)
+    its.redist_write(g.domid, 0, 0x0, 4, 0)
+    its.pits[0].hw.msi(0x10, 0)
+    assert settle(its) == []
+    its.redist_write(g.domid, 0, 0x0, 4, 1)
+    assert settle(its) == []  # not kept pending
+
+
+PEND_GFN = 40
+
+
+def test_pending_table_is_read_when_lpis_are_enabled(setup: tuple[Host, ItsHost]) -> None:
+    host, its = setup
+    g = Guest(its, host)
+    bring_up(g, events=2)
+    settle(its)
+    its.redist_write(g.domid, 0, 0x0, 4, 0)
+    vlpi = LPI + 33
+    host.guest_access(g.domid, PEND_GFN, vlpi // 8, bytes([1 << (vlpi % 8)]))
+    its.redist_write(g.domid, 0, 0x78, 8, PEND_GFN << 12)  # PTZ = 0: the table is read
+    its.redist_write(g.domid, 0, 0x0, 4, 1)
+    assert its.deliveries[-1] == Delivery(g.domid, 0, vlpi)
+    assert its.redist_read(g.domid, 0, 0x78, 8) == PEND_GFN << 12  # PTZ reads as 0
+    its.end(g.domid, 0, vlpi)
+    its.redist_write(g.domid, 0, 0x0, 4, 0)
+    its.redist_write(g.domid, 0, 0x78, 8, PEND_GFN << 12 | 1 << 62)  # PTZ = 1: not read
+    count = len(its.deliveries)
+    its.redist_write(g.domid, 0, 0x0, 4, 1)
+    assert len(its.deliveries) == count

@@ -163,6 +163,8 @@ class Vits:
 class Redistributor:
     enable_lpis: bool = False
     pendbaser: int = 0
+    #: The last PENDBASER write said the pending table is zero (PTZ), so it is not read.
+    ptz: bool = False
 
 
 @dataclass
@@ -175,6 +177,8 @@ class DomainIts:
     #: vLPIs delivered and not yet ended, and those that became pending again meanwhile.
     in_service: set[tuple[int, int]] = field(default_factory=set)
     again: set[tuple[int, int]] = field(default_factory=set)
+    #: LPIs that fired while their collection was unmapped: (pITS, (vDeviceID, EventID)).
+    held: set[tuple[int, tuple[int, int]]] = field(default_factory=set)
     dying: bool = False
 
 
@@ -422,11 +426,34 @@ class ItsHost:
         redist = dom.redists[vcpu]
         reg, part = _redist_register(offset, size)
         if reg == 0x0:
+            enabling = bool(value & 1) and not redist.enable_lpis
             redist.enable_lpis = bool(value & 1)
+            if enabling and not redist.ptz:
+                self._load_pending_table(domid, vcpu)
         elif reg == 0x70 and not redist.enable_lpis:
             dom.propbaser = _merge(dom.propbaser, part, value)
         elif reg == 0x78 and not redist.enable_lpis:
-            redist.pendbaser = _merge(redist.pendbaser, part, value) & ~const("GICR_PENDBASER_PTZ")
+            written = _merge(redist.pendbaser, part, value)
+            redist.ptz = bool(written & const("GICR_PENDBASER_PTZ"))
+            redist.pendbaser = written & ~const("GICR_PENDBASER_PTZ")
+
+    def _load_pending_table(self, domid: int, vcpu: int) -> None:
+        """EnableLPIs 0 -> 1 with PTZ = 0: the vCPU's pending table sets or clears its LPIs."""
+        dom = self.domains[domid]
+        base = dom.redists[vcpu].pendbaser & CBASER_ADDR
+        for vits in dom.vits.values():
+            for key, ite in vits.ites.items():
+                if self._target_vcpu(vits, ite) != vcpu:
+                    continue
+                gpa = base + ite.vlpi // 8
+                try:
+                    byte = self.host.guest_access(domid, gpa >> PAGE_SHIFT, gpa & (PAGE_SIZE - 1), None, 1)[0]
+                except HypercallError:
+                    continue
+                if byte >> (ite.vlpi % 8) & 1:
+                    self._inject(vits, key, self.deliveries)
+                else:
+                    dom.again.discard((vcpu, ite.vlpi))
 
     def redist_read(self, domid: int, vcpu: int, offset: int, size: int) -> int:
         dom = self.domains[domid]
@@ -625,6 +652,11 @@ class ItsHost:
             vits.collections[c.icid] = c.target
         else:
             vits.collections.pop(c.icid, None)
+        dom = self._dom(vits)
+        for pits, key in sorted(dom.held):
+            if pits == vits.pits and key in vits.ites and vits.ites[key].icid == c.icid and c.valid:
+                dom.held.discard((pits, key))
+                self._inject(vits, key, self.deliveries)
         state = self.pits[vits.pits]
         for (vdevid, event), old in before.items():
             ite = vits.ites[(vdevid, event)]
@@ -746,6 +778,7 @@ class ItsHost:
         return ite.vcpu_override if ite.vcpu_override is not None else vits.collections.get(ite.icid)
 
     def _unbind(self, vits: Vits, key: tuple[int, int]) -> None:
+        self._dom(vits).held.discard((vits.pits, key))
         ite = vits.ites.pop(key)
         self.bindings.pop(ite.plpi, None)
         self.dirty.discard(ite.plpi)
@@ -785,23 +818,30 @@ class ItsHost:
                     self.raised.add(state.hw.index)
                     continue
                 binding = self.bindings.get(plpi)
-                if binding is None:
-                    continue
-                domid, pits, key = binding
-                dom = self.domains[domid]
-                vits = dom.vits[pits]
-                ite = vits.ites[key]
-                vcpu = self._target_vcpu(vits, ite)
-                if dom.dying or vcpu is None or not dom.redists[vcpu].enable_lpis:
-                    continue
-                token = (vcpu, ite.vlpi)
-                if token in dom.in_service:
-                    dom.again.add(token)
-                    continue
-                dom.in_service.add(token)
-                out.append(Delivery(domid, vcpu, ite.vlpi))
+                if binding is not None:
+                    domid, pits, key = binding
+                    self._inject(self.domains[domid].vits[pits], key, out)
         self.deliveries += out
         return out
+
+    def _inject(self, vits: Vits, key: tuple[int, int], out: list[Delivery]) -> None:
+        """An LPI of this mapping fired: to its vCPU, or kept while its collection is unmapped."""
+        dom = self.domains[vits.domid]
+        ite = vits.ites[key]
+        vcpu = self._target_vcpu(vits, ite)
+        if dom.dying:
+            return
+        if vcpu is None:
+            dom.held.add((vits.pits, key))  # routes once MAPC maps the collection
+            return
+        if not dom.redists[vcpu].enable_lpis:
+            return  # dropped, not kept pending
+        token = (vcpu, ite.vlpi)
+        if token in dom.in_service:
+            dom.again.add(token)
+            return
+        dom.in_service.add(token)
+        out.append(Delivery(vits.domid, vcpu, ite.vlpi))
 
     def end(self, domid: int, vcpu: int, intid: int) -> Delivery | None:
         """The guest ended an LPI: one that became pending meanwhile is delivered now."""
