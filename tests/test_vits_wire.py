@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import pytest
 
 from tests.conformance.beds import DaemonProcess
 from xenemu import ops
 from xenemu.client import SyncControlClient, SyncHypercallClient
 from xenemu.core import its_cmd as c
+from xenemu.core.its_cmd import ItsCommand
 
 LPI = 8192
 QUEUE_GFN, PROP_GFN, ITT_GFN = 10, 20, 30
@@ -62,3 +66,73 @@ def test_guest_brings_up_its_vits_and_takes_msis(tmp_path: Path) -> None:
             assert ctl.audit() == []
     finally:
         daemon.stop()
+
+
+class WireGuest:
+    """A guest with a vITS, over the daemon's sockets."""
+
+    def __init__(self, ctl: SyncControlClient, daemon: DaemonProcess, devid: int) -> None:
+        reply = ctl.create_domain("hvm", 64, vcpus=2)
+        self.domid = reply["domid"]
+        self.vdev = ctl.assign_device(self.domid, f"{devid % 256:02x}:03.0", its_devid=devid, its_events=8)["vdevid"]
+        self.xc = SyncHypercallClient.connect(daemon.hypercall_path, reply["token"])
+        self.offset = 0
+        for reg in (0x80, 0x100, 0x108):
+            self.xc.its_mmio("its", 0, reg, 8, 1 << 63 | (QUEUE_GFN << 12 if reg == 0x80 else 0))
+        for vcpu in range(2):
+            self.xc.its_mmio("redist", vcpu, 0x70, 8, PROP_GFN << 12 | 15)
+            self.xc.its_mmio("redist", vcpu, 0x0, 4, 1)
+        self.xc.its_mmio("its", 0, 0x0, 4, 1)
+
+    def run(self, *blocks: bytes) -> None:
+        for block in blocks:
+            self.xc.guest_write(QUEUE_GFN, block, self.offset)
+            self.offset += 32
+        self.xc.its_mmio("its", 0, 0x88, 4, self.offset)  # a 32-bit CWRITER write
+        deadline = time.monotonic() + 10
+        while self.xc.its_mmio("its", 0, 0x90, 4) != self.offset:  # and 32-bit CREADR reads
+            assert time.monotonic() < deadline, "the queue stalled"
+
+
+@pytest.fixture(scope="module")
+def its_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DaemonProcess, SyncControlClient]]:
+    daemon = DaemonProcess(tmp_path_factory.mktemp("its"), "--frames", "16384", "--dom0-memory", "512")
+    try:
+        with SyncControlClient.connect(daemon.control_path) as ctl:
+            yield daemon, ctl
+    finally:
+        daemon.stop()
+
+
+WIRE_ERRORS = [
+    (lambda v: c.mapd(v + 9, 1, ITT_GFN << 12), "MAPD_DEVICE_OOR"),
+    (lambda v: c.mapd(v, 5, ITT_GFN << 12), "MAPD_ITTSIZE_OOR"),
+    (lambda v: c.mapc(0, 2), "MAPC_PROCNUM_OOR"),
+    (lambda v: c.mapc(3, 1), "MAPC_COLLECTION_OOR"),
+    (lambda v: c.mapti(v, 0, LPI, 0), "MAPTI_UNMAPPED_DEVICE"),
+    (lambda v: c.event_cmd(c.INT, v, 0), "INT_UNMAPPED_INTERRUPT"),
+    (lambda v: c.event_cmd(c.CLEAR, v, 0), "CLEAR_UNMAPPED_INTERRUPT"),
+    (lambda v: c.event_cmd(c.INV, v, 0), "INV_UNMAPPED_INTERRUPT"),
+    (lambda v: c.event_cmd(c.DISCARD, v, 0), "DISCARD_UNMAPPED_INTERRUPT"),
+    (lambda v: c.event_cmd(c.MOVI, v, 0, 0), "MOVI_UNMAPPED_INTERRUPT"),
+    (lambda v: c.invall(1), "INVALL_UNMAPPED_COLLECTION"),
+    (lambda v: c.sync(2), "SYNC_TARGET_OOR"),
+    (lambda v: c.movall(0, 5), "MOVALL_PROCNUM_OOR"),
+    (lambda v: ItsCommand(0x33), "UNKNOWN_COMMAND"),
+]
+
+
+@pytest.mark.parametrize(("make", "error"), WIRE_ERRORS, ids=[e for _, e in WIRE_ERRORS])
+def test_each_error_is_dropped_and_the_queue_moves(
+    its_daemon: tuple[DaemonProcess, SyncControlClient], make: Callable[[int], ItsCommand], error: str
+) -> None:
+    daemon, ctl = its_daemon
+    devid = 0x100 + WIRE_ERRORS.index(next(w for w in WIRE_ERRORS if w[1] == error))
+    guest = WireGuest(ctl, daemon, devid)
+    try:
+        guest.run(make(guest.vdev).encode(), c.sync(0).encode())
+        assert ctl.its_info(guest.domid)["vits"]["0"]["dropped"] == {error: 1}
+        assert ctl.audit() == []
+    finally:
+        guest.xc.close()
+        ctl.destroy_domain(guest.domid)

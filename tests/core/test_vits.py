@@ -408,3 +408,49 @@ def test_pending_table_is_read_when_lpis_are_enabled(setup: tuple[Host, ItsHost]
     count = len(its.deliveries)
     its.redist_write(g.domid, 0, 0x0, 4, 1)
     assert len(its.deliveries) == count
+
+
+def test_enable_1000_lpis_then_invall_sends_one_invall() -> None:
+    host, its = its_host("lazy", slots=4096, batch=64)
+    g = Guest(its, host, events=1024)
+    g.queue(c.mapc(0, 0), c.mapd(0, 9, ITT_GFN << 12))
+    for start in range(0, 1000, 100):
+        g.queue(*[c.mapti(0, e, LPI + 32 + e, 0) for e in range(start, start + 100)])
+        settle(its)
+    before = dict(its.pits[0].physical)
+    for e in range(1000):
+        g.enable(LPI + 32 + e)
+    g.queue(c.invall(0), c.sync(0))
+    settle(its)
+    after = dict(its.pits[0].physical)
+    assert after.get("INVALL", 0) - before.get("INVALL", 0) == 1
+    assert after.get("INV", 0) == before.get("INV", 0)
+    assert all(its.pits[0].hw.cache[ite.plpi] & 1 for ite in g.vits().ites.values())
+
+
+def test_victim_completes_within_one_round_while_another_keeps_32767_queued() -> None:
+    host, its = its_host("off", slots=32768, batch=8)
+    flood_dom = host.create_domain("hvm", 300, vcpus=2)
+    its.assign(flood_dom.domid, 0x30, 0, 8, 0)
+    big_queue = 1 << 63 | 10 << 12 | 255  # 256 pages: 32,768 slots
+    for reg, value in ((0x80, big_queue), (0x100, BASER), (0x108, BASER)):
+        its.mmio_write(flood_dom.domid, 0, reg, 8, value)
+    its.mmio_write(flood_dom.domid, 0, 0x0, 4, 1)
+    sync = c.sync(0).encode()
+    for i in range(32767):
+        host.guest_access(flood_dom.domid, 10 + i * 32 // 4096, i * 32 % 4096, sync)
+    its.mmio_write(flood_dom.domid, 0, 0x88, 8, 32767 * 32)
+    its.run_passes()
+    victim = Guest(its, host, devid=0x11)
+    state = its.pits[0]
+    settle_rounds = 0
+    victim.queue(c.mapc(0, 0), c.sync(0))
+    while victim.creadr() != victim.offset:
+        state.hw.step(state.hw.queued())
+        its.deliver()
+        its.run_passes()
+        settle_rounds += 1
+        assert settle_rounds <= 2  # its batch goes on in the next pass, completes with that round
+    flood_vits = its.domains[flood_dom.domid].vits[0]
+    assert flood_vits.creadr < 32767 * 32  # the flooder still has thousands waiting
+    assert not audit_its(its)
