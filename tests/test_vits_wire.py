@@ -133,6 +133,69 @@ def test_each_error_is_dropped_and_the_queue_moves(
         guest.run(make(guest.vdev).encode(), c.sync(0).encode())
         assert ctl.its_info(guest.domid)["vits"]["0"]["dropped"] == {error: 1}
         assert ctl.audit() == []
+        assert f"E_ITS_{error}" in daemon.log_text()  # logged at warning, with its name
+    finally:
+        guest.xc.close()
+        ctl.destroy_domain(guest.domid)
+
+
+def test_register_rules_over_the_wire(its_daemon: tuple[DaemonProcess, SyncControlClient]) -> None:
+    daemon, ctl = its_daemon
+    reply = ctl.create_domain("hvm", 64, vcpus=2)
+    ctl.assign_device(reply["domid"], "00:1f.0", its_devid=0x1F0, its_events=4)
+    with SyncHypercallClient.connect(daemon.hypercall_path, reply["token"]) as xc:
+        xc.its_mmio("its", 0, 0x0, 4, 1)
+        assert xc.its_mmio("its", 0, 0x0, 4) & 1 == 0  # refused: CBASER and BASERs not valid
+        xc.its_mmio("its", 0, 0x80, 4, QUEUE_GFN << 12)  # 32-bit halves of a 64-bit register
+        xc.its_mmio("its", 0, 0x84, 4, 1 << 31)
+        assert xc.its_mmio("its", 0, 0x80, 8) == 1 << 63 | QUEUE_GFN << 12
+        xc.its_mmio("its", 0, 0x100, 8, 1 << 63)
+        xc.its_mmio("its", 0, 0x108, 8, 1 << 63)
+        xc.its_mmio("its", 0, 0x110, 8, 1 << 63)  # other BASERs: RAZ/WI
+        assert xc.its_mmio("its", 0, 0x110, 8) == 0
+        xc.its_mmio("its", 0, 0x0, 4, 1)
+        assert xc.its_mmio("its", 0, 0x0, 4) == 1 | 1 << 31  # enabled and quiescent
+        xc.its_mmio("its", 0, 0x80, 8, 0)  # ignored while enabled
+        assert xc.its_mmio("its", 0, 0x80, 8) == 1 << 63 | QUEUE_GFN << 12
+        xc.its_mmio("its", 0, 0x88, 8, 4096)  # at the queue size: ignored
+        xc.its_mmio("its", 0, 0x90, 8, 64)  # CREADR, TYPER, IIDR: read-only
+        xc.its_mmio("its", 0, 0x4, 4, 0)
+        assert xc.its_mmio("its", 0, 0x88, 8) == 0 and xc.its_mmio("its", 0, 0x90, 8) == 0
+        assert xc.its_mmio("its", 0, 0x4, 4) == 0x5800043B and xc.its_mmio("its", 0, 0xFFE8, 4) == 0x3B
+        assert xc.its_mmio("its", 0, 0x8, 8) & 1  # TYPER.Physical
+        assert xc.its_mmio("its", 0, 0x0, 8) == 0 and xc.its_mmio("its", 0, 0x2, 2) == 0  # bad widths read 0
+        assert xc.its_mmio("redist", 1, 0x8, 8) & 0x10  # GICR_TYPER.Last on the last vCPU
+        assert xc.its_mmio("redist", 0, 0x8, 8) & 0x10 == 0
+    ctl.destroy_domain(reply["domid"])
+    assert ctl.audit() == []
+
+
+def test_int_while_disabled_then_enable_and_invall_delivers_once(
+    its_daemon: tuple[DaemonProcess, SyncControlClient],
+) -> None:
+    daemon, ctl = its_daemon
+    guest = WireGuest(ctl, daemon, 0x1E0)
+    try:
+        v = guest.vdev
+        guest.run(
+            *(
+                x.encode()
+                for x in (
+                    c.mapc(0, 0),
+                    c.mapd(v, 1, ITT_GFN << 12),
+                    c.mapti(v, 1, LPI + 90, 0),
+                    c.event_cmd(c.INT, v, 1),
+                    c.sync(0),
+                )
+            )
+        )
+        assert guest.xc.next_event(timeout=0.3) is None  # disabled: it stays pending
+        guest.xc.guest_write(PROP_GFN, bytes([0xA1]), 90)  # enable it in the trapped table
+        assert guest.xc.next_event(timeout=0.3) is None  # the pITS has not seen the change yet
+        guest.run(c.invall(0).encode(), c.sync(0).encode())
+        assert guest.xc.next_event(timeout=10) == {"event": "lpi", "vcpu": 0, "intid": LPI + 90}
+        guest.xc.its_end(0, LPI + 90)
+        assert guest.xc.next_event(timeout=0.3) is None  # exactly once
     finally:
         guest.xc.close()
         ctl.destroy_domain(guest.domid)

@@ -172,7 +172,7 @@ class Daemon:
             last = now
             its.deliver()
             its.run_passes()
-            if its.deliveries:
+            if its.deliveries or its.drops:
                 self._state_changed()
 
     def shutdown(self) -> None:
@@ -363,6 +363,11 @@ class Daemon:
                 if session.channel == "hypercall" and session.domain and session.domain.domid == server.creator:
                     session.post(ioserver)
         self.host.notify.clear()
+        drops, self.host.its.drops = self.host.its.drops, []
+        for domid, pits, offset, command, error in drops:
+            log.warning(
+                "its command dropped", domid=domid, pits=pits, offset=offset, command=command, error=f"E_ITS_{error}"
+            )
         deliveries, self.host.its.deliveries = self.host.its.deliveries, []
         for delivery in deliveries:
             for session in self.sessions:

@@ -454,3 +454,25 @@ def test_victim_completes_within_one_round_while_another_keeps_32767_queued() ->
     flood_vits = its.domains[flood_dom.domid].vits[0]
     assert flood_vits.creadr < 32767 * 32  # the flooder still has thousands waiting
     assert not audit_its(its)
+
+
+def test_round_robin_resumes_after_the_last_queue_served() -> None:
+    host, its = its_host("off", slots=10, batch=4)  # room for two batches and Xen's INT
+    guests = [Guest(its, host, devid=0x10 + i) for i in range(3)]
+    settle(its)
+    state = its.pits[0]
+    for g in guests:
+        g.queue(*[c.sync(i % 2) for i in range(12)])
+
+    def served() -> list[int]:
+        owners = [o for _, o in sorted(state.owner.items()) if o is not None]
+        return sorted({next(i for i, g in enumerate(guests) if g.vits() is o) for o in owners})
+
+    rounds = [served()]
+    for _ in range(3):
+        state.hw.step(state.hw.queued())
+        its.deliver()
+        its.run_passes()
+        rounds.append(served())
+    assert rounds == [[0, 1], [0, 2], [1, 2], [0, 1]]  # each pass starts after the last one served
+    assert all(len([s for s, o in state.owner.items() if o is g.vits()]) <= 4 for g in guests)  # batch limit

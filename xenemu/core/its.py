@@ -230,6 +230,8 @@ class ItsHost:
         self.tearing_down: dict[int, int] = {}
         #: Physical DeviceIDs of dying domains: not assignable until their teardown completes.
         self.retired: set[int] = set()
+        #: Dropped guest commands not yet logged: (domid, pITS, queue offset, command, error).
+        self.drops: list[tuple[int, int, int, str, str]] = []
         for state in self.pits:
             self._boot(state)
 
@@ -580,6 +582,7 @@ class ItsHost:
         block = self._read_command(vits, offset)
         if block is None:
             vits.dropped["UNREADABLE"] += 1
+            self.drops.append((vits.domid, vits.pits, offset, "?", "UNREADABLE"))
             return []
         command = ItsCommand.decode(block)
         vits.received[command.name] += 1
@@ -590,6 +593,7 @@ class ItsHost:
             out: list[ItsCommand] = handler(vits, command)
         except Dropped as drop:
             vits.dropped[drop.name] += 1
+            self.drops.append((vits.domid, vits.pits, offset, command.name, drop.name))
             return []
         if out:
             vits.forwarded[command.name] += 1
