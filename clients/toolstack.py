@@ -67,10 +67,20 @@ def main(argv: list[str] | None = None) -> int:
             target_id = None if target is None else created.get(target, int(target) if target.isdigit() else None)
             if target is not None and target_id is None:
                 raise SystemExit(f"toolstack: unknown target {target!r}")
-            reply = ctl.create_domain(spec.get("type", "hvm"), int(spec.get("memory", "256")), target_id, spec["name"])
+            reply = ctl.create_domain(
+                spec.get("type", "hvm"),
+                int(spec.get("memory", "256")),
+                target_id,
+                spec["name"],
+                vcpus=int(spec.get("vcpus", "1")),
+            )
             domid = reply["domid"]
             for bdf in filter(None, spec.get("device", "").split("+")):
-                ctl.assign_device(domid, bdf)
+                if "its" in spec:  # its=DEVICEID:EVENTS makes the device MSI-capable
+                    devid, _, events = spec["its"].partition(":")
+                    ctl.assign_device(domid, bdf, its_devid=int(devid, 0), its_events=int(events or "32", 0))
+                else:
+                    ctl.assign_device(domid, bdf)
             created[spec["name"]] = domid
             write_private(args.dir / f"{spec['name']}.token", reply["token"])
             (args.dir / f"{spec['name']}.domid").write_text(str(domid))

@@ -130,6 +130,13 @@ class DomainInfo(Action):
 @handles(DomainInfo)
 def _domain_info(host: Host, caller: int, action: DomainInfo) -> dict[str, Any]:
     dom = host.domain(caller)
+    its = host.its
+    frames, redist = its.frames(caller)
+    its_devices = [
+        {"bdf": d.bdf, "vdevid": d.its.vdevid, "events": d.its.events, "pits": d.its.pits}
+        for d in sorted(host.devices.values(), key=lambda d: d.bdf)
+        if d.domid == caller and d.its is not None
+    ]
     return {
         "ret": 0,
         "domid": dom.domid,
@@ -138,6 +145,13 @@ def _domain_info(host: Host, caller: int, action: DomainInfo) -> dict[str, Any]:
         "devices": sorted(dom.devices),
         "target": dom.target,
         "hwdom": dom.is_hwdom,
+        # what firmware (device tree / IORT) would tell the guest about its interrupt controller
+        "its": {
+            "frames": {str(p): gpa for p, gpa in frames.items()},
+            "redist_base": redist,
+            "vcpus": its.domains[caller].vcpus,
+            "devices": its_devices,
+        },
     }
 
 
