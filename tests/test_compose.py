@@ -14,7 +14,7 @@ sys.path.insert(0, str(ROOT / "clients"))
 
 import compose_local  # noqa: E402
 
-PROFILES = ["pv-iommu", "mediated", "grants"]
+PROFILES = ["pv-iommu", "mediated", "grants", "shared-its"]
 
 
 def tool(name: str) -> str:
