@@ -27,3 +27,17 @@ def test_quick_bench_reports_every_figure() -> None:
     assert set(results["fairness_us"]) == {"alone_p50", "alone_p99", "flood_p50", "flood_p99"}
     assert set(results["balloon_frames_per_s"]) == {"invalidate", "swap_mfn"}
     assert results["audit_clean"] is True
+    vits = results["vits"]
+    assert vits["guest_commands_per_s"] > 0 and vits["msis_per_s"] > 0
+    assert set(vits["victim_ms"]) == {
+        "alone_p50",
+        "alone_p99",
+        "flood_p50",
+        "flood_p99",
+        "passes_per_call_alone",
+        "passes_per_call_flood",
+    }
+    table = vits["physical_per_guest_command"]
+    assert set(table) == {"lazy", "eager", "off"}
+    # eager sends an INV for every enable it traps; lazy turns 256 enables into one INVALL per collection
+    assert table["eager"]["enable-all-invall"] > 10 * table["lazy"]["enable-all-invall"]

@@ -127,6 +127,8 @@ class Daemon:
         self.stopping = False
         self._accepting: trio.Nursery | None = None
         self._changed = trio.Event()
+        self._its_kick = trio.Event()
+        self._its_last = 0.0
         self._next_peer = 1
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -161,19 +163,26 @@ class Daemon:
             log.info("stopped")
 
     async def _run_its_hardware(self) -> None:
-        """The pITSs run on their own: let their time pass, take their interrupts, run passes."""
+        """The pITSs run on their own: let their time pass, take their interrupts, run passes.
+        A request that gives a pITS work wakes this task at once."""
         its = self.host.its
-        last = trio.current_time()
         while True:
             busy = any(s.hw.queued() or s.hw.pending for s in its.pits)
-            await trio.sleep(ITS_TICK if busy else ITS_IDLE_TICK)
-            now = trio.current_time()
-            its.advance(now - last)
-            last = now
-            its.deliver()
+            with trio.move_on_after(ITS_TICK if busy else ITS_IDLE_TICK):
+                await self._its_kick.wait()
+            self._its_kick = trio.Event()
+            self._its_catch_up()
             its.run_passes()
             if its.deliveries or its.drops:
                 self._state_changed()
+
+    def _its_catch_up(self) -> None:
+        """Hardware time passes between requests: run what the pITSs did since, take their LPIs."""
+        its = self.host.its
+        now = trio.current_time()
+        its.advance(now - self._its_last)
+        self._its_last = now
+        its.deliver()
 
     def shutdown(self) -> None:
         if not self.stopping:
@@ -312,6 +321,8 @@ class Daemon:
             await self._refuse(session, req_id, -ESRCH, f"d{dom.domid} no longer exists", close=True)
             return
         started = time.perf_counter()
+        if any(s.hw.queued() for s in self.host.its.pits):
+            self._its_catch_up()  # what a guest reads of the ITS reflects the time that passed
         try:
             action = parse(op, args, session.channel)
             result = await self._run(dispatch(self.host, dom.domid, action))
@@ -363,6 +374,8 @@ class Daemon:
                 if session.channel == "hypercall" and session.domain and session.domain.domid == server.creator:
                     session.post(ioserver)
         self.host.notify.clear()
+        if any(s.hw.queued() for s in self.host.its.pits):
+            self._its_kick.set()
         drops, self.host.its.drops = self.host.its.drops, []
         for domid, pits, offset, command, error in drops:
             log.warning(

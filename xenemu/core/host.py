@@ -445,6 +445,7 @@ class Host:
                     self.its.pits[mfn - DOORBELL_MFN].hw.msi(
                         device.its.pdevid, int.from_bytes(data[done : done + 4], "little")
                     )
+                    self.its.deliver()  # translation is immediate: the LPI is pending now
                 elif data is None:
                     out += bytes(chunk)
             elif data is not None:
