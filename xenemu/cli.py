@@ -195,6 +195,14 @@ def run_control(directory: Path, fn: Callable[[SyncControlClient], Any]) -> Any:
 json_flag = click.option("--json", "as_json", is_flag=True, help="Print the daemon's reply as JSON.")
 
 
+def print_pairs(heading: str, pairs: dict[str, Any]) -> None:
+    """A two-column table of names and values, for a person."""
+    table = Table(heading, "Value")
+    for key, value in pairs.items():
+        table.add_row(key, str(value))
+    console().print(table)
+
+
 def emit_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, default=lambda b: b.hex() if isinstance(b, bytes) else str(b)))
 
@@ -291,10 +299,7 @@ def stats(directory: Path, as_json: bool) -> None:
     if as_json:
         emit_json(reply)
         return
-    table = Table("Counter", "Value")
-    for key, value in reply.items():
-        table.add_row(key, str(value))
-    console().print(table)
+    print_pairs("Counter", reply)
 
 
 @main.command()
@@ -341,10 +346,7 @@ def info(directory: Path, as_json: bool) -> None:
     if as_json:
         emit_json(reply["options"])
         return
-    table = Table("Option", "Value")
-    for key, value in reply["options"].items():
-        table.add_row(key, str(value))
-    console().print(table)
+    print_pairs("Option", reply["options"])
 
 
 @main.command("its")
