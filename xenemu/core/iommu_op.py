@@ -28,7 +28,7 @@ from xenemu.core.errors import (
     ESRCH,
 )
 from xenemu.core.host import RW, Host
-from xenemu.core.iommu import PERM_W, FlushType, Kind, entry_kind, make_entry
+from xenemu.core.iommu import LEAF_MASK, PERM_W, FlushType, Kind, entry_kind, make_entry
 from xenemu.core.m2b import M2BEntry
 
 IOMMUOP_query_caps = const("IOMMUOP_query_caps")
@@ -45,6 +45,12 @@ SWAP_MFN = const("IOMMUOP_swap_mfn")
 ORDER_SHIFT = const("IOMMU_page_order_shift")
 QUERY_MAP_CAP = const("IOMMU_QUERY_map_cap")
 QUERY_MAP_ALL_GFNS = const("IOMMU_QUERY_map_all_gfns")
+
+#: Entry kinds as plain integers, for the hot paths (an IntEnum call per entry costs more
+#: than the rest of the check).
+KIND_MASK = 15
+K_DEFAULT, K_MAP, K_MAP_NOREF = int(Kind.DEFAULT), int(Kind.MAP), int(Kind.MAP_NOREF)
+UNMAPPABLE = frozenset((K_MAP, K_MAP_NOREF, K_DEFAULT))
 
 #: What a handler yields at a continuation point (pending flushes already applied).
 CONTINUATION = "continuation"
@@ -161,46 +167,47 @@ def map_page(host: Host, dom: Domain, op: Op) -> int:
     no_ref = bool(flags & NO_REF_CNT)
     if no_ref and not host.is_non_strict_hwdom(dom):
         return -EPERM
-    order = _order(host, flags)
+    order = flags >> ORDER_SHIFT
     args = op.u.map_page
     bfn, gfn = args.bfn, args.gfn
-    if order is None or (bfn | gfn) & ((1 << order) - 1):
+    if order > host.options.largest_order or (bfn | gfn) & ((1 << order) - 1):
         return -ENOSPC
     ctx = dom.context
     assert ctx is not None
     table, rmrr, faults, domid = ctx.table, ctx.rmrr, host.injected_faults, dom.domid
+    p2m = dom.p2m if dom.is_hvm else None
     mfns = []
     for i in range(1 << order):
-        mfn = _own_frame(host, dom, gfn + i, no_ref)
+        mfn = p2m.get(gfn + i) if p2m is not None else _own_frame(host, dom, gfn + i, no_ref)
+        if mfn is None:
+            return -EPERM
         if mfn < 0:
             return mfn
         b = bfn + i
         if b in rmrr:
             return -EACCES
         entry = table.get(b)
-        if entry and entry_kind(entry) != Kind.DEFAULT:
+        if entry and (entry >> 2) & KIND_MASK != K_DEFAULT:
             return -EEXIST
-        if (domid, b) in faults:
+        if faults and (domid, b) in faults:
             return -EIO
         mfns.append(mfn)
     if not host.quota_allows(dom, len(mfns)):
         return -EDQUOT
     perms = flags & RW
     writable = bool(perms & PERM_W)
-    kind = Kind.MAP_NOREF if no_ref else Kind.MAP
-    flush = FlushType.NONE
+    kind_bits = (K_MAP_NOREF if no_ref else K_MAP) << 2 | perms
+    replaced = False
     frames = host.frames
     for i, mfn in enumerate(mfns):
         b = bfn + i
-        if table.get(b):
-            flush = FlushType.MODIFIED
-        elif flush is FlushType.NONE:
-            flush = FlushType.ADDED
+        leaf = table.leaf(b)
+        replaced = replaced or bool(leaf[b & LEAF_MASK])
         if not no_ref:
             frames.get(mfn, writable)
-        table.set(b, make_entry(mfn, kind, perms))
-    host.count_mappings(dom.domid, len(mfns))
-    host.note_flush(ctx, flush)
+        leaf[b & LEAF_MASK] = mfn << 8 | kind_bits
+    host.count_mappings(domid, len(mfns))
+    host.note_flush(ctx, FlushType.MODIFIED if replaced else FlushType.ADDED)
     return 0
 
 
@@ -208,9 +215,9 @@ def unmap_page(host: Host, dom: Domain, op: Op) -> int:
     flags = op.flags
     if flags & UNMAP_RESERVED:
         return -EINVAL
-    order = _order(host, flags)
+    order = flags >> ORDER_SHIFT
     bfn = op.u.unmap_page.bfn
-    if order is None or bfn & ((1 << order) - 1):
+    if order > host.options.largest_order or bfn & ((1 << order) - 1):
         return -ENOSPC
     ctx = dom.context
     if ctx is None:
@@ -222,19 +229,23 @@ def unmap_page(host: Host, dom: Domain, op: Op) -> int:
         if b in rmrr:
             return -EACCES
         entry = table.get(b)
-        if not entry or entry_kind(entry) not in (Kind.MAP, Kind.MAP_NOREF, Kind.DEFAULT):
+        if not entry or (entry >> 2) & KIND_MASK not in UNMAPPABLE:
             return -ENOENT
-        if (domid, b) in faults:
+        if faults and (domid, b) in faults:
             return -EIO
         entries.append(entry)
     frames = host.frames
+    removed = 0
     for i, entry in enumerate(entries):
-        kind = entry_kind(entry)
-        if kind == Kind.MAP:
+        kind = (entry >> 2) & KIND_MASK
+        if kind == K_MAP:
             frames.put(entry >> 8, bool(entry & PERM_W))
-        if kind != Kind.DEFAULT:
-            host.count_mappings(dom.domid, -1)
-        table.clear(bfn + i)
+        if kind != K_DEFAULT:
+            removed += 1
+        b = bfn + i
+        table.leaf(b)[b & LEAF_MASK] = 0
+    if removed:
+        host.count_mappings(domid, -removed)
     host.note_flush(ctx, FlushType.MODIFIED)
     return 0
 
