@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -303,12 +302,29 @@ def memory_section(directory: Path, scale: Scale) -> dict[str, Any]:
     }
 
 
+FLOODER = """
+import sys
+from xenemu import ops
+from xenemu.client import SyncHypercallClient
+socket, token, memory = sys.argv[1], sys.argv[2], int(sys.argv[3])
+maps = bytes(ops.pack([ops.map_page(0x4000000 + i, i % memory) for i in range(65536)]))
+unmaps = bytes(ops.pack([ops.unmap_page(0x4000000 + i) for i in range(65536)]))
+with SyncHypercallClient.connect(socket, token) as xc:
+    print("flooding", flush=True)
+    while True:
+        xc.iommu_op_raw(maps, 65536)
+        xc.iommu_op_raw(unmaps, 65536)
+"""
+
+
 def fairness_section(ctl: SyncControlClient, daemon: Daemon, scale: Scale) -> dict[str, Any]:
+    """A victim's single-op latency, alone and while another domain streams 65,536-op batches
+    from a process of its own (a thread here would share this process's interpreter lock)."""
     memory = 4096
     vid, victim = guest(ctl, daemon, memory, "00:07.0")
-    fid, flooder = guest(ctl, daemon, memory, "00:08.0")
+    flooder = ctl.create_domain("hvm", memory)
+    ctl.assign_device(flooder["domid"], "00:08.0")
     one_map, one_unmap = map_unmap_frames(1, 0x3000000, memory)
-    big_map, big_unmap = map_unmap_frames(65536, 0x4000000, memory)
     toggle = [one_map, one_unmap]
 
     def single() -> None:
@@ -316,25 +332,21 @@ def fairness_section(ctl: SyncControlClient, daemon: Daemon, scale: Scale) -> di
         toggle.reverse()
 
     alone = latencies(single, scale.fairness_samples)
-    stop = threading.Event()
-
-    def flood() -> None:
-        while not stop.is_set():
-            flooder.iommu_op_raw(big_map, 65536)
-            flooder.iommu_op_raw(big_unmap, 65536)
-
-    thread = threading.Thread(target=flood)
-    thread.start()
-    time.sleep(0.2)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FLOODER, str(daemon.hypercall), flooder["token"], str(memory)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
+        assert proc.stdout is not None and proc.stdout.readline() == "flooding\n"
+        time.sleep(0.3)
         loaded = latencies(single, scale.fairness_samples)
     finally:
-        stop.set()
-        thread.join()
+        proc.kill()
+        proc.wait()
     victim.close()
-    flooder.close()
     ctl.destroy_domain(vid)
-    ctl.destroy_domain(fid)
+    ctl.destroy_domain(flooder["domid"])
     return {
         "fairness_us": {
             "alone_p50": round(alone[0], 1),
@@ -485,13 +497,9 @@ LPI = 8192
 class VitsGuest:
     """A guest with its vITS enabled: a 64 KiB queue, a configuration table, two vCPUs."""
 
-    def __init__(self, ctl: SyncControlClient, daemon: Daemon, devid: int, events: int) -> None:
-        reply = ctl.create_domain("hvm", 512, vcpus=2)
-        self.domid = reply["domid"]
-        self.vdev = ctl.assign_device(self.domid, f"{devid % 256:02x}:0a.0", its_devid=devid, its_events=events)[
-            "vdevid"
-        ]
-        self.xc = SyncHypercallClient.connect(daemon.hypercall, reply["token"])
+    def __init__(self, hypercall: Path, token: str, domid: int, vdev: int) -> None:
+        self.domid, self.vdev = domid, vdev
+        self.xc = SyncHypercallClient.connect(hypercall, token)
         self.cwriter = 0
         for reg, value in ((0x80, 1 << 63 | QUEUE_GFN << 12 | 15), (0x100, 1 << 63), (0x108, 1 << 63)):
             self.xc.its_mmio("its", 0, reg, 8, value)
@@ -499,6 +507,12 @@ class VitsGuest:
             self.xc.its_mmio("redist", vcpu, 0x70, 8, PROP_GFN << 12 | 13)
             self.xc.its_mmio("redist", vcpu, 0x0, 4, 1)
         self.xc.its_mmio("its", 0, 0x0, 4, 1)
+
+    @classmethod
+    def create(cls, ctl: SyncControlClient, daemon: Daemon, devid: int, events: int) -> tuple[VitsGuest, str]:
+        reply = ctl.create_domain("hvm", 512, vcpus=2)
+        vdev = ctl.assign_device(reply["domid"], f"{devid % 256:02x}:0a.0", its_devid=devid, its_events=events)
+        return cls(daemon.hypercall, reply["token"], reply["domid"], vdev["vdevid"]), reply["token"]
 
     def send(self, blocks: list[bytes], wait: bool = True) -> None:
         for start in range(0, len(blocks), 64):
@@ -519,13 +533,30 @@ class VitsGuest:
                 pass
 
 
+VITS_FLOODER = """
+import sys
+from pathlib import Path
+from xenemu.bench import VitsGuest
+from xenemu.core import its_cmd as c
+guest = VitsGuest.__new__(VitsGuest)
+guest.domid, guest.vdev, guest.cwriter = int(sys.argv[3]), 0, 0
+from xenemu.client import SyncHypercallClient
+guest.xc = SyncHypercallClient.connect(sys.argv[1], sys.argv[2])
+guest.cwriter = guest.xc.its_mmio("its", 0, 0x88, 8)
+blocks = [(c.invall(i % 2) if i % 2 else c.sync(i % 2)).encode() for i in range(4096)]
+print("flooding", flush=True)
+while True:
+    guest.send(blocks, wait=False)
+"""
+
+
 def vits_section(directory: Path, scale: Scale) -> dict[str, Any]:
     from xenemu.core import its_cmd as c
 
     daemon = Daemon(directory, 65536)
     try:
         with SyncControlClient.connect(daemon.control) as ctl:
-            victim = VitsGuest(ctl, daemon, 0x70, 32)
+            victim, _ = VitsGuest.create(ctl, daemon, 0x70, 32)
             victim.send([c.mapc(0, 0).encode(), c.mapc(1, 1).encode(), c.mapd(victim.vdev, 4, ITT_GFN << 12).encode()])
             victim.send([c.mapti(victim.vdev, e, LPI + 32 + e, e % 2).encode() for e in range(32)])
             victim.xc.guest_write(PROP_GFN, bytes([0xA3] * 32), 32)
@@ -544,26 +575,23 @@ def vits_section(directory: Path, scale: Scale) -> dict[str, Any]:
             p0 = passes()
             alone = latencies(one, n // 4)
             passes_alone = (passes() - p0) / (n // 4)
-            flooder = VitsGuest(ctl, daemon, 0x71, 4)
+            flooder, token = VitsGuest.create(ctl, daemon, 0x71, 4)
             flooder.send([c.mapc(0, 0).encode(), c.mapc(1, 1).encode()])
-            stop = threading.Event()
-
-            def flood() -> None:
-                while not stop.is_set():
-                    flooder.send(
-                        [(c.invall(i % 2) if i % 2 else c.sync(i % 2)).encode() for i in range(4096)], wait=False
-                    )
-
-            thread = threading.Thread(target=flood)
-            thread.start()
-            time.sleep(0.2)
+            flooder.xc.close()
+            proc = subprocess.Popen(
+                [sys.executable, "-c", VITS_FLOODER, str(daemon.hypercall), token, str(flooder.domid)],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             try:
+                assert proc.stdout is not None and proc.stdout.readline() == "flooding\n"
+                time.sleep(0.3)
                 p0 = passes()
                 loaded = latencies(one, n // 4)
                 passes_loaded = (passes() - p0) / (n // 4)
             finally:
-                stop.set()
-                thread.join()
+                proc.kill()
+                proc.wait()
             doorbell = int(ctl.its_info(victim.domid)["its_frames"]["0"]) + 0x10040
             bdf = f"{0x70:02x}:0a.0"
             msis = scale.latency_samples
@@ -578,7 +606,6 @@ def vits_section(directory: Path, scale: Scale) -> dict[str, Any]:
 
             msi_rate = msis / timed(raise_and_take)
             victim.xc.close()
-            flooder.xc.close()
     finally:
         daemon.stop()
     return {
