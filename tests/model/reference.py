@@ -58,6 +58,12 @@ class Dom:
     devices: set[str] = field(default_factory=set)
     ctx: dict[int, Entry] | None = None
     rmrr: set[int] = field(default_factory=set)
+    #: Grant entries it wrote: ref -> (domid, gfn, readonly); and how often each is mapped.
+    grants: dict[int, tuple[int, int, bool]] = field(default_factory=dict)
+    pins: dict[int, int] = field(default_factory=dict)
+    #: Grants of others it mapped: handle -> mapping.
+    maptrack: dict[int, dict[str, Any]] = field(default_factory=dict)
+    next_handle: int = 0
 
 
 @dataclass
@@ -197,6 +203,8 @@ class Reference:
         self.pending = []
         for sid in [s for s, v in self.servers.items() if v["creator"] == domid]:
             self._destroy_server(sid)
+        for handle in list(dom.maptrack):
+            self._release_grant(dom, handle)
         if dom.ctx is not None:
             for entry in dom.ctx.values():
                 if entry.kind == "map":
@@ -553,6 +561,117 @@ class Reference:
             elif dom.ctx is not None:
                 del dom.ctx[bfn]
         return 0
+
+    # -- grants -----------------------------------------------------------------------------------
+    def grant_access(self, caller: int, ref: int, domid: int, gfn: int, readonly: bool) -> int:
+        dom = self.doms[caller]
+        if not 0 <= ref < 1024:
+            return -EINVAL
+        if dom.pins.get(ref):
+            return -EBUSY
+        dom.grants[ref] = (domid, gfn, readonly)
+        return 0
+
+    def end_access(self, caller: int, ref: int) -> int:
+        dom = self.doms[caller]
+        if not 0 <= ref < 1024:
+            return -EINVAL
+        if dom.pins.get(ref):
+            return -EBUSY
+        dom.grants.pop(ref, None)
+        return 0
+
+    def map_grant(self, caller: int, op: dict[str, int]) -> dict[str, int]:
+        """One gnttab_map_grant_ref: its status, handle and dev_bus_addr."""
+        mapper = self.doms[caller]
+        out = {"status": 0, "handle": op.get("handle", 0), "dev_bus_addr": op["dev_bus_addr"]}
+        flags = op["flags"]
+        readonly = bool(flags & 4)
+
+        def fail(status: int) -> dict[str, int]:
+            out["status"] = status
+            return out
+
+        if not flags & 3:
+            return fail(-3)
+        granter = self.doms.get(op["dom"]) if op["dom"] < 0x7FF0 else None
+        if granter is None or granter is mapper:
+            return fail(-2)
+        grant = granter.grants.get(op["ref"]) if op["ref"] < 1024 else None
+        if grant is None or grant[0] != caller:
+            return fail(-3)
+        if not readonly and grant[2]:
+            return fail(-8)
+        mfn = self.gfn_to_mfn(granter, grant[1])
+        if mfn is None:
+            return fail(-9)
+        if flags & 2 and (not op["host_addr"] or op["host_addr"] & 0xFFF):
+            return fail(-5)
+        bfn = None
+        if flags & 1 and flags & 0x40:
+            if op["dev_bus_addr"] & 0xFFF:
+                return fail(-6)
+            if mapper.ctx is None or not self.map_cap(mapper):
+                return fail(-1)
+            bfn = op["dev_bus_addr"] >> 12
+            present = mapper.ctx.get(bfn)
+            if bfn in mapper.rmrr or (present is not None and present.kind != "default"):
+                return fail(-6)
+            if (caller, bfn) in self.faults:
+                return fail(-1)
+        handle = None
+        for _ in range(4096):
+            candidate = mapper.next_handle
+            mapper.next_handle = (candidate + 1) % 4096
+            if candidate not in mapper.maptrack:
+                handle = candidate
+                break
+        if handle is None or len(mapper.maptrack) >= 4096:
+            return fail(-13)
+        dev = mfn << 12 if flags & 1 and bfn is None else 0
+        mapper.maptrack[handle] = {
+            "granter": granter.domid,
+            "ref": op["ref"],
+            "mfn": mfn,
+            "readonly": readonly,
+            "host_addr": op["host_addr"],
+            "bfn": bfn,
+            "dev": dev,
+        }
+        self._get(mfn, not readonly)
+        granter.pins[op["ref"]] = granter.pins.get(op["ref"], 0) + 1
+        if bfn is not None and mapper.ctx is not None:
+            mapper.ctx[bfn] = Entry(mfn, "grant", R if readonly else R | W)
+        elif dev:
+            out["dev_bus_addr"] = dev
+        out["handle"] = handle
+        return out
+
+    def unmap_grant(self, caller: int, op: dict[str, int]) -> int:
+        mapper = self.doms[caller]
+        mapping = mapper.maptrack.get(op["handle"])
+        if mapping is None:
+            return -4
+        if op["host_addr"] and op["host_addr"] != mapping["host_addr"]:
+            return -5
+        bus = mapping["bfn"] << 12 if mapping["bfn"] is not None else mapping["dev"]
+        if op["dev_bus_addr"] and op["dev_bus_addr"] != bus:
+            return -6
+        if mapping["bfn"] is not None and (caller, mapping["bfn"]) in self.faults:
+            return -1
+        self._release_grant(mapper, op["handle"])
+        return 0
+
+    def _release_grant(self, mapper: Dom, handle: int) -> None:
+        mapping = mapper.maptrack.pop(handle)
+        if mapping["bfn"] is not None and mapper.ctx is not None:
+            mapper.ctx.pop(mapping["bfn"], None)
+        self._put(mapping["mfn"], not mapping["readonly"])
+        granter = self.doms.get(mapping["granter"])
+        if granter is not None:
+            granter.pins[mapping["ref"]] -= 1
+            if not granter.pins[mapping["ref"]]:
+                del granter.pins[mapping["ref"]]
 
     # -- devices ----------------------------------------------------------------------------------
     def translate(self, domid: int, bfn: int, write: bool) -> int | None:

@@ -23,15 +23,18 @@ from tests.model.reference import Reference
 from xenemu.core.audit import audit
 from xenemu.core.balloon import WaitForIoreqs, decrease_reservation, populate_physmap
 from xenemu.core.errors import HypercallError
+from xenemu.core.gnttab_op import end_access, grant_access, map_grant_refs, unmap_grant_refs
 from xenemu.core.host import Host
 from xenemu.core.iommu import Kind, entry_kind, entry_mfn, entry_perms
 from xenemu.core.iommu_op import run_iommu_op
 from xenemu.core.options import HostOptions
+from xenemu.grants import MapGrant, UnmapGrant, pack_map, pack_unmap, unpack_map, unpack_unmap
 from xenemu.ioreq_ring import read_ring, read_sync
 from xenemu.ops import Op, pack, unpack
 
 NR_FRAMES, XEN_FRAMES, DOM0_MEMORY = 160, 16, 24
 KIND_NAMES = {
+    Kind.GRANT: "grant",
     Kind.DEFAULT: "default",
     Kind.MAP: "map",
     Kind.MAP_NOREF: "noref",
@@ -232,6 +235,90 @@ class PvIommuModel(RuleBasedStateMachine):
                 choices.append(st.builds(lambda b, s=server: Op(6, 0, b, ioserver=s.id), st.sampled_from(mapped)))
         batch = data.draw(st.lists(st.one_of(choices), min_size=1, max_size=6))
         self.run_batch(caller, batch)
+
+    @rule(
+        granter=st.integers(0, 8),
+        ref=st.integers(0, 5),
+        mapper=st.integers(0, 8),
+        gfn=st.integers(0, 30),
+        readonly=st.booleans(),
+        end=st.booleans(),
+    )
+    def grant_entry(self, granter: int, ref: int, mapper: int, gfn: int, readonly: bool, end: bool) -> None:
+        g, m = self.pick(granter), self.pick(mapper)
+        if end:
+            got = self.errno(end_access, self.host, g, ref)
+            assert (got or 0) == self.ref.end_access(g, ref)
+        else:
+            got = self.errno(grant_access, self.host, g, ref, m, gfn, readonly)
+            assert (got or 0) == self.ref.grant_access(g, ref, m, gfn, readonly)
+
+    @rule(
+        caller=st.integers(0, 8),
+        batch=st.lists(
+            st.tuples(
+                st.integers(0, 8),
+                st.integers(0, 6),
+                st.sampled_from([1, 2, 3, 1 | 0x40, 1 | 0x40 | 4, 1 | 4, 2 | 4, 0]),
+                st.sampled_from([0, 0x1000, 0x1001]),
+                st.sampled_from([0x2000 << 12, 0x2001 << 12, 5 << 12, 0x123]),
+            ),
+            max_size=4,
+        ),
+    )
+    def grant_map(self, caller: int, batch: list[tuple[int, int, int, int, int]]) -> None:
+        c = self.pick(caller)
+        maps = [MapGrant(self.pick(d), ref, flags, host, dev) for d, ref, flags, host, dev in batch]
+        buf = bytearray(pack_map(maps))
+        map_grant_refs(self.host, c, buf, len(maps))
+        for sent, got in zip(maps, unpack_map(bytes(buf)), strict=True):
+            want = self.ref.map_grant(
+                c,
+                {
+                    "dom": sent.dom,
+                    "ref": sent.ref,
+                    "flags": sent.flags,
+                    "host_addr": sent.host_addr,
+                    "dev_bus_addr": sent.dev_bus_addr,
+                },
+            )
+            event(f"grant map: {got.status_name}")
+            assert (got.status, got.handle, got.dev_bus_addr) == (want["status"], want["handle"], want["dev_bus_addr"])
+
+    @rule(data=st.data())
+    def grant_likely_valid(self, data: st.DataObject) -> None:
+        """A granter grants one of its frames to a mapper that then maps it (at a BFN it picks, or not)."""
+        domids = sorted(self.host.domains)
+        if len(domids) < 2:
+            return
+        mapper = data.draw(st.sampled_from([d for d in domids if self.host.domains[d].devices] or domids))
+        granter = data.draw(st.sampled_from([d for d in domids if d != mapper]))
+        dom = self.host.domains[granter]
+        own = (
+            list(dom.p2m.keys())
+            if dom.is_hvm
+            else [m for m in range(NR_FRAMES) if self.host.frames.belongs_to(m, granter)]
+        )
+        if not own:
+            return
+        ref, gfn, readonly = data.draw(st.integers(0, 5)), data.draw(st.sampled_from(own)), data.draw(st.booleans())
+        self.grant_entry(domids.index(granter), ref, domids.index(mapper), gfn, readonly, False)
+        flags = data.draw(st.sampled_from([1 | 0x40, 1 | 0x40 | 4, 1 | 2 | 4, 1 | 4]))
+        bfn = data.draw(st.sampled_from([0x2000, 0x2001, 0x2002, 7]))
+        self.grant_map(domids.index(mapper), [(domids.index(granter), ref, flags, 0x1000, bfn << 12)])
+
+    @rule(caller=st.integers(0, 8), handles=st.lists(st.tuples(st.integers(0, 6), st.booleans()), max_size=4))
+    def grant_unmap(self, caller: int, handles: list[tuple[int, bool]]) -> None:
+        c = self.pick(caller)
+        mapped = self.host.domains[c].maptrack.mappings
+        ops = [UnmapGrant(h, mapped[h].host_addr if h in mapped and exact else 0) for h, exact in handles]
+        buf = bytearray(pack_unmap(ops))
+        unmap_grant_refs(self.host, c, buf, len(ops))
+        for sent, got in zip(ops, unpack_unmap(bytes(buf)), strict=True):
+            want = self.ref.unmap_grant(
+                c, {"handle": sent.handle, "host_addr": sent.host_addr, "dev_bus_addr": sent.dev_bus_addr}
+            )
+            assert got.status == want
 
     @rule(caller=st.integers(0, 8), gfns=st.lists(st.integers(0, NR_FRAMES), max_size=8))
     def balloon(self, caller: int, gfns: list[int]) -> None:
