@@ -222,6 +222,9 @@ class ItsHost:
         self.pits = [PitsState(PhysicalIts(i, opts.queue_slots, opts.rate, self.prop)) for i in range(opts.pits)]
         self.next_lpi = LPI_BASE + opts.pits  # 8192 + index is each pITS's completion LPI
         self.domains: dict[int, DomainIts] = {}
+        #: (domid, vLPI) -> the physical LPIs bound to it (two events may share a vLPI), so a
+        #: trapped configuration write finds them without scanning every binding.
+        self.by_vlpi: dict[tuple[int, int], set[int]] = {}
         #: physical LPI -> (domid, vITS pits index, (vdevid, event)) of its current binding.
         self.bindings: dict[int, tuple[int, int, tuple[int, int]]] = {}
         self.raised: set[int] = set()
@@ -309,8 +312,7 @@ class ItsHost:
                 del self.domains[domid]
                 for vits in dom.vits.values():
                     for ite in vits.ites.values():
-                        self.bindings.pop(ite.plpi, None)
-                        self.dirty.discard(ite.plpi)
+                        self._forget_binding(domid, ite)
                     for device in vits.devices.values():
                         self.retired.discard(device.info.pdevid)
 
@@ -693,6 +695,7 @@ class ItsHost:
         plpi = device.info.plpis[c.eventid]
         vits.ites[(c.devid, c.eventid)] = Ite(intid, c.icid, plpi)
         self.bindings[plpi] = (vits.domid, vits.pits, (c.devid, c.eventid))
+        self.by_vlpi.setdefault((vits.domid, intid), set()).add(plpi)
         self.prop[plpi - LPI_BASE] = XEN_PRIORITY | (self._guest_prop(vits.domid, intid) & ENABLED)
         self.dirty.discard(plpi)
         return [cmds.mapti(device.info.pdevid, c.eventid, plpi, self._pcoll(vits, c.icid))]
@@ -783,17 +786,23 @@ class ItsHost:
 
     def _unbind(self, vits: Vits, key: tuple[int, int]) -> None:
         self._dom(vits).held.discard((vits.pits, key))
-        ite = vits.ites.pop(key)
+        self._forget_binding(vits.domid, vits.ites.pop(key))
+
+    def _forget_binding(self, domid: int, ite: Ite) -> None:
         self.bindings.pop(ite.plpi, None)
         self.dirty.discard(ite.plpi)
+        plpis = self.by_vlpi.get((domid, ite.vlpi))
+        if plpis is not None:
+            plpis.discard(ite.plpi)
+            if not plpis:
+                del self.by_vlpi[(domid, ite.vlpi)]
 
     # -- the guest's LPI configuration table ------------------------------------------------------------
     def config_written(self, domid: int, vlpi: int, value: int) -> None:
         """A trapped write to the guest's configuration table: copy the enable bit (eager: queue INVs)."""
-        for plpi, (owner, pits, key) in list(self.bindings.items()):
-            vits = self.domains[owner].vits[pits]
-            if owner != domid or vits.ites[key].vlpi != vlpi:
-                continue
+        for plpi in sorted(self.by_vlpi.get((domid, vlpi), ())):
+            _owner, pits, key = self.bindings[plpi]
+            vits = self.domains[domid].vits[pits]
             self.prop[plpi - LPI_BASE] = XEN_PRIORITY | (value & ENABLED)
             self.dirty.add(plpi)
             if self.options.elision == "eager":
@@ -946,4 +955,10 @@ def audit_its(its: ItsHost) -> list[str]:
     for plpi in its.bindings:
         if plpi not in seen:
             problems.append(f"physical LPI {plpi} bound to no mapping")
+    indexed = {(d, v): set(p) for (d, v), p in its.by_vlpi.items()}
+    expected: dict[tuple[int, int], set[int]] = {}
+    for plpi, (domid, pits, key) in seen.items():
+        expected.setdefault((domid, its.domains[domid].vits[pits].ites[key].vlpi), set()).add(plpi)
+    if indexed != expected:
+        problems.append("the vLPI index disagrees with the bindings")
     return problems
