@@ -306,9 +306,6 @@ class _AsyncTransport(_Api):
             self._outstanding.remove(req_id)
             self._replies[req_id] = message
 
-    async def send_raw(self, data: bytes) -> None:
-        await self._stream.send_all(data)
-
     async def _next_message(self) -> Message:
         while True:
             message = self._decoder.next()

@@ -84,10 +84,6 @@ class Host:
             raise HypercallError(-ESRCH, f"no domain {domid}")
         return dom
 
-    @property
-    def hwdom_non_strict(self) -> bool:
-        return not self.options.dom0_strict
-
     def is_non_strict_hwdom(self, dom: Domain) -> bool:
         return dom.is_hwdom and not self.options.dom0_strict
 
