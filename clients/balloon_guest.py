@@ -11,7 +11,6 @@ call, so the frames are held by its own mappings in between. Prints a JSON summa
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from exchange import resolve, write_result
+from exchange import report, resolve
 
 from xenemu import ops
 from xenemu.client import HypercallClient
@@ -85,9 +84,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     summary = trio.run(run, args)
-    write_result(args.result, summary)
-    print(json.dumps(summary), flush=True)
-    return 0 if summary["ok"] else 1
+    return report(args.result, summary)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,13 @@ def resolve(value: str, timeout: float = 120.0) -> str:
     return path.read_text().strip()
 
 
+def report(path: Path | None, summary: dict[str, Any]) -> int:
+    """Publish a program's summary (for a verdict) and print it; its exit status."""
+    write_result(path, summary)
+    print(json.dumps(summary), flush=True)
+    return 0 if summary["ok"] else 1
+
+
 def write_result(path: Path | None, summary: Any) -> None:
     """A program's summary for the scenario's verdict (DIR/results/NAME.json)."""
     if path is not None:

@@ -11,14 +11,13 @@ responses. Prints a JSON summary.
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from exchange import program_args, publish, resolve, sector_data, wait_for, write_result
+from exchange import program_args, publish, report, resolve, sector_data, wait_for
 
 from xenemu import grants
 from xenemu.client import SyncHypercallClient
@@ -72,9 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             mapped=sum(1 for g in mapped if g.status == 0),
             read_only_faults=read_only_faults,
         )
-    write_result(args.result, summary)
-    print(json.dumps(summary), flush=True)
-    return 0 if summary["ok"] else 1
+    return report(args.result, summary)
 
 
 if __name__ == "__main__":

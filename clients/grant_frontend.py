@@ -10,14 +10,13 @@ revokes every grant (which fails if the backend left one mapped). Prints a JSON 
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from exchange import program_args, publish, resolve, sector_data, wait_for, write_result
+from exchange import program_args, publish, report, resolve, sector_data, wait_for
 
 from xenemu.client import SyncHypercallClient, XenError
 
@@ -58,9 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             except XenError as exc:
                 summary["errors"].append(f"grant {req['ref']} still mapped: {exc}")
         summary.update(ok=not summary["errors"], requests=len(requests), frontend=xc.domid)
-    write_result(args.result, summary)
-    print(json.dumps(summary), flush=True)
-    return 0 if summary["ok"] else 1
+    return report(args.result, summary)
 
 
 if __name__ == "__main__":

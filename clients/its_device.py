@@ -8,7 +8,6 @@ IOMMU context, as a real device's MSI write goes through the IOMMU. Events go ro
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections import Counter
@@ -16,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from exchange import program_args, resolve, write_result
+from exchange import program_args, report, resolve
 
 from xenemu.client import SyncHypercallClient
 
@@ -57,9 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         "vdevid": device["vdevid"],
         "sent_per_event": {str(k): v for k, v in sorted(sent.items())},
     }
-    write_result(args.result, summary)
-    print(json.dumps(summary), flush=True)
-    return 0 if summary["ok"] else 1
+    return report(args.result, summary)
 
 
 if __name__ == "__main__":

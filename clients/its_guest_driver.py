@@ -25,7 +25,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from exchange import program_args, resolve, write_result
+from exchange import program_args, report, resolve, write_result
 
 from xenemu.client import HypercallClient
 from xenemu.core import its_cmd as c
@@ -227,9 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = trio.run(run, args)
     except (TimeoutError, RuntimeError) as exc:
         summary = {"ok": False, "error": str(exc)}
-    write_result(args.result, summary)
-    print(json.dumps(summary), flush=True)
-    return 0 if summary["ok"] else 1
+    return report(args.result, summary)
 
 
 if __name__ == "__main__":

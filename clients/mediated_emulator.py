@@ -26,7 +26,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from exchange import resolve, write_result
+from exchange import report, resolve, write_result
 
 from xenemu import ops
 from xenemu.client import HypercallClient
@@ -218,9 +218,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     summary = trio.run(run, args)
-    write_result(args.result, summary)
-    print(json.dumps(summary), flush=True)
-    return 0 if summary["ok"] else 1
+    return report(args.result, summary)
 
 
 if __name__ == "__main__":
