@@ -227,6 +227,14 @@ class ControlApi(_Api):
         return self._request("host_info", {}, _checked("host_info"))
 
 
+def _decoded(decoder: FrameDecoder) -> Message | None:
+    """The next whole message the decoder holds, or None until more bytes come."""
+    message = decoder.next()
+    if isinstance(message, WireError):
+        raise ConnectionLost(message.message)
+    return message
+
+
 def _hello_args(token: str | None) -> dict[str, Any]:
     args: dict[str, Any] = {"version": PROTOCOL_VERSION}
     if token is not None:
@@ -307,16 +315,12 @@ class _AsyncTransport(_Api):
             self._replies[req_id] = message
 
     async def _next_message(self) -> Message:
-        while True:
-            message = self._decoder.next()
-            if isinstance(message, WireError):
-                raise ConnectionLost(message.message)
-            if message is not None:
-                return message
+        while (message := _decoded(self._decoder)) is None:
             data = await self._stream.receive_some(1 << 16)
             if not data:
                 raise ConnectionLost("the daemon closed the connection")
             self._decoder.feed(data)
+        return message
 
     async def _request(self, op: str, args: dict[str, Any], post: Post) -> Any:
         return post(await self.call(op, args))
@@ -380,16 +384,12 @@ class _SyncTransport(_Api):
                 return message
 
     def _next_message(self) -> Message:
-        while True:
-            message = self._decoder.next()
-            if isinstance(message, WireError):
-                raise ConnectionLost(message.message)
-            if message is not None:
-                return message
+        while (message := _decoded(self._decoder)) is None:
             data = self._sock.recv(1 << 16)
             if not data:
                 raise ConnectionLost("the daemon closed the connection")
             self._decoder.feed(data)
+        return message
 
     def _request(self, op: str, args: dict[str, Any], post: Post) -> Any:
         return post(self.call(op, args))
