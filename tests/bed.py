@@ -13,9 +13,13 @@ from xenemu.core.iommu_op import run_iommu_op
 from xenemu.core.options import HostOptions
 from xenemu.ops import Op, pack, unpack
 
+#: Whether beds use the compiled fast path; the core and conformance suites run both ways.
+FAST_PATH = {"on": True}
+
 
 class Bed:
     def __init__(self, **options: Any) -> None:
+        options.setdefault("fast_path", FAST_PATH["on"])
         options.setdefault("nr_frames", 1 << 13)
         options.setdefault("dom0_memory", 512)
         options.setdefault("fault_injection", True)

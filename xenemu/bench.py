@@ -212,8 +212,8 @@ def throughput_section(ctl: SyncControlClient, daemon: Daemon, scale: Scale) -> 
 
 
 def fill(xc: SyncHypercallClient, count: int, base: int, memory: int) -> None:
-    for start in range(0, count, 32768):
-        n = min(32768, count - start)
+    for start in range(0, count, 4096):
+        n = min(4096, count - start)
         ret, _ = xc.iommu_op_raw(
             bytes(ops.pack([ops.map_page(base + start + i, (start + i) % memory, ops.R) for i in range(n)])), n
         )

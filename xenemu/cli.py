@@ -84,6 +84,7 @@ def host_options(**kw: Any) -> HostOptions:
         max_ops_per_call=kw["max_ops"],
         continuation_every=kw["continuation_every"],
         fault_injection=kw["fault_injection"],
+        fast_path=not kw.get("no_fast_path", False),
         max_mappings=kw.get("max_mappings", HostOptions().max_mappings),
         its_pits=kw["its_pits"],
         its_cpus=kw["its_cpus"],
@@ -109,6 +110,9 @@ def host_option_flags(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--max-ops", type=int, default=defaults.max_ops_per_call, show_default=True),
         click.option("--continuation-every", type=int, default=defaults.continuation_every, show_default=True),
         click.option("--fault-injection", is_flag=True, help="Allow inject-fault (tests)."),
+        click.option(
+            "--no-fast-path", is_flag=True, help="Run every op through the Python handlers (same results, slower)."
+        ),
         click.option("--its-pits", type=int, default=defaults.its_pits, show_default=True, help="Physical ITSs."),
         click.option("--its-cpus", type=int, default=defaults.its_cpus, show_default=True, help="Physical CPUs."),
         click.option("--its-queue-slots", type=int, default=defaults.its_queue_slots, show_default=True),

@@ -33,6 +33,7 @@ FLAGS = {
     "max_ops_per_call": lambda v: ["--max-ops", str(v)],
     "continuation_every": lambda v: ["--continuation-every", str(v)],
     "fault_injection": lambda v: ["--fault-injection"] if v else [],
+    "fast_path": lambda v: [] if v else ["--no-fast-path"],
 }
 EXTERNAL = os.environ.get("XENEMU_CONFORMANCE_CONTROL"), os.environ.get("XENEMU_CONFORMANCE_HYPERCALL")
 
@@ -82,18 +83,27 @@ def host_marker(request: pytest.FixtureRequest) -> tuple[dict[str, Any], bool]:
     return options, fresh
 
 
-@pytest.fixture(params=["core", "wire"])
+@pytest.fixture(params=["core", "core-python", "wire", "wire-python"])
 def cbed(request: pytest.FixtureRequest, daemons: Daemons) -> Iterator[CoreBed | WireBed]:
-    """The bed a conformance case runs on; audit must be clean when the case ends."""
+    """The bed a conformance case runs on; audit must be clean when the case ends. The
+    ``-python`` beds turn xenemu's compiled fast path off: both must give the same results."""
     options, fresh = host_marker(request)
+    kind, _, python = str(request.param).partition("-")
+    if python:
+        if all(EXTERNAL):
+            pytest.skip("the fast path is xenemu's own; an external daemon runs once")
+        options["fast_path"] = False
     bed: CoreBed | WireBed
     daemon = None
-    if request.param == "core":
+    if kind == "core":
         bed = CoreBed(**options)
     elif all(EXTERNAL):
         bed = WireBed(Path(EXTERNAL[0] or ""), Path(EXTERNAL[1] or ""))
         have = bed.control.host_info()["options"]
-        if any(have.get(k) != v for k, v in options.items() if k not in ("nr_frames", "dom0_memory")) or fresh:
+        if (
+            any(have.get(k) != v for k, v in options.items() if k not in ("nr_frames", "dom0_memory", "fast_path"))
+            or fresh
+        ):
             bed.close()
             pytest.skip("the external daemon runs with other host options")
     else:

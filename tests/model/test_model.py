@@ -62,6 +62,8 @@ op_strategy = st.builds(
 class PvIommuModel(RuleBasedStateMachine):
     host: Host
     ref: Reference
+    #: Whether the host runs map/unmap through the compiled fast path.
+    fast_path = True
 
     @initialize(
         iommu=st.sampled_from([True, True, False]),
@@ -80,6 +82,7 @@ class PvIommuModel(RuleBasedStateMachine):
             dom0_memory=DOM0_MEMORY,
             dom0_kind=dom0_kind,  # type: ignore[arg-type]
             fault_injection=True,
+            fast_path=self.fast_path,
         )
         self.host = Host(options)
         self.ref = Reference(
@@ -411,10 +414,19 @@ class PvIommuModel(RuleBasedStateMachine):
         assert sorted(self.announced) == sorted(ref.invalidates)
 
 
-PvIommuModel.TestCase.settings = settings(
+class PythonPathModel(PvIommuModel):
+    """The same machine with the compiled fast path off: both must agree with the reference."""
+
+    fast_path = False
+
+
+MODEL_SETTINGS = settings(
     max_examples=int(os.environ.get("XENEMU_MODEL_EXAMPLES", "150")),
     stateful_step_count=int(os.environ.get("XENEMU_MODEL_STEPS", "30")),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+PvIommuModel.TestCase.settings = MODEL_SETTINGS
+PythonPathModel.TestCase.settings = MODEL_SETTINGS
 TestPvIommuModel = PvIommuModel.TestCase
+TestPvIommuModelPythonPath = PythonPathModel.TestCase

@@ -204,7 +204,12 @@ class HostInfo(ControlAction):
 
 @handles(HostInfo)
 def _host_info(host: Host, caller: int, action: HostInfo) -> dict[str, Any]:
-    return {"ret": 0, "options": host.options.to_dict(), "scratch_mfn": host.scratch_mfn}
+    return {
+        "ret": 0,
+        "options": host.options.to_dict(),
+        "scratch_mfn": host.scratch_mfn,
+        "fast_path": host.fast is not None,
+    }
 
 
 @dataclass(frozen=True)

@@ -109,6 +109,8 @@ def _check_memory(host: Host, domid: int) -> list[str]:
                 problems.append(f"d{domid}: GFN {gfn:#x} -> frame {mfn:#x}, which is not its populated frame")
         if dom.pages != len(dom.p2m):
             problems.append(f"d{domid}: {dom.pages} pages counted, p2m has {len(dom.p2m)}")
+        if wrong := dom.p2m.directory_disagreements():
+            problems.append(f"d{domid}: p2m leaf directory disagrees with its leaves at {wrong[:8]}")
     return problems
 
 
@@ -127,6 +129,8 @@ def _check_context(
     identity_defaults = host.is_non_strict_hwdom(dom)
     rule = ctx.table.default_rule
     seen_rmrr, seen_scratch, seen_foreign = set(), set(), set()
+    if wrong := ctx.table.directory.disagreements(ctx.table.leaves):
+        problems.append(f"{where}: leaf directory disagrees with the page table at {wrong[:8]}")
     for bfn, entry in ctx.table.materialized():
         kind, mfn, perms = entry_kind(entry), entry_mfn(entry), entry_perms(entry)
         if kind == Kind.MAP:

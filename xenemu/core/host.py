@@ -9,13 +9,16 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 
+from xenemu.core import fastpath
 from xenemu.core.device import DmaResult, PciDevice, normalise_bdf
 from xenemu.core.domain import DOMID_FIRST_RESERVED, DOMID_SELF, HWDOM_ID, Domain
 from xenemu.core.errors import EBUSY, EINVAL, ENOENT, ENOMEM, ENOSPC, EPERM, ESRCH, HypercallError
 from xenemu.core.iommu import (
+    LEAF_SHIFT,
     PERM_MASK,
     PERM_R,
     PERM_W,
+    BlankLeaf,
     DefaultRule,
     DmaFault,
     FlushType,
@@ -72,6 +75,8 @@ class Host:
                 elision=opts.its_elision,  # type: ignore[arg-type]
             ),
         )
+        #: The compiled shortcut for map_page/unmap_page, when enabled and built.
+        self.fast = fastpath.FastIommu(self) if opts.fast_path and fastpath.available() else None
         self.hwdom = self._new_domain(HWDOM_ID, opts.dom0_kind, opts.dom0_memory, "Domain-0")
         self.its.add_domain(HWDOM_ID)
         self.hwdom.is_hwdom = True
@@ -213,6 +218,15 @@ class Host:
         return [m for m in range(self.frames.nr_frames) if owner[m] == dom.domid and populated[m]]
 
     # -- IOMMU contexts -------------------------------------------------------------------------
+    def default_blank(self, dom: Domain) -> BlankLeaf:
+        """Leaves with no default entry (beyond RAM, or where an HVM p2m never reached) start
+        zeroed, without 512 calls of the rule and their garbage."""
+        if dom.is_hvm and not self.is_non_strict_hwdom(dom):
+            p2m = dom.p2m
+            return lambda index: not p2m.has_leaf(index)
+        nr_frames = self.frames.nr_frames
+        return lambda index: index << LEAF_SHIFT >= nr_frames
+
     def default_rule(self, dom: Domain) -> DefaultRule:
         """What Xen maps for a PV-IOMMU-unaware domain, BFN by BFN."""
         frames = self.frames
@@ -270,7 +284,7 @@ class Host:
         if wants_context:
             if ctx is None and any(True for _ in self.m2b.held_by(domid)):
                 raise HypercallError(-EBUSY, "the domain holds M2B entries made without a context")
-            table = ctx.table if ctx is not None else PageTable(self.default_rule(dom))
+            table = ctx.table if ctx is not None else PageTable(self.default_rule(dom), self.default_blank(dom))
             for mfn in frames:
                 entry = table.get(mfn)
                 if entry and entry_kind(entry) != Kind.DEFAULT and entry != make_entry(mfn, Kind.RMRR, RW):

@@ -61,16 +61,56 @@ class FlushType(IntEnum):
 
 
 DefaultRule = Callable[[int], int]
+#: Whether every default entry of a leaf (by leaf index) is absent, so it can start zeroed.
+BlankLeaf = Callable[[int], bool]
+
+
+class LeafDirectory:
+    """The addresses of a table's leaves by leaf index, so compiled code can walk the table.
+
+    Leaves are fixed-size arrays that live as long as their table, so their addresses hold;
+    the directory itself may move when it grows, so readers take ``where()`` afresh.  Leaves
+    past ``LIMIT`` (a 2 TiB address space) are left out: only Python reaches them.
+    """
+
+    LIMIT = 1 << 20
+    __slots__ = ("addresses",)
+
+    def __init__(self) -> None:
+        self.addresses = array("Q")
+
+    def note(self, index: int, leaf: array[int]) -> None:
+        if index >= self.LIMIT:
+            return
+        have = len(self.addresses)
+        if index >= have:
+            grow = min(max(index + 1, 2 * have, 64), self.LIMIT) - have
+            self.addresses.frombytes(bytes(8 * grow))
+        self.addresses[index] = leaf.buffer_info()[0]
+
+    def where(self) -> tuple[int, int]:
+        """(address, length) of the directory."""
+        return self.addresses.buffer_info()
+
+    def clear(self) -> None:
+        self.addresses = array("Q")
+
+    def disagreements(self, leaves: dict[int, array[int]]) -> list[int]:
+        """Leaf indexes whose directory slot does not hold that leaf's address (for the audit)."""
+        wrong = [i for i, leaf in leaves.items() if i < self.LIMIT and self.addresses[i] != leaf.buffer_info()[0]]
+        return wrong + [i for i, address in enumerate(self.addresses) if address and i not in leaves]
 
 
 class PageTable:
     """BFN -> entry, with virtual default entries until a leaf is materialised."""
 
-    __slots__ = ("default_rule", "leaves")
+    __slots__ = ("blank", "default_rule", "directory", "leaves")
 
-    def __init__(self, default_rule: DefaultRule) -> None:
+    def __init__(self, default_rule: DefaultRule, blank: BlankLeaf | None = None) -> None:
         self.leaves: dict[int, array[int]] = {}
+        self.directory = LeafDirectory()
         self.default_rule = default_rule
+        self.blank = blank
 
     def get(self, bfn: int) -> int:
         leaf = self.leaves.get(bfn >> LEAF_SHIFT)
@@ -82,10 +122,14 @@ class PageTable:
         index = bfn >> LEAF_SHIFT
         leaf = self.leaves.get(index)
         if leaf is None:
-            base = index << LEAF_SHIFT
-            rule = self.default_rule
-            leaf = array("Q", [rule(base + i) for i in range(LEAF_SIZE)])
+            if self.blank is not None and self.blank(index):
+                leaf = array("Q", bytes(LEAF_SIZE * 8))
+            else:
+                base = index << LEAF_SHIFT
+                rule = self.default_rule
+                leaf = array("Q", [rule(base + i) for i in range(LEAF_SIZE)])
             self.leaves[index] = leaf
+            self.directory.note(index, leaf)
         return leaf
 
     def set(self, bfn: int, entry: int) -> None:

@@ -39,6 +39,9 @@ class HostOptions:
     its_elision: str = "lazy"
     #: Allows ``inject_fault`` (tests only).
     fault_injection: bool = False
+    #: Runs map_page/unmap_page's common case in compiled code (when it was built); the
+    #: results are the same either way, which the test suite checks by running both.
+    fast_path: bool = True
 
     def __post_init__(self) -> None:
         if self.dom0_strict and self.dom0_passthrough:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from array import array
 from collections.abc import Iterator
 
+from xenemu.core.iommu import LeafDirectory
+
 LEAF_SHIFT = 9
 LEAF_SIZE = 1 << LEAF_SHIFT
 LEAF_MASK = LEAF_SIZE - 1
@@ -16,10 +18,11 @@ ABSENT = -1
 
 
 class P2M:
-    __slots__ = ("_count", "_leaves")
+    __slots__ = ("_count", "_leaves", "directory")
 
     def __init__(self) -> None:
         self._leaves: dict[int, array[int]] = {}
+        self.directory = LeafDirectory()
         self._count = 0
 
     def get(self, gfn: int) -> int | None:
@@ -28,6 +31,13 @@ class P2M:
             return None
         mfn = leaf[gfn & LEAF_MASK]
         return None if mfn == ABSENT else mfn
+
+    def directory_disagreements(self) -> list[int]:
+        return self.directory.disagreements(self._leaves)
+
+    def has_leaf(self, index: int) -> bool:
+        """Whether any GFN of leaf ``index`` was ever populated."""
+        return index in self._leaves
 
     def __contains__(self, gfn: int) -> bool:
         return self.get(gfn) is not None
@@ -39,6 +49,7 @@ class P2M:
         leaf = self._leaves.get(index)
         if leaf is None:
             leaf = self._leaves[index] = array("q", [ABSENT]) * LEAF_SIZE
+            self.directory.note(index, leaf)
         if leaf[gfn & LEAF_MASK] == ABSENT:
             self._count += 1
         leaf[gfn & LEAF_MASK] = mfn
@@ -69,6 +80,7 @@ class P2M:
 
     def clear(self) -> None:
         self._leaves.clear()
+        self.directory.clear()
         self._count = 0
 
     def bytes_used(self) -> int:
