@@ -138,12 +138,28 @@ def repeat(times: int, fn: Callable[..., object], *args: object) -> float:
 
 
 def latencies(call: Callable[[], Any], samples: int) -> tuple[float, float]:
-    times = []
+    return percentiles([sample(call) for _ in range(samples)])
+
+
+def paired_latencies(
+    call: Callable[[], Any], baseline: Callable[[], Any], samples: int
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Both calls' p50/p99, sampled alternately so a burst of machine noise hits both alike."""
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(samples):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    times.sort()
+        times[0].append(sample(call))
+        times[1].append(sample(baseline))
+    return percentiles(times[0]), percentiles(times[1])
+
+
+def sample(call: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def percentiles(times: list[float]) -> tuple[float, float]:
+    times = sorted(times)
     return times[len(times) // 2] * 1e6, times[min(len(times) - 1, int(len(times) * 0.99))] * 1e6
 
 
@@ -195,8 +211,7 @@ def throughput_section(ctl: SyncControlClient, daemon: Daemon, scale: Scale) -> 
         xc.iommu_op_raw(toggle[0], 1)
         toggle.reverse()
 
-    p50, p99 = latencies(single, scale.latency_samples)
-    e50, e99 = latencies(lambda: xc.echo(one_map, 1), scale.latency_samples)
+    (p50, p99), (e50, e99) = paired_latencies(single, lambda: xc.echo(one_map, 1), scale.latency_samples)
     xc.close()
     ctl.destroy_domain(domid)
     return {

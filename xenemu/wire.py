@@ -61,12 +61,13 @@ class FrameDecoder:
         end = HEADER.size + length
         if len(self._buf) < end:
             return None
-        payload = bytes(self._buf[HEADER.size : end])
+        with memoryview(self._buf) as view, view[HEADER.size : end] as payload:
+            message = decode_payload(payload)  # decoded in place: a 2 MiB batch is not copied first
         del self._buf[:end]
-        return decode_payload(payload)
+        return message
 
 
-def decode_payload(payload: bytes) -> Message | WireError:
+def decode_payload(payload: bytes | memoryview) -> Message | WireError:
     try:
         message = msgpack.unpackb(payload, raw=False, strict_map_key=True, use_list=True)
     except Exception as exc:  # msgpack raises several unrelated types for bad input
@@ -77,7 +78,13 @@ def decode_payload(payload: bytes) -> Message | WireError:
 
 
 def encode(message: Message) -> bytes:
+    header, payload = encode_parts(message)
+    return header + payload
+
+
+def encode_parts(message: Message) -> tuple[bytes, bytes]:
+    """The frame's header and payload apart, so a large reply is sent without joining them."""
     payload: bytes = msgpack.packb(message, use_bin_type=True)
     if len(payload) > MAX_FRAME:
         raise ValueError(f"message of {len(payload)} bytes exceeds MAX_FRAME")
-    return HEADER.pack(len(payload)) + payload
+    return HEADER.pack(len(payload)), payload

@@ -40,16 +40,14 @@ class Action:
         """Build from a msgpack map, refusing unknown, missing or mistyped fields (-EINVAL)."""
         if not isinstance(args, dict):
             raise HypercallError(-EINVAL, f"{cls.name}: arguments must be a map")
-        hints = typing.get_type_hints(cls)
         values: dict[str, Any] = {}
-        names = set()
-        for f in dataclasses.fields(cls):
-            names.add(f.name)
-            if f.name in args:
-                values[f.name] = _check_type(cls.name, f.name, args[f.name], hints[f.name])
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise HypercallError(-EINVAL, f"{cls.name}: missing argument {f.name!r}")
-        unknown = set(args) - names
+        fields, names = _schema(cls)
+        for name, hint, required in fields:
+            if name in args:
+                values[name] = _check_type(cls.name, name, args[name], hint)
+            elif required:
+                raise HypercallError(-EINVAL, f"{cls.name}: missing argument {name!r}")
+        unknown = args.keys() - names
         if unknown:
             raise HypercallError(-EINVAL, f"{cls.name}: unknown arguments {sorted(map(str, unknown))}")
         return cls(**values)
@@ -60,6 +58,23 @@ class ControlAction(Action):
     """A toolstack request: only on the control socket."""
 
     channel: ClassVar[Channel] = "control"
+
+
+Schema = tuple[list[tuple[str, Any, bool]], frozenset[str]]
+_SCHEMAS: dict[type[Action], Schema] = {}
+
+
+def _schema(cls: type[Action]) -> Schema:
+    """Each field's name, type and whether it is required; resolved once per action type."""
+    schema = _SCHEMAS.get(cls)
+    if schema is None:
+        hints = typing.get_type_hints(cls)
+        fields = [
+            (f.name, hints[f.name], f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+            for f in dataclasses.fields(cls)
+        ]
+        schema = _SCHEMAS[cls] = (fields, frozenset(name for name, _, _ in fields))
+    return schema
 
 
 def _check_type(action: str, field: str, value: Any, hint: Any) -> Any:
