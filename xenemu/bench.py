@@ -172,6 +172,7 @@ def run_bench(scale: Scale) -> dict[str, Any]:
         daemon = Daemon(Path(tmp) / "main", 1_200_000)
         try:
             with SyncControlClient.connect(daemon.control) as ctl:
+                results["fast_path"] = ctl.host_info().get("fast_path", False)
                 results.update(scaling_section(ctl, daemon, scale))
                 results.update(throughput_section(ctl, daemon, scale))
                 results.update(m2b_section(ctl, daemon, scale))
@@ -404,6 +405,7 @@ def balloon_section(ctl: SyncControlClient, daemon: Daemon, scale: Scale) -> dic
 
 def table(results: dict[str, Any]) -> str:
     lines = [
+        f"compiled fast path: {'on' if results.get('fast_path') else 'off'}",
         "map+unmap throughput (full semantics vs echo of the same frames):",
         f"  {'batch':>6} {'ops/s':>10} {'echo ops/s':>11} {'ratio':>6} {'flush a/call':>12} {'flush m/call':>12}",
     ]
@@ -471,6 +473,10 @@ def compare(rev: str, quick: bool) -> dict[str, Any]:
         )
         try:
             env = dict(os.environ, PYTHONPATH=tmp)
+            if (Path(tmp) / "xenemu" / "core" / "fast_build.py").exists():  # compile that revision's fast path
+                subprocess.run(
+                    [sys.executable, "-m", "xenemu.core.fast_build"], cwd=tmp, env=env, check=True, capture_output=True
+                )
             run = subprocess.run(
                 [sys.executable, "-m", "xenemu", "bench", "--json", *(["--quick"] if quick else [])],
                 cwd=tmp,
