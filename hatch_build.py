@@ -1,6 +1,6 @@
 """Hatch build hook: compile the fast path of do_iommu_op into the package.
 
-An editable install gets the module beside its source (``xenemu/core``); a wheel gets it
+An editable install gets the module beside its source (``xenemu/core/iommu``); a wheel gets it
 force-included and a platform tag.  Set ``XENEMU_NO_FAST_PATH=1`` to build a pure-Python
 package (xenemu then runs every op through the Python handlers, only slower).
 """
@@ -22,7 +22,7 @@ class FastPathBuildHook(BuildHookInterface):  # type: ignore[type-arg]
     def initialize(self, version: str, build_data: dict[str, Any]) -> None:
         if self.target_name != "wheel" or os.environ.get("XENEMU_NO_FAST_PATH") == "1":
             return
-        path = Path(self.root) / "xenemu" / "core" / "fast_build.py"
+        path = Path(self.root) / "xenemu" / "core" / "iommu" / "fast_build.py"
         spec = importlib.util.spec_from_file_location("xenemu_fast_build", path)
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
@@ -31,6 +31,6 @@ class FastPathBuildHook(BuildHookInterface):  # type: ignore[type-arg]
             module.build(path.parent)
             return
         out = module.build(Path(tempfile.mkdtemp(prefix="xenemu-wheel-")))
-        build_data["force_include"][str(out)] = f"xenemu/core/{out.name}"
+        build_data["force_include"][str(out)] = f"xenemu/core/iommu/{out.name}"
         build_data["pure_python"] = False
         build_data["infer_tag"] = True

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from exchange import report, resolve
 
-from xenemu import ops
+from xenemu.abi import pv_iommu as ops
 from xenemu.client import HypercallClient
 
 

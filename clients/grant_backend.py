@@ -19,9 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from exchange import program_args, publish, report, resolve, sector_data, wait_for
 
-from xenemu import grants
+from xenemu.abi import grant_table as grants
+from xenemu.abi.grant_table import UnmapGrant
 from xenemu.client import SyncHypercallClient
-from xenemu.grants import UnmapGrant
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from exchange import program_args, report, resolve, write_result
 
+from xenemu.abi import its_cmd as c
+from xenemu.abi.its_cmd import ItsCommand
 from xenemu.client import HypercallClient
-from xenemu.core import its_cmd as c
-from xenemu.core.its_cmd import ItsCommand
 
 LPI = 8192
 PAGE = 4096

@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from exchange import report, resolve, write_result
 
-from xenemu import ops
+from xenemu.abi import pv_iommu as ops
+from xenemu.abi.ioreq import BufferedRequest, SyncRequest
 from xenemu.client import HypercallClient
-from xenemu.ioreq_ring import BufferedRequest, SyncRequest
 
 IOREQ_TYPE_INVALIDATE = 8
 

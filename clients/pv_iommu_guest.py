@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from exchange import resolve, write_result
 
-from xenemu import ops
+from xenemu.abi import pv_iommu as ops
 from xenemu.client import HypercallClient
 
 PAGE = 4096

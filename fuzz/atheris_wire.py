@@ -20,7 +20,7 @@ with atheris.instrument_imports():
 
 
 def seed_corpus() -> list[bytes]:
-    from xenemu import ops
+    from xenemu.abi import pv_iommu as ops
 
     buf = bytes(ops.pack([ops.query_caps(), ops.map_page(0x1000, 1), ops.unmap_page(0x1000)]))
     return [

@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from xenemu.abi.pv_iommu import Op, pack, unpack
+from xenemu.core.actions.dispatch import Action, run
 from xenemu.core.audit import audit
-from xenemu.core.dispatch import Action, run
-from xenemu.core.domain import Domain
 from xenemu.core.host import Host
-from xenemu.core.iommu_op import run_iommu_op
+from xenemu.core.iommu.subops import run_iommu_op
+from xenemu.core.memory.domain import Domain
 from xenemu.core.options import HostOptions
-from xenemu.ops import Op, pack, unpack
 
 #: Whether beds use the compiled fast path; the core and conformance suites run both ways.
 FAST_PATH = {"on": True}

@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from tests.conformance.beds import DaemonProcess
-from xenemu import ops
+from xenemu.abi import pv_iommu as ops
 from xenemu.client import HypercallClient, SyncControlClient
 
 SLOTS = 511

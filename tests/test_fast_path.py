@@ -13,11 +13,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from xenemu import ops
-from xenemu.core import fastpath
+from xenemu.abi import pv_iommu as ops
 from xenemu.core.audit import audit
 from xenemu.core.host import Host
-from xenemu.core.iommu_op import run_iommu_op
+from xenemu.core.iommu import fastpath
+from xenemu.core.iommu.subops import run_iommu_op
 from xenemu.core.options import HostOptions
 
 needs_fast_path = pytest.mark.skipif(not fastpath.available(), reason="the fast path was not built")

@@ -10,14 +10,14 @@ import time
 from pathlib import Path
 
 from tests.conformance.beds import DaemonProcess
-from xenemu import ops
+from xenemu.abi import pv_iommu as ops
 from xenemu.client import SyncControlClient, SyncHypercallClient
 
 BIG = 65536
 
 KILLED_EMULATOR = textwrap.dedent("""
     import sys
-    from xenemu import ops
+    from xenemu.abi import pv_iommu as ops
     from xenemu.client import SyncHypercallClient
     socket, token, guest = sys.argv[1], sys.argv[2], int(sys.argv[3])
     xc = SyncHypercallClient.connect(socket, token)
@@ -29,7 +29,7 @@ KILLED_EMULATOR = textwrap.dedent("""
 
 KILLED_GUEST = textwrap.dedent("""
     import sys
-    from xenemu import ops
+    from xenemu.abi import pv_iommu as ops
     from xenemu.client import SyncHypercallClient
     xc = SyncHypercallClient.connect(sys.argv[1], sys.argv[2])
     print("sending", flush=True)

@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 
 from tests.conformance.beds import DaemonProcess
 from tests.conformance.conftest import BASE, daemon_flags
-from xenemu import ops
+from xenemu.abi import pv_iommu as ops
 from xenemu.client import SyncControlClient, SyncHypercallClient
-from xenemu.core.dispatch import ACTIONS
+from xenemu.core.actions.dispatch import ACTIONS
 from xenemu.core.errors import HypercallError
 from xenemu.fuzzing import feed, fuzz_host
 from xenemu.wire import MAX_FRAME, FrameDecoder, WireError, encode

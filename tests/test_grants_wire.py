@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from tests.conformance.beds import DaemonProcess
-from xenemu import grants
+from xenemu.abi import grant_table as grants
+from xenemu.abi.grant_table import MapGrant, UnmapGrant
 from xenemu.client import SyncControlClient, SyncHypercallClient, XenError
-from xenemu.grants import MapGrant, UnmapGrant
 
 
 class Pair:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tests.conformance.beds import DaemonProcess
 from tests.conformance.test_protocol import Raw
-from xenemu import ops
+from xenemu.abi import pv_iommu as ops
 from xenemu.client import SyncControlClient, SyncHypercallClient
 
 

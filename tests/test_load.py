@@ -13,7 +13,7 @@ from pathlib import Path
 import trio
 
 from tests.conformance.beds import DaemonProcess
-from xenemu import ops
+from xenemu.abi import pv_iommu as ops
 from xenemu.client import ControlClient, HypercallClient
 
 GUESTS, EMULATORS, ROUNDS = 16, 8, 30

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from xenemu import ops
+from xenemu.abi import pv_iommu as ops
 from xenemu.client import ControlClient, HypercallClient
 from xenemu.core.audit import audit
 from xenemu.core.host import Host

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from tests.conformance.beds import DaemonProcess
-from xenemu import ops
+from xenemu.abi import its_cmd as c
+from xenemu.abi import pv_iommu as ops
+from xenemu.abi.its_cmd import ItsCommand
 from xenemu.client import SyncControlClient, SyncHypercallClient
-from xenemu.core import its_cmd as c
-from xenemu.core.its_cmd import ItsCommand
 
 LPI = 8192
 QUEUE_GFN, PROP_GFN, ITT_GFN = 10, 20, 30

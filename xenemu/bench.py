@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xenemu import ops
+from xenemu.abi import pv_iommu as ops
 from xenemu.client import SyncControlClient, SyncHypercallClient
 
 BATCHES = (1, 16, 256, 4096)
@@ -320,7 +320,7 @@ def memory_section(directory: Path, scale: Scale) -> dict[str, Any]:
 
 FLOODER = """
 import sys
-from xenemu import ops
+from xenemu.abi import pv_iommu as ops
 from xenemu.client import SyncHypercallClient
 socket, token, memory = sys.argv[1], sys.argv[2], int(sys.argv[3])
 maps = bytes(ops.pack([ops.map_page(0x4000000 + i, i % memory) for i in range(65536)]))
@@ -475,7 +475,11 @@ def compare(rev: str, quick: bool) -> dict[str, Any]:
             env = dict(os.environ, PYTHONPATH=tmp)
             if (Path(tmp) / "xenemu" / "core" / "fast_build.py").exists():  # compile that revision's fast path
                 subprocess.run(
-                    [sys.executable, "-m", "xenemu.core.fast_build"], cwd=tmp, env=env, check=True, capture_output=True
+                    [sys.executable, "-m", "xenemu.core.iommu.fast_build"],
+                    cwd=tmp,
+                    env=env,
+                    check=True,
+                    capture_output=True,
                 )
             run = subprocess.run(
                 [sys.executable, "-m", "xenemu", "bench", "--json", *(["--quick"] if quick else [])],
@@ -558,7 +562,7 @@ VITS_FLOODER = """
 import sys
 from pathlib import Path
 from xenemu.bench import VitsGuest
-from xenemu.core import its_cmd as c
+from xenemu.abi import its_cmd as c
 guest = VitsGuest.__new__(VitsGuest)
 guest.domid, guest.vdev, guest.cwriter = int(sys.argv[3]), 0, 0
 from xenemu.client import SyncHypercallClient
@@ -572,7 +576,7 @@ while True:
 
 
 def vits_section(directory: Path, scale: Scale) -> dict[str, Any]:
-    from xenemu.core import its_cmd as c
+    from xenemu.abi import its_cmd as c
 
     daemon = Daemon(directory, 65536)
     try:
@@ -649,7 +653,7 @@ def vits_section(directory: Path, scale: Scale) -> dict[str, Any]:
 def elision_table() -> dict[str, dict[str, float]]:
     """Physical commands per guest command for three guest patterns under each policy (in-core,
     deterministic: the pITS is stepped to completion)."""
-    from xenemu.core import its_cmd as c
+    from xenemu.abi import its_cmd as c
     from xenemu.core.host import Host
     from xenemu.core.options import HostOptions
 

@@ -22,10 +22,10 @@ from typing import Any, Self
 
 import trio
 
-from xenemu.core.errors import errno_name
-from xenemu.grants import MapGrant, UnmapGrant, pack_map, pack_unmap, unpack_map, unpack_unmap
-from xenemu.ioreq_ring import BufferedRequest, SyncRequest, read_ring, read_sync
-from xenemu.ops import Op, pack, unpack
+from xenemu.abi.errno import errno_name
+from xenemu.abi.grant_table import MapGrant, UnmapGrant, pack_map, pack_unmap, unpack_map, unpack_unmap
+from xenemu.abi.ioreq import BufferedRequest, SyncRequest, read_ring, read_sync
+from xenemu.abi.pv_iommu import Op, pack, unpack
 from xenemu.wire import PROTOCOL_VERSION, FrameDecoder, Message, WireError, encode
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from xenemu.core.actions.dispatch import dispatch, parse
 from xenemu.core.audit import audit
-from xenemu.core.dispatch import dispatch, parse
 from xenemu.core.errors import HypercallError
 from xenemu.core.host import Host
 from xenemu.core.options import HostOptions

@@ -24,11 +24,9 @@ import structlog
 import trio
 
 from xenemu import __version__
-from xenemu.core.actions_control import DestroyDomain
-from xenemu.core.actions_memory import ReleaseIoreqServers
-from xenemu.core.balloon import WaitForIoreqs
-from xenemu.core.dispatch import Channel, dispatch, parse
-from xenemu.core.domain import Domain
+from xenemu.core.actions.control import DestroyDomain
+from xenemu.core.actions.dispatch import Channel, dispatch, parse
+from xenemu.core.actions.memory import ReleaseIoreqServers
 from xenemu.core.errors import (
     EACCES,
     EINVAL,
@@ -42,6 +40,8 @@ from xenemu.core.errors import (
     errno_name,
 )
 from xenemu.core.host import Host
+from xenemu.core.ioreq.balloon import WaitForIoreqs
+from xenemu.core.memory.domain import Domain
 from xenemu.wire import MAX_FRAME, PROTOCOL_VERSION, FrameDecoder, Message, WireError, encode_parts
 
 log = structlog.get_logger("xenemu")

@@ -14,7 +14,7 @@ from typing import Any
 
 import msgpack
 
-from xenemu.core.errors import EBADMSG, EMSGSIZE
+from xenemu.abi.errno import EBADMSG, EMSGSIZE
 
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct(">I")

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from tests.bed import Bed
+from xenemu.abi.pv_iommu import Op, pack, unpack
 from xenemu.client import SyncControlClient, SyncHypercallClient, XenError
 from xenemu.core.errors import HypercallError
-from xenemu.ops import Op, pack, unpack
 
 
 class CoreBed:

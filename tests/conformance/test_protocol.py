@@ -16,7 +16,7 @@ import pytest
 
 from tests.conformance.beds import DaemonProcess
 from tests.conformance.conftest import BASE, Daemons, daemon_flags
-from xenemu import ops
+from xenemu.abi import pv_iommu as ops
 from xenemu.client import SyncControlClient, SyncHypercallClient
 from xenemu.wire import MAX_FRAME, FrameDecoder, encode
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from tests.conformance.beds import CoreBed, WireBed
-from xenemu import ops
-from xenemu.ops import RW, R, W
+from xenemu.abi import pv_iommu as ops
+from xenemu.abi.pv_iommu import RW, R, W
 
 Bed = CoreBed | WireBed
 HW = pytest.mark.host(fresh=True)

@@ -8,12 +8,12 @@ from typing import Any
 import pytest
 
 from tests.bed import Bed
-from xenemu import ops
-from xenemu.core.balloon import WaitForIoreqs, decrease_reservation, populate_physmap
-from xenemu.core.domain import Domain
-from xenemu.core.iommu import Kind, entry_kind
-from xenemu.core.ioreq import SLOTS
-from xenemu.ioreq_ring import read_ring, read_sync
+from xenemu.abi import pv_iommu as ops
+from xenemu.abi.ioreq import read_ring, read_sync
+from xenemu.core.iommu.entries import Kind, entry_kind
+from xenemu.core.ioreq.balloon import WaitForIoreqs, decrease_reservation, populate_physmap
+from xenemu.core.ioreq.servers import SLOTS
+from xenemu.core.memory.domain import Domain
 
 
 def balloon(bed: Bed, domid: int, gfns: list[int]) -> dict[str, Any]:

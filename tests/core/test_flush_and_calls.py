@@ -6,9 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.bed import Bed
-from xenemu import ops
-from xenemu.core.iommu_op import CONTINUATION, do_iommu_op
-from xenemu.ops import pack
+from xenemu.abi import pv_iommu as ops
+from xenemu.abi.pv_iommu import pack
+from xenemu.core.iommu.subops import CONTINUATION, do_iommu_op
 
 
 # -- call-level errors ---------------------------------------------------------------------------
@@ -153,7 +153,7 @@ def test_without_flushing_the_iotlb_goes_stale(bed: Bed) -> None:
     assert bed.host.device_dma("00:03.0", 0x1000 << 12, length=3).data == b"one"
     buf = pack([ops.unmap_page(0x1000)])
     from xenemu.core.audit import audit
-    from xenemu.core.iommu_op import run_iommu_op
+    from xenemu.core.iommu.subops import run_iommu_op
 
     assert run_iommu_op(bed.host, g.domid, buf, 1) == 0
     stale = bed.host.device_dma("00:03.0", 0x1000 << 12, length=3)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from tests.bed import Bed
-from xenemu import ops
-from xenemu.core.domain import Domain
-from xenemu.core.iommu import Kind, entry_kind
-from xenemu.ops import RW, R
+from xenemu.abi import pv_iommu as ops
+from xenemu.abi.pv_iommu import RW, R
+from xenemu.core.iommu.entries import Kind, entry_kind
+from xenemu.core.memory.domain import Domain
 
 
 @pytest.fixture

@@ -5,14 +5,15 @@ from __future__ import annotations
 import pytest
 
 from tests.bed import Bed
-from xenemu import grants, ops
-from xenemu.core import grant_table
-from xenemu.core.balloon import decrease_reservation
-from xenemu.core.domain import Domain
+from xenemu.abi import grant_table as grants
+from xenemu.abi import pv_iommu as ops
+from xenemu.abi.grant_table import MapGrant, UnmapGrant
+from xenemu.core.grants import table as grant_table
 from xenemu.core.errors import HypercallError
-from xenemu.core.gnttab_op import end_access, grant_access, map_grant_refs, unmap_grant_refs
-from xenemu.core.iommu import Kind, entry_kind
-from xenemu.grants import MapGrant, UnmapGrant
+from xenemu.core.grants.ops import end_access, grant_access, map_grant_refs, unmap_grant_refs
+from xenemu.core.iommu.entries import Kind, entry_kind
+from xenemu.core.ioreq.balloon import decrease_reservation
+from xenemu.core.memory.domain import Domain
 
 
 def gmap(bed: Bed, domid: int, batch: list[MapGrant]) -> list[MapGrant]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from tests.bed import Bed
-from xenemu import ops
+from xenemu.abi import pv_iommu as ops
 from xenemu.core.audit import audit
 from xenemu.core.errors import HypercallError
-from xenemu.core.iommu import Kind, entry_kind, make_entry
+from xenemu.core.iommu.entries import Kind, entry_kind, make_entry
 
 
 def errno_of(fn: object, *args: object) -> int:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from tests.bed import Bed
-from xenemu import ops
-from xenemu.core.iommu import Kind, entry_kind
-from xenemu.ops import RW, R, W
+from xenemu.abi import pv_iommu as ops
+from xenemu.abi.pv_iommu import RW, R, W
+from xenemu.core.iommu.entries import Kind, entry_kind
 
 
 def caps(bed: Bed, domid: int) -> int:

@@ -11,9 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from xenemu.abi import abi_dir, ffi, lib
-from xenemu.core import its_cmd as c
-from xenemu.core.its_cmd import ItsCommand
-from xenemu.core.pits import PhysicalIts
+from xenemu.abi import its_cmd as c
+from xenemu.abi.its_cmd import ItsCommand
+from xenemu.core.its.pits import PhysicalIts
 
 LPI = 8192
 

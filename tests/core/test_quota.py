@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from tests.bed import Bed
-from xenemu import grants, ops
-from xenemu.core.gnttab_op import grant_access, map_grant_refs
+from xenemu.abi import grant_table as grants
+from xenemu.abi import pv_iommu as ops
+from xenemu.core.grants.ops import grant_access, map_grant_refs
 
 
 def test_map_page_quota_is_atomic_and_freed_by_unmap(bed: Bed) -> None:

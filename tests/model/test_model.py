@@ -20,17 +20,17 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from tests.model.reference import Reference
+from xenemu.abi.grant_table import MapGrant, UnmapGrant, pack_map, pack_unmap, unpack_map, unpack_unmap
+from xenemu.abi.ioreq import read_ring, read_sync
+from xenemu.abi.pv_iommu import Op, pack, unpack
 from xenemu.core.audit import audit
-from xenemu.core.balloon import WaitForIoreqs, decrease_reservation, populate_physmap
 from xenemu.core.errors import HypercallError
-from xenemu.core.gnttab_op import end_access, grant_access, map_grant_refs, unmap_grant_refs
+from xenemu.core.grants.ops import end_access, grant_access, map_grant_refs, unmap_grant_refs
 from xenemu.core.host import Host
-from xenemu.core.iommu import Kind, entry_kind, entry_mfn, entry_perms
-from xenemu.core.iommu_op import run_iommu_op
+from xenemu.core.iommu.entries import Kind, entry_kind, entry_mfn, entry_perms
+from xenemu.core.iommu.subops import run_iommu_op
+from xenemu.core.ioreq.balloon import WaitForIoreqs, decrease_reservation, populate_physmap
 from xenemu.core.options import HostOptions
-from xenemu.grants import MapGrant, UnmapGrant, pack_map, pack_unmap, unpack_map, unpack_unmap
-from xenemu.ioreq_ring import read_ring, read_sync
-from xenemu.ops import Op, pack, unpack
 
 NR_FRAMES, XEN_FRAMES, DOM0_MEMORY = 160, 16, 24
 KIND_NAMES = {

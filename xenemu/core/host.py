@@ -9,31 +9,28 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 
-from xenemu.core import fastpath
-from xenemu.core.device import DmaResult, PciDevice, normalise_bdf
-from xenemu.core.domain import DOMID_FIRST_RESERVED, DOMID_SELF, HWDOM_ID, Domain
 from xenemu.core.errors import EBUSY, EINVAL, ENOENT, ENOMEM, ENOSPC, EPERM, ESRCH, HypercallError
-from xenemu.core.iommu import (
-    LEAF_SHIFT,
+from xenemu.core.iommu import fastpath
+from xenemu.core.iommu.context import DmaFault, IommuContext
+from xenemu.core.iommu.device import DmaResult, PciDevice, normalise_bdf
+from xenemu.core.iommu.entries import (
     PERM_MASK,
     PERM_R,
     PERM_W,
-    BlankLeaf,
-    DefaultRule,
-    DmaFault,
     FlushType,
-    IommuContext,
     Kind,
-    PageTable,
     entry_kind,
     entry_mfn,
     entry_perms,
     make_entry,
 )
-from xenemu.core.ioreq import IoreqRegistry, IoreqServer
-from xenemu.core.its import DOORBELL_MFN, DOORBELL_OFFSET, ItsHost, ItsOptions
-from xenemu.core.m2b import M2B, M2BEntry
-from xenemu.core.memory import PAGE_SHIFT, PAGE_SIZE, FrameTable
+from xenemu.core.iommu.m2b import M2B, M2BEntry
+from xenemu.core.iommu.pagetable import BlankLeaf, DefaultRule, PageTable
+from xenemu.core.ioreq.servers import IoreqRegistry, IoreqServer
+from xenemu.core.its.vits import DOORBELL_MFN, DOORBELL_OFFSET, ItsHost, ItsOptions
+from xenemu.core.memory.domain import DOMID_FIRST_RESERVED, DOMID_SELF, HWDOM_ID, Domain
+from xenemu.core.memory.frames import PAGE_SHIFT, PAGE_SIZE, FrameTable
+from xenemu.core.memory.leaves import LEAF_SHIFT
 from xenemu.core.options import DomainKind, HostOptions
 
 RW = PERM_R | PERM_W
@@ -175,7 +172,7 @@ class Host:
             raise HypercallError(-EPERM, "the hardware domain cannot be destroyed")
         for server in [s for s in self.ioreq.servers.values() if s.creator == domid]:
             self._destroy_ioreq_server(server)
-        from xenemu.core.gnttab_op import release_mapping
+        from xenemu.core.grants.ops import release_mapping
 
         for mapping in list(dom.maptrack.mappings.values()):
             release_mapping(self, dom, mapping)
@@ -200,7 +197,7 @@ class Host:
         self.mappings_held.pop(domid, None)
         self.its.begin_teardown(domid)
         # Emulators still holding its frames are told (or swapped), but nobody waits for them.
-        from xenemu.core.balloon import Invalidations, release_frame
+        from xenemu.core.ioreq.balloon import Invalidations, release_frame
 
         owed = Invalidations()
         for mfn in self._own_frames(dom):

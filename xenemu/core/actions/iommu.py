@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from xenemu.core.device import normalise_bdf
-from xenemu.core.dispatch import Action, Outcome, handles
+from xenemu.core.actions.dispatch import Action, Outcome, handles
 from xenemu.core.errors import EINVAL, ENOENT, EPERM, HypercallError
 from xenemu.core.host import Host
-from xenemu.core.iommu_op import do_iommu_op
+from xenemu.core.iommu.device import normalise_bdf
+from xenemu.core.iommu.subops import do_iommu_op
 
 MAX_DMA_BYTES = 1 << 20
 

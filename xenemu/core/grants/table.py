@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xenemu.abi import const, ffi
-from xenemu.core.memory import PAGE_SHIFT
+from xenemu.core.memory.frames import PAGE_SHIFT
 
 #: Entries in each domain's grant table (v1: 512 per 4 KiB frame, two frames).
 NR_GRANT_ENTRIES = 1024

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from xenemu.abi import OP_SIZE, const, ffi
-from xenemu.core.errors import errno_name
+from xenemu.abi.errno import errno_name
 
 QUERY_CAPS = const("IOMMUOP_query_caps")
 MAP_PAGE = const("IOMMUOP_map_page")

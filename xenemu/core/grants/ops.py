@@ -8,9 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 from xenemu.abi import ffi
-from xenemu.core.domain import Domain
 from xenemu.core.errors import E2BIG, EBUSY, EINVAL, HypercallError
-from xenemu.core.grant_table import (
+from xenemu.core.grants.table import (
     MAP_SIZE,
     NR_GRANT_ENTRIES,
     PAGE_MASK,
@@ -35,8 +34,9 @@ from xenemu.core.grant_table import (
     GTF_type_mask,
 )
 from xenemu.core.host import RW, Host
-from xenemu.core.iommu import PERM_R, FlushType, Kind, entry_kind, make_entry
-from xenemu.core.memory import PAGE_SHIFT
+from xenemu.core.iommu.entries import PERM_R, FlushType, Kind, entry_kind, make_entry
+from xenemu.core.memory.domain import Domain
+from xenemu.core.memory.frames import PAGE_SHIFT
 
 #: Most ops in one grant_table_op call.
 MAX_GRANT_OPS = 4096

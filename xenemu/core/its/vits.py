@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from xenemu.abi import const
-from xenemu.core import its_cmd as cmds
+from xenemu.abi import its_cmd as cmds
+from xenemu.abi.its_cmd import ItsCommand
 from xenemu.core.errors import HypercallError
-from xenemu.core.its_cmd import ItsCommand
-from xenemu.core.memory import PAGE_SHIFT, PAGE_SIZE
-from xenemu.core.pits import PhysicalIts
+from xenemu.core.its.pits import PhysicalIts
+from xenemu.core.memory.frames import PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
     from xenemu.core.host import Host

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from xenemu.core.balloon import decrease_reservation, populate_physmap
-from xenemu.core.dispatch import Action, Outcome, handles
+from xenemu.core.actions.dispatch import Action, Outcome, handles
 from xenemu.core.errors import E2BIG, EINVAL, ENOENT, HypercallError
 from xenemu.core.host import Host
+from xenemu.core.ioreq.balloon import decrease_reservation, populate_physmap
 
 #: Most GFNs one memory_op may name (Xen bounds extents per call too).
 MAX_EXTENTS = 65536

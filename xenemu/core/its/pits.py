@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from xenemu.abi import const
-from xenemu.core.its_cmd import ItsCommand
+from xenemu.abi.its_cmd import ItsCommand
 
 LPI_BASE = const("LPI_INTID_BASE")
 ENABLED = const("LPI_PROP_ENABLED")

@@ -6,10 +6,10 @@ import secrets
 from dataclasses import dataclass, field
 
 from xenemu.abi import const
-from xenemu.core.grant_table import GrantTable, Maptrack
-from xenemu.core.iommu import IommuContext
+from xenemu.core.grants.table import GrantTable, Maptrack
+from xenemu.core.iommu.context import IommuContext
+from xenemu.core.memory.p2m import P2M
 from xenemu.core.options import DomainKind
-from xenemu.core.p2m import P2M
 
 DOMID_SELF = const("DOMID_SELF")
 DOMID_FIRST_RESERVED = const("DOMID_FIRST_RESERVED")

@@ -10,14 +10,15 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING, Any
 
-from xenemu.core.domain import Domain
-from xenemu.core.iommu import LEAF_SHIFT, FlushType, Kind
+from xenemu.core.iommu.entries import FlushType, Kind
+from xenemu.core.memory.domain import Domain
+from xenemu.core.memory.leaves import LEAF_SHIFT
 
 if TYPE_CHECKING:
     from xenemu.core.host import Host
 
 try:
-    from xenemu.core import _fast_iommu  # type: ignore[attr-defined]
+    from xenemu.core.iommu import _fast_iommu  # type: ignore[attr-defined]
 except ImportError:  # built with XENEMU_NO_FAST_PATH=1, or a source tree not built yet
     _fast_iommu = None
 
@@ -42,7 +43,7 @@ class FastIommu:
             Kind.MAP_NOREF,
             LEAF_SHIFT,
         ):
-            raise RuntimeError("fast_iommu.c disagrees with xenemu.core.iommu; rebuild it")
+            raise RuntimeError("fast_iommu.c disagrees with xenemu.core.iommu.context; rebuild it")
         frames = host.frames
         if (frames.owner.itemsize, frames.count.itemsize, frames.type_count.itemsize) != (2, 4, 4):
             raise RuntimeError("frame table arrays are not uint16/uint32 on this platform")

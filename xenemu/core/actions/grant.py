@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from xenemu.core.dispatch import Action, handles
-from xenemu.core.gnttab_op import end_access, grant_access, map_grant_refs, unmap_grant_refs
+from xenemu.core.actions.dispatch import Action, handles
+from xenemu.core.grants.ops import end_access, grant_access, map_grant_refs, unmap_grant_refs
 from xenemu.core.host import Host
 
 

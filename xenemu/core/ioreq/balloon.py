@@ -12,11 +12,11 @@ from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any
 
-from xenemu.core.domain import Domain
 from xenemu.core.errors import EEXIST, ENOENT, ENOMEM, EPERM
 from xenemu.core.host import RW, Host
-from xenemu.core.iommu import FlushType, Kind, make_entry
-from xenemu.core.iommu_op import SWAP_MFN
+from xenemu.core.iommu.entries import FlushType, Kind, make_entry
+from xenemu.core.iommu.subops import SWAP_MFN
+from xenemu.core.memory.domain import Domain
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,12 @@
-"""The C ABI headers in ``abi/``, loaded into cffi so Python never restates a layout."""
+"""ABI facts: what Xen's public headers and the GICv3 architecture define, and nothing else.
+
+The C headers in ``abi/`` are loaded into cffi here, so Python never restates a layout; the
+modules beside this one pack and unpack those layouts (``pv_iommu``: ``struct pv_iommu_op``;
+``grant_table``: the gnttab ops; ``ioreq``: the buffered ring and ``ioreq_t``; ``its_cmd``:
+the 32-byte ITS commands) and name the errno values (``errno``).  This package is the floor
+of the import graph: the core, the wire codec, the client, the CLI and the guest programs in
+``clients/`` all stand on it, and it imports none of them.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +23,8 @@ _CDEF_BLOCK = re.compile(r"/\* XENEMU_CDEF_BEGIN \*/(.*?)/\* XENEMU_CDEF_END \*/
 
 def abi_dir() -> Path:
     """The headers: shipped inside the wheel, or in the source tree for an editable install."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "_abi", here.parent / "abi"):
+    package = Path(__file__).resolve().parent.parent
+    for candidate in (package / "_abi", package.parent / "abi"):
         if (candidate / "pv_iommu.h").is_file():
             return candidate
     raise FileNotFoundError("xenemu ABI headers not found (expected abi/ beside the package)")

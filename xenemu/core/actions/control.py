@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from xenemu.core.actions.dispatch import ControlAction, handles
 from xenemu.core.audit import audit
-from xenemu.core.dispatch import ControlAction, handles
-from xenemu.core.domain import Domain
 from xenemu.core.errors import EINVAL, ENOENT, HypercallError
 from xenemu.core.host import Host
-from xenemu.core.iommu import entry_kind, entry_mfn, entry_perms
-from xenemu.core.memory import OWNER_NONE
+from xenemu.core.iommu.entries import entry_kind, entry_mfn, entry_perms
+from xenemu.core.memory.domain import Domain
+from xenemu.core.memory.frames import OWNER_NONE
 
 
 @dataclass(frozen=True)

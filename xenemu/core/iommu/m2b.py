@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from xenemu.core.iommu import PERM_W
+from xenemu.core.iommu.entries import PERM_W
 
 
 @dataclass(frozen=True, slots=True)

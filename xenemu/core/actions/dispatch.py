@@ -167,11 +167,11 @@ def run(host: Host, caller: int, action: Action) -> Any:
 
 #: Modules that define actions; importing one registers its handlers.
 FAMILIES = (
-    "xenemu.core.actions_iommu",
-    "xenemu.core.actions_control",
-    "xenemu.core.actions_memory",
-    "xenemu.core.actions_grant",
-    "xenemu.core.actions_its",
+    "xenemu.core.actions.iommu",
+    "xenemu.core.actions.control",
+    "xenemu.core.actions.memory",
+    "xenemu.core.actions.grant",
+    "xenemu.core.actions.its",
 )
 
 for _family in FAMILIES:

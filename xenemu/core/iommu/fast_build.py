@@ -1,7 +1,7 @@
-"""Builds ``xenemu.core._fast_iommu`` (cffi API mode) from ``fast_iommu.c`` and the ABI headers.
+"""Builds ``xenemu.core.iommu._fast_iommu`` (cffi API mode) from ``fast_iommu.c`` and the ABI headers.
 
 The package's build hook (``hatch_build.py``) runs this, so ``pip install`` compiles it; after
-editing the C source of an editable install, ``python -m xenemu.core.fast_build`` rebuilds it
+editing the C source of an editable install, ``python -m xenemu.core.iommu.fast_build`` rebuilds it
 in place.  It imports nothing of xenemu, because the build runs before xenemu is installed.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import cffi
 
 HERE = Path(__file__).resolve().parent
-MODULE = "xenemu.core._fast_iommu"
+MODULE = "xenemu.core.iommu._fast_iommu"
 
 CDEF = """
 #define FAST_KIND_DEFAULT ...
@@ -41,7 +41,7 @@ size_t fast_iommu_run(struct fast_host *host, unsigned char *buf, size_t start, 
 
 
 def abi_dir() -> Path:
-    for candidate in (HERE.parent / "_abi", HERE.parent.parent / "abi"):
+    for candidate in (HERE.parents[1] / "_abi", HERE.parents[2] / "abi"):
         if (candidate / "pv_iommu.h").is_file():
             return candidate
     raise FileNotFoundError("ABI headers not found")
@@ -60,7 +60,7 @@ def builder() -> cffi.FFI:
 
 
 def build(target: Path) -> Path:
-    """Compile the module and copy it into ``target`` (the directory of ``xenemu/core``)."""
+    """Compile the module and copy it into ``target`` (the directory of ``xenemu/core/iommu``)."""
     with tempfile.TemporaryDirectory(prefix="xenemu-fast-") as tmp:
         built = Path(builder().compile(tmpdir=tmp, verbose=False))
         target.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,6 @@ from collections.abc import Callable, Generator
 from typing import Any
 
 from xenemu.abi import OP_SIZE, const, ffi
-from xenemu.core.domain import DOMID_SELF, Domain
 from xenemu.core.errors import (
     E2BIG,
     EACCES,
@@ -28,8 +27,10 @@ from xenemu.core.errors import (
     ESRCH,
 )
 from xenemu.core.host import RW, Host
-from xenemu.core.iommu import LEAF_MASK, PERM_W, FlushType, Kind, entry_kind, make_entry
-from xenemu.core.m2b import M2BEntry
+from xenemu.core.iommu.entries import PERM_W, FlushType, Kind, entry_kind, make_entry
+from xenemu.core.iommu.m2b import M2BEntry
+from xenemu.core.memory.domain import DOMID_SELF, Domain
+from xenemu.core.memory.leaves import LEAF_MASK
 
 IOMMUOP_query_caps = const("IOMMUOP_query_caps")
 IOMMUOP_map_page = const("IOMMUOP_map_page")

@@ -9,11 +9,8 @@ from __future__ import annotations
 from array import array
 from collections.abc import Iterator
 
-from xenemu.core.iommu import LeafDirectory
+from xenemu.core.memory.leaves import LEAF_MASK, LEAF_SHIFT, LEAF_SIZE, LeafDirectory
 
-LEAF_SHIFT = 9
-LEAF_SIZE = 1 << LEAF_SHIFT
-LEAF_MASK = LEAF_SIZE - 1
 ABSENT = -1
 
 
