@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 
-from xenemu.core.errors import EBUSY, EINVAL, ENOENT, ENOMEM, ENOSPC, EPERM, ESRCH, HypercallError
+from xenemu.core.errors import EBUSY, EINVAL, ENOENT, ENOMEM, ENOSPC, EPERM, HypercallError
 from xenemu.core.iommu import fastpath
 from xenemu.core.iommu.context import DmaFault, IommuContext
 from xenemu.core.iommu.device import DmaResult, PciDevice, normalise_bdf
@@ -30,6 +30,7 @@ from xenemu.core.ioreq.servers import IoreqRegistry, IoreqServer
 from xenemu.core.its.vits import DOORBELL_MFN, DOORBELL_OFFSET, ItsHost, ItsOptions
 from xenemu.core.memory.domain import DOMID_FIRST_RESERVED, DOMID_SELF, HWDOM_ID, Domain
 from xenemu.core.memory.frames import PAGE_SHIFT, PAGE_SIZE, FrameTable
+from xenemu.core.memory.guest import GuestMemory
 from xenemu.core.memory.leaves import LEAF_SHIFT
 from xenemu.core.options import DomainKind, HostOptions
 
@@ -46,7 +47,8 @@ class Host:
         for mfn in range(opts.xen_frames):
             self.frames.reserve_for_xen(mfn)
         self.scratch_mfn = opts.scratch_mfn
-        self.domains: dict[int, Domain] = {}
+        self.memory = GuestMemory(self.frames)
+        self.domains = self.memory.domains
         self.devices: dict[str, PciDevice] = {}
         self.m2b = M2B()
         self.ioreq = IoreqRegistry()
@@ -62,7 +64,7 @@ class Host:
         self.machine_dma_faults = 0
         self.next_domid = 1
         self.its = ItsHost(
-            self,
+            self.memory,
             ItsOptions(
                 pits=opts.its_pits,
                 cpus=opts.its_cpus,
@@ -74,17 +76,14 @@ class Host:
         )
         #: The compiled shortcut for map_page/unmap_page, when enabled and built.
         self.fast = fastpath.FastIommu(self) if opts.fast_path and fastpath.available() else None
-        self.hwdom = self._new_domain(HWDOM_ID, opts.dom0_kind, opts.dom0_memory, "Domain-0")
+        self.hwdom = self.memory.populate(HWDOM_ID, opts.dom0_kind, opts.dom0_memory, "Domain-0")
         self.its.add_domain(HWDOM_ID)
         self.hwdom.is_hwdom = True
         self.hwdom.max_mappings = opts.max_mappings
 
     # -- lookups ------------------------------------------------------------------------------
     def domain(self, domid: int) -> Domain:
-        dom = self.domains.get(domid)
-        if dom is None:
-            raise HypercallError(-ESRCH, f"no domain {domid}")
-        return dom
+        return self.memory.domain(domid)
 
     def is_non_strict_hwdom(self, dom: Domain) -> bool:
         return dom.is_hwdom and not self.options.dom0_strict
@@ -96,30 +95,12 @@ class Host:
         return not (dom.is_hwdom and self.options.dom0_passthrough)
 
     def gfn_to_mfn(self, dom: Domain, gfn: int) -> int | None:
-        """The frame backing ``gfn`` of ``dom``, if it is populated and the domain's."""
-        if dom.is_hvm:
-            return dom.p2m.get(gfn)
-        return gfn if self.frames.belongs_to(gfn, dom.domid) else None
+        return self.memory.gfn_to_mfn(dom, gfn)
 
     def resolve_foreign(self, domid: int) -> Domain | None:
-        if domid >= DOMID_FIRST_RESERVED:
-            return None
-        return self.domains.get(domid)
+        return self.memory.resolve_foreign(domid)
 
     # -- domains ------------------------------------------------------------------------------
-    def _new_domain(self, domid: int, kind: DomainKind, memory: int, name: str) -> Domain:
-        if memory > self.frames.nr_free:
-            raise HypercallError(-ENOMEM, f"{memory} frames wanted, {self.frames.nr_free} free")
-        dom = Domain(domid=domid, kind=kind, name=name or f"domain-{domid}")
-        self.domains[domid] = dom
-        for gfn in range(memory):
-            mfn = self.frames.allocate(domid)
-            assert mfn is not None
-            if dom.is_hvm:
-                dom.p2m[gfn] = mfn
-        dom.pages = memory
-        return dom
-
     def _allocate_domid(self) -> int:
         for _ in range(DOMID_FIRST_RESERVED):
             domid = self.next_domid
@@ -151,7 +132,7 @@ class Host:
         if memory > self.frames.nr_free:  # before an id is taken: a failed create consumes none
             raise HypercallError(-ENOMEM, f"{memory} frames wanted, {self.frames.nr_free} free")
         domid = self._allocate_domid()
-        dom = self._new_domain(domid, kind, memory, name)
+        dom = self.memory.populate(domid, kind, memory, name)
         dom.target = target
         dom.max_mappings = self.options.max_mappings if max_mappings is None else max_mappings
         self.its.add_domain(domid, vcpus, pin)
@@ -200,19 +181,13 @@ class Host:
         from xenemu.core.ioreq.balloon import Invalidations, release_frame
 
         owed = Invalidations()
-        for mfn in self._own_frames(dom):
+        for mfn in self.memory.own_frames(dom):
             release_frame(self, mfn, owed)
             self.frames.unpopulate(mfn)
         dom.p2m.clear()
         dom.pages = 0
         self.flush_touched()
         owed.send(self)
-
-    def _own_frames(self, dom: Domain) -> list[int]:
-        if dom.is_hvm:
-            return list(dom.p2m.values())
-        owner, populated = self.frames.owner, self.frames.populated
-        return [m for m in range(self.frames.nr_frames) if owner[m] == dom.domid and populated[m]]
 
     # -- IOMMU contexts -------------------------------------------------------------------------
     def default_blank(self, dom: Domain) -> BlankLeaf:
@@ -324,7 +299,7 @@ class Host:
         elif dom.is_hvm:
             candidates = dom.p2m.keys()
         else:
-            candidates = self._own_frames(dom)
+            candidates = self.memory.own_frames(dom)
         for bfn in candidates:
             if not table.is_materialized(bfn):
                 entry = table.default_rule(bfn)
@@ -412,17 +387,7 @@ class Host:
     # -- guest memory and devices -------------------------------------------------------------
     def guest_access(self, domid: int, gfn: int, offset: int, data: bytes | None, length: int = 0) -> bytes:
         """A guest's CPU reading or writing its own memory (what it later asks devices to DMA)."""
-        dom = self.domain(domid)
-        size = len(data) if data is not None else length
-        if offset < 0 or size < 0 or offset + size > PAGE_SIZE:
-            raise HypercallError(-EINVAL, "access must stay within one page")
-        mfn = self.gfn_to_mfn(dom, gfn)
-        if mfn is None:
-            raise HypercallError(-EINVAL, f"GFN {gfn:#x} is not populated in d{domid}")
-        if data is not None:
-            self.frames.write(mfn, offset, data)
-            return b""
-        return self.frames.read(mfn, offset, size)
+        return self.memory.access(domid, gfn, offset, data, length)
 
     def device_dma(self, bdf: str, addr: int, data: bytes | None = None, length: int = 0) -> DmaResult:
         """A device reads (``data`` None) or writes at bus address ``addr``, page by page."""

@@ -17,17 +17,15 @@ from __future__ import annotations
 import math
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from xenemu.abi import const
 from xenemu.abi import its_cmd as cmds
 from xenemu.abi.its_cmd import ItsCommand
 from xenemu.core.errors import HypercallError
 from xenemu.core.its.pits import PhysicalIts
-from xenemu.core.memory.frames import PAGE_SHIFT, PAGE_SIZE
-
-if TYPE_CHECKING:
-    from xenemu.core.host import Host
+from xenemu.core.memory.frames import PAGE_SIZE
+from xenemu.core.memory.guest import GuestMemory
 
 Elision = Literal["lazy", "eager", "off"]
 
@@ -214,8 +212,8 @@ class PitsState:
 class ItsHost:
     """Every pITS and every domain's vITSs, redistributors and bindings."""
 
-    def __init__(self, host: Host, options: ItsOptions | None = None) -> None:
-        self.host = host
+    def __init__(self, memory: GuestMemory, options: ItsOptions | None = None) -> None:
+        self.memory = memory
         self.options = opts = options or ItsOptions()
         self.prop = bytearray(opts.lpis)  # physical LPI configuration table, LPI - 8192
         self.dirty: set[int] = set()
@@ -451,7 +449,7 @@ class ItsHost:
                     continue
                 gpa = base + ite.vlpi // 8
                 try:
-                    byte = self.host.guest_access(domid, gpa >> PAGE_SHIFT, gpa & (PAGE_SIZE - 1), None, 1)[0]
+                    byte = self.memory.read(domid, gpa, 1)[0]
                 except HypercallError:
                     continue
                 if byte >> (ite.vlpi % 8) & 1:
@@ -606,7 +604,7 @@ class ItsHost:
     def _read_command(self, vits: Vits, offset: int) -> bytes | None:
         gpa = (vits.cbaser & CBASER_ADDR) + offset
         try:
-            return self.host.guest_access(vits.domid, gpa >> PAGE_SHIFT, gpa & (PAGE_SIZE - 1), None, CMD_SIZE)
+            return self.memory.read(vits.domid, gpa, CMD_SIZE)
         except HypercallError:
             return None
 
@@ -643,9 +641,7 @@ class ItsHost:
         return [cmds.mapd(device.info.pdevid, c.size, 0x1000 * device.info.pdevid)]
 
     def _in_ram(self, domid: int, gpa: int, length: int) -> bool:
-        dom = self.host.domain(domid)
-        first, last = gpa >> PAGE_SHIFT, (gpa + length - 1) >> PAGE_SHIFT
-        return all(self.host.gfn_to_mfn(dom, g) is not None for g in range(first, last + 1))
+        return self.memory.in_ram(domid, gpa, length)
 
     def _v_mapc(self, vits: Vits, c: ItsCommand) -> list[ItsCommand]:
         dom = self._dom(vits)
@@ -707,7 +703,7 @@ class ItsHost:
         base = self.domains[domid].propbaser & CBASER_ADDR
         gpa = base + vlpi - LPI_BASE
         try:
-            return self.host.guest_access(domid, gpa >> PAGE_SHIFT, gpa & (PAGE_SIZE - 1), None, 1)[0]
+            return self.memory.read(domid, gpa, 1)[0]
         except HypercallError:
             return 0
 
