@@ -9,6 +9,7 @@ from xenemu.abi.pv_iommu import Op, pack, unpack
 from xenemu.core.actions.dispatch import Action, run
 from xenemu.core.audit import audit
 from xenemu.core.host import Host
+from xenemu.core.iommu.context import IommuContext
 from xenemu.core.iommu.subops import run_iommu_op
 from xenemu.core.memory.domain import Domain
 from xenemu.core.options import HostOptions
@@ -45,7 +46,7 @@ class Bed:
 
     def call(self, domid: int, ops: Sequence[Op]) -> list[Op]:
         buf = pack(ops)
-        ret = run_iommu_op(self.host, domid, buf, len(ops))
+        ret = run_iommu_op(self.host.iommu, domid, buf, len(ops))
         assert ret == 0
         self.check()
         return unpack(buf)
@@ -57,7 +58,7 @@ class Bed:
         return self.one(domid, op).status_name
 
     def raw(self, domid: int, buf: bytearray, count: int) -> int:
-        ret = run_iommu_op(self.host, domid, buf, count)
+        ret = run_iommu_op(self.host.iommu, domid, buf, count)
         self.check()
         return ret
 
@@ -75,16 +76,21 @@ class Bed:
         return frames.count[mfn], frames.type_count[mfn]
 
     def mfn(self, dom: Domain, gfn: int) -> int:
-        mfn = self.host.gfn_to_mfn(dom, gfn)
+        mfn = self.host.memory.gfn_to_mfn(dom, gfn)
         assert mfn is not None
         return mfn
 
     def flushes(self, dom: Domain) -> dict[str, int]:
-        assert dom.context is not None
-        return dict(dom.context.flushes)
+        return dict(self.ctx(dom).flushes)
+
+    def ctx(self, dom: Domain) -> IommuContext:
+        """The domain's IOMMU context (it must have one)."""
+        ctx = self.host.iommu.contexts.get(dom.domid)
+        assert ctx is not None, f"d{dom.domid} has no IOMMU context"
+        return ctx
 
     def emulator(self, guest: Domain, device: str | None = "00:05.0", kind: str = "pv") -> tuple[Domain, int]:
         """A device-model domain privileged over ``guest``, with an IOREQ server for it."""
         dm = self.guest(kind, 16, device, target=guest.domid)
-        server = self.host.create_ioreq_server(dm.domid, guest.domid)
+        server = self.host.emulators.create_server(dm.domid, guest.domid)
         return dm, server.id

@@ -27,8 +27,8 @@ needs_fast_path = pytest.mark.skipif(not fastpath.available(), reason="the fast 
 def test_the_fast_path_is_built() -> None:
     """`pip install` compiles it; a build that silently lost it would only be slow."""
     assert fastpath.available()
-    assert Host(HostOptions()).fast is not None
-    assert Host(HostOptions(fast_path=False)).fast is None
+    assert Host(HostOptions()).iommu.fast is not None
+    assert Host(HostOptions(fast_path=False)).iommu.fast is None
 
 
 def make_host(fast: bool, max_order: int) -> Host:
@@ -43,10 +43,9 @@ def make_host(fast: bool, max_order: int) -> Host:
     host.assign_device(quota.domid, "00:05.0")
     host.assign_device(0, "00:06.0")  # the non-strict hardware domain maps too
     host.create_domain("hvm", 8)  # no device: no map capability
-    for dom in host.domains.values():  # materialise the leaves ops will use, as a running guest has
-        if dom.context is not None:
-            for bfn in (0, 0x200, 0x400):
-                dom.context.table.leaf(bfn)
+    for ctx in host.iommu.contexts.values():  # materialise the leaves ops will use, as a running guest has
+        for bfn in (0, 0x200, 0x400):
+            ctx.table.leaf(bfn)
     return host
 
 
@@ -54,18 +53,17 @@ def state(host: Host) -> dict[str, Any]:
     frames = host.frames
     contexts = {
         domid: (
-            sorted(dom.context.table.materialized()),
-            dict(dom.context.flushes),
-            sorted(dom.context.iotlb.entries.items()),
+            sorted(ctx.table.materialized()),
+            dict(ctx.flushes),
+            sorted(ctx.iotlb.entries.items()),
         )
-        for domid, dom in host.domains.items()
-        if dom.context is not None
+        for domid, ctx in host.iommu.contexts.items()
     }
     return {
         "count": frames.count.tobytes(),
         "type_count": frames.type_count.tobytes(),
         "owner": frames.owner.tobytes(),
-        "held": dict(host.mappings_held),
+        "held": dict(host.iommu.mappings_held),
         "contexts": contexts,
     }
 
@@ -114,7 +112,7 @@ def test_fast_and_python_paths_agree(max_order: int, calls: list[tuple[int, list
             for bfn in dma:  # fill IOTLBs, so a missing or wrong flush would show
                 host.device_dma("00:03.0", bfn << 12, length=8)
             buf = ops.pack(batch)
-            results.append((run_iommu_op(host, caller, buf, len(batch)), bytes(buf)))
+            results.append((run_iommu_op(host.iommu, caller, buf, len(batch)), bytes(buf)))
         assert results[0] == results[1], (caller, batch)
         assert state(fast) == state(slow)
     assert audit(fast) == [] and audit(slow) == []
@@ -124,14 +122,14 @@ def test_fast_and_python_paths_agree(max_order: int, calls: list[tuple[int, list
 def test_the_fast_path_does_the_common_case() -> None:
     """Not vacuous: a guest's ordinary batch is run by the compiled loop, not handed back."""
     host = make_host(True, 0)
-    ctx = host.domains[1].context
-    assert host.fast is not None and ctx is not None
+    ctx = host.iommu.contexts.get(1)
+    assert host.iommu.fast is not None and ctx is not None
     before = dict(ctx.flushes)
     batch = [ops.map_page(0x200 + i, i, ops.RW) for i in range(64)] + [ops.unmap_page(0x200 + i) for i in range(64)]
     buf = ops.pack(batch)
-    assert run_iommu_op(host, 1, buf, len(batch)) == 0
+    assert run_iommu_op(host.iommu, 1, buf, len(batch)) == 0
     assert all(op.status == 0 for op in ops.unpack(buf))
-    assert host.fast.ops_done == 128 and host.fast.calls == 1
+    assert host.iommu.fast.ops_done == 128 and host.iommu.fast.calls == 1
     assert ctx.flushes == {"added": before["added"], "modified": before["modified"] + 1}  # one flush, the highest
 
 
@@ -139,7 +137,7 @@ def test_the_fast_path_does_the_common_case() -> None:
 def test_the_fast_path_hands_back_what_it_cannot_finish() -> None:
     """An RMRR BFN, a virtual leaf and a quota edge each go to Python, which gives the status."""
     host = make_host(True, 0)
-    assert host.fast is not None
+    assert host.iommu.fast is not None
     batch = [
         ops.map_page(0x200, 1, ops.RW),
         ops.map_page(4, 2, ops.RW),  # RMRR
@@ -147,7 +145,7 @@ def test_the_fast_path_hands_back_what_it_cannot_finish() -> None:
         ops.map_page(0x201, 4, ops.RW),
     ]
     buf = ops.pack(batch)
-    assert run_iommu_op(host, 1, buf, len(batch)) == 0
+    assert run_iommu_op(host.iommu, 1, buf, len(batch)) == 0
     assert [op.status for op in ops.unpack(buf)] == [0, -13, 0, 0]
-    assert host.fast.ops_done == 2
+    assert host.iommu.fast.ops_done == 2
     assert audit(host) == []

@@ -673,7 +673,7 @@ def elision_table() -> dict[str, dict[str, float]]:
         def queue(blocks: list[bytes]) -> None:
             nonlocal offset, guest_commands
             for block in blocks:
-                host.guest_access(dom.domid, QUEUE_GFN + offset // 4096, offset % 4096, block)
+                host.memory.access(dom.domid, QUEUE_GFN + offset // 4096, offset % 4096, block)
                 offset = (offset + 32) % 65536
                 guest_commands += 1
             mmio(0x88, offset)
@@ -685,7 +685,7 @@ def elision_table() -> dict[str, dict[str, float]]:
 
         def toggle(vlpi: int, on: bool) -> None:
             value = 0xA2 | int(on)
-            host.guest_access(dom.domid, PROP_GFN + (vlpi - LPI) // 4096, (vlpi - LPI) % 4096, bytes([value]))
+            host.memory.access(dom.domid, PROP_GFN + (vlpi - LPI) // 4096, (vlpi - LPI) % 4096, bytes([value]))
             its.config_written(dom.domid, vlpi, value)
             its.run_passes()
 

@@ -24,7 +24,7 @@ def fuzz_host() -> Host:
     host.assign_device(guest.domid, "00:03.0")
     dm = host.create_domain("pv", 8, target=guest.domid)
     host.assign_device(dm.domid, "00:05.0")
-    host.create_ioreq_server(dm.domid, guest.domid)
+    host.emulators.create_server(dm.domid, guest.domid)
     return host
 
 
@@ -58,7 +58,7 @@ def feed(host: Host, data: bytes, callers: tuple[int, ...] = (1, 2)) -> list[Any
                             server.complete(req_id)
         except HypercallError as exc:
             outcomes.append(exc)
-        host.flush_touched()
+        host.iommu.flush_touched()
     problems = audit(host)
     if problems:
         raise AssertionError(problems)

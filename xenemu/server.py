@@ -365,7 +365,7 @@ class Daemon:
                     return result
                 self._state_changed()
                 if isinstance(effect, WaitForIoreqs):
-                    while not effect.done(self.host):
+                    while not effect.done(self.host.ioreq):
                         await self._changed.wait()
                 else:
                     await trio.lowlevel.checkpoint()
@@ -374,14 +374,14 @@ class Daemon:
 
     def _state_changed(self) -> None:
         """Deliver IOREQ news to emulators and wake every request waiting on host state."""
-        for ioserver in sorted(self.host.notify):
+        for ioserver in sorted(self.host.ioreq.notify):
             server = self.host.ioreq.get(ioserver)
             if server is None:
                 continue
             for session in self.sessions:
                 if session.channel == "hypercall" and session.domain and session.domain.domid == server.creator:
                     session.post(ioserver)
-        self.host.notify.clear()
+        self.host.ioreq.notify.clear()
         if any(s.hw.queued() for s in self.host.its.pits):
             self._its_kick.set()
         drops, self.host.its.drops = self.host.its.drops, []

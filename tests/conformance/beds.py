@@ -54,7 +54,7 @@ class CoreBed:
 
     def ioreq_server(self, caller: int, target: int) -> int:
         try:
-            return self.host.create_ioreq_server(caller, target).id
+            return self.host.emulators.create_server(caller, target).id
         except HypercallError as exc:
             return exc.errno
 
@@ -82,19 +82,19 @@ class CoreBed:
 
     def inject_fault(self, domid: int, bfn: int, clear: bool = False) -> None:
         if clear:
-            self.host.clear_fault(domid, bfn)
+            self.host.iommu.clear_fault(domid, bfn)
         else:
-            self.host.inject_fault(domid, bfn)
+            self.host.iommu.inject_fault(domid, bfn)
 
     def dma(self, domid: int, bdf: str, addr: int, data: bytes | None = None, length: int = 0) -> dict[str, Any]:
         result = self.host.device_dma(bdf, addr, data, length)
         return {"ok": result.ok, "data": result.data}
 
     def guest_write(self, domid: int, gfn: int, data: bytes, offset: int = 0) -> None:
-        self.host.guest_access(domid, gfn, offset, data)
+        self.host.memory.access(domid, gfn, offset, data)
 
     def flushes(self, domid: int) -> dict[str, int]:
-        ctx = self.host.domain(domid).context
+        ctx = self.host.iommu.contexts.get(domid)
         return dict(ctx.flushes) if ctx else {}
 
     def destroy(self, domid: int) -> int:

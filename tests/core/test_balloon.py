@@ -11,14 +11,14 @@ from tests.bed import Bed
 from xenemu.abi import pv_iommu as ops
 from xenemu.abi.ioreq import read_ring, read_sync
 from xenemu.core.iommu.entries import Kind, entry_kind
-from xenemu.core.ioreq.balloon import WaitForIoreqs, decrease_reservation, populate_physmap
+from xenemu.core.ioreq.balloon import WaitForIoreqs
 from xenemu.core.ioreq.servers import SLOTS
 from xenemu.core.memory.domain import Domain
 
 
 def balloon(bed: Bed, domid: int, gfns: list[int]) -> dict[str, Any]:
     """Run decrease_reservation when no synchronous invalidate is needed."""
-    gen = decrease_reservation(bed.host, domid, gfns)
+    gen = bed.host.balloon.decrease_reservation(domid, gfns)
     with pytest.raises(StopIteration) as stop:
         next(gen)
     bed.check()
@@ -35,7 +35,7 @@ def ring(bed: Bed, server: int) -> list[int]:
 def test_balloon_out_frees_an_unmapped_frame(bed: Bed) -> None:
     g = bed.guest(memory=16)
     mfn = bed.mfn(g, 3)
-    bed.host.guest_access(g.domid, 3, 0, b"secret")
+    bed.host.memory.access(g.domid, 3, 0, b"secret")
     before = bed.flushes(g)
     assert balloon(bed, g.domid, [3]) == {"ret": 1, "status": 0, "waited": 0}
     assert bed.host.frames.is_free(mfn) and 3 not in g.p2m and g.pages == 15
@@ -46,9 +46,9 @@ def test_balloon_out_frees_an_unmapped_frame(bed: Bed) -> None:
 def test_balloon_out_materialized_default(bed: Bed) -> None:
     g = bed.guest(memory=16)
     assert bed.status(g.domid, ops.map_page(4, 5)) == "OK"  # writes the leaf holding BFN 3
-    assert g.context is not None and g.context.table.is_materialized(3)
+    assert g.domid in bed.host.iommu.contexts and bed.ctx(g).table.is_materialized(3)
     assert balloon(bed, g.domid, [3])["ret"] == 1
-    assert not g.context.table.get(3)
+    assert not bed.ctx(g).table.get(3)
 
 
 def test_balloon_stops_at_first_bad_gfn(bed: Bed) -> None:
@@ -66,7 +66,7 @@ def test_emulator_is_told_and_keeps_the_frame(bed: Bed) -> None:
     assert bed.status(dm.domid, ops.map_foreign_page(0x800, 5, guest.domid, server)) == "OK"
     assert balloon(bed, guest.domid, [5])["ret"] == 1
     assert ring(bed, server) == [0x800]
-    assert server in bed.host.notify
+    assert server in bed.host.ioreq.notify
     assert bed.refs(mfn) == (1, 1) and bed.host.frames.owner[mfn] == guest.domid
     # the emulator's mapping still works (the guest cannot fault the emulator's device)
     assert bed.host.device_dma("00:05.0", 0x800 << 12, length=1).ok
@@ -90,7 +90,7 @@ def test_swap_mfn_everywhere_swaps_to_scratch(bed: Bed) -> None:
     guest = bed.guest(memory=16)
     dm, server = bed.emulator(guest)
     mfn = bed.mfn(guest, 5)
-    bed.host.guest_access(guest.domid, 5, 0, b"old guest data")
+    bed.host.memory.access(guest.domid, 5, 0, b"old guest data")
     bed.call(
         dm.domid,
         [
@@ -102,21 +102,21 @@ def test_swap_mfn_everywhere_swaps_to_scratch(bed: Bed) -> None:
     before = bed.flushes(dm)
     assert balloon(bed, guest.domid, [5])["ret"] == 1
     assert ring(bed, server) == []
-    assert bed.host.frames.is_free(mfn) and len(bed.host.m2b) == 0
-    assert dm.context is not None
-    assert entry_kind(dm.context.table.get(0x800)) == Kind.SCRATCH
+    assert bed.host.frames.is_free(mfn) and len(bed.host.iommu.m2b) == 0
+    assert dm.domid in bed.host.iommu.contexts
+    assert entry_kind(bed.ctx(dm).table.get(0x800)) == Kind.SCRATCH
     assert bed.flushes(dm)["modified"] == before["modified"] + 1
     assert bed.host.device_dma("00:05.0", 0x800 << 12, length=14).data != b"old guest data"
     assert not bed.host.device_dma("00:05.0", 0x801 << 12, b"x").ok  # keeps its R/W
     # the frame is reused by a new domain: the emulator still cannot reach it
     other = bed.guest(memory=1, device=None)
     assert bed.mfn(other, 0) == mfn
-    bed.host.guest_access(other.domid, 0, 0, b"new owner")
+    bed.host.memory.access(other.domid, 0, 0, b"new owner")
     assert bed.host.device_dma("00:05.0", 0x800 << 12, length=9).data != b"new owner"
     assert bed.status(dm.domid, ops.unmap_foreign_page(0x800, server)) == "OK"
-    assert not dm.context.table.get(0x800)
-    bed.host.destroy_ioreq_server(dm.domid, server)
-    assert not dm.context.table.get(0x801)
+    assert not bed.ctx(dm).table.get(0x800)
+    bed.host.emulators.destroy_server(dm.domid, server)
+    assert not bed.ctx(dm).table.get(0x801)
     bed.check()
 
 
@@ -132,7 +132,7 @@ def test_mixed_swap_flags_invalidate_everyone(bed: Bed) -> None:
     )
     assert balloon(bed, guest.domid, [5])["ret"] == 1
     assert ring(bed, server) == [0x800, 0x801]
-    assert len(bed.host.m2b) == 2
+    assert len(bed.host.iommu.m2b) == 2
 
 
 def fill_ring(bed: Bed, guest: Domain, dm: Domain, server: int, gfns: range) -> None:
@@ -143,7 +143,9 @@ def test_full_ring_falls_back_to_a_synchronous_request(bed: Bed) -> None:
     guest = bed.guest(memory=SLOTS + 8)
     dm, server = bed.emulator(guest)
     fill_ring(bed, guest, dm, server, range(SLOTS + 2))
-    gen: Generator[Any, None, dict[str, Any]] = decrease_reservation(bed.host, guest.domid, list(range(SLOTS + 2)))
+    gen: Generator[Any, None, dict[str, Any]] = bed.host.balloon.decrease_reservation(
+        guest.domid, list(range(SLOTS + 2))
+    )
     effect = next(gen)
     assert isinstance(effect, WaitForIoreqs) and len(effect.requests) == 2
     bed.check()
@@ -154,11 +156,11 @@ def test_full_ring_falls_back_to_a_synchronous_request(bed: Bed) -> None:
         (8, 0x1000 + SLOTS, 8, 1, 0),
         (8, 0x1000 + SLOTS + 1, 8, 1, 0),
     ]
-    assert not effect.done(bed.host)
+    assert not effect.done(bed.host.ioreq)
     srv.complete(reqs[0].id)
-    assert not effect.done(bed.host)
+    assert not effect.done(bed.host.ioreq)
     srv.complete(reqs[1].id)
-    assert effect.done(bed.host)
+    assert effect.done(bed.host.ioreq)
     with pytest.raises(StopIteration) as stop:
         next(gen)
     assert stop.value.value == {"ret": SLOTS + 2, "status": 0, "waited": 2}
@@ -173,14 +175,14 @@ def test_waiting_call_is_released_when_the_server_goes(bed: Bed) -> None:
     dm, server = bed.emulator(guest)
     fill_ring(bed, guest, dm, server, range(SLOTS + 1))
     mfns = [bed.mfn(guest, g) for g in range(SLOTS + 1)]
-    gen = decrease_reservation(bed.host, guest.domid, list(range(SLOTS + 1)))
+    gen = bed.host.balloon.decrease_reservation(guest.domid, list(range(SLOTS + 1)))
     effect = next(gen)
-    assert not effect.done(bed.host)
+    assert not effect.done(bed.host.ioreq)
     assert not any(bed.host.frames.is_free(m) for m in mfns)  # the emulator's entries hold them
-    bed.host.release_ioreq_servers(dm.domid)
-    assert effect.done(bed.host)
+    bed.host.emulators.release_servers(dm.domid)
+    assert effect.done(bed.host.ioreq)
     bed.check()
-    assert len(bed.host.m2b) == 0
+    assert len(bed.host.iommu.m2b) == 0
     assert all(bed.host.frames.is_free(m) for m in mfns)
 
 
@@ -204,7 +206,7 @@ def test_wide_bfn_with_one_free_slot_goes_synchronous(bed: Bed) -> None:
     assert balloon(bed, guest.domid, list(range(SLOTS - 1)))["ret"] == SLOTS - 1
     srv = bed.host.ioreq.servers[server]
     assert srv.free_slots() == 1
-    gen = decrease_reservation(bed.host, guest.domid, [SLOTS])
+    gen = bed.host.balloon.decrease_reservation(guest.domid, [SLOTS])
     effect = next(gen)
     assert len(effect.requests) == 1 and srv.free_slots() == 1
     (req_id,) = srv.pending
@@ -228,33 +230,33 @@ def test_populate_reuses_the_lowest_free_frame(bed: Bed) -> None:
     mfn = bed.mfn(g, 2)
     balloon(bed, g.domid, [2])
     before = bed.flushes(g)
-    assert populate_physmap(bed.host, g.domid, [2]) == {"ret": 1, "status": 0}
+    assert bed.host.balloon.populate_physmap(g.domid, [2]) == {"ret": 1, "status": 0}
     bed.check()
     assert bed.mfn(g, 2) == mfn and g.pages == 16
     assert bed.flushes(g)["added"] == before["added"] + 1
-    bed.host.guest_access(g.domid, 2, 0, b"back")
+    bed.host.memory.access(g.domid, 2, 0, b"back")
     assert bed.host.device_dma("00:03.0", 2 << 12, length=4).data == b"back"
-    assert populate_physmap(bed.host, g.domid, [3, 40])["status"] == -17
+    assert bed.host.balloon.populate_physmap(g.domid, [3, 40])["status"] == -17
 
 
 def test_populate_adds_default_only_where_unmapped(bed: Bed) -> None:
     g = bed.guest(memory=16)
     balloon(bed, g.domid, [2])
     assert bed.status(g.domid, ops.map_page(2, 9)) == "OK"
-    populate_physmap(bed.host, g.domid, [2])
+    bed.host.balloon.populate_physmap(g.domid, [2])
     bed.check()
-    assert g.context is not None and entry_kind(g.context.table.get(2)) == Kind.MAP
+    assert g.domid in bed.host.iommu.contexts and entry_kind(bed.ctx(g).table.get(2)) == Kind.MAP
     assert bed.status(g.domid, ops.unmap_page(3)) == "OK"  # a removed default...
     balloon(bed, g.domid, [3])
-    populate_physmap(bed.host, g.domid, [3])  # ...comes back with populate, whatever its history
-    assert entry_kind(g.context.table.get(3)) == Kind.DEFAULT
+    bed.host.balloon.populate_physmap(g.domid, [3])  # ...comes back with populate, whatever its history
+    assert entry_kind(bed.ctx(g).table.get(3)) == Kind.DEFAULT
 
 
 def test_populate_out_of_memory() -> None:
     bed = Bed(nr_frames=1024, dom0_memory=512)
     g = bed.guest(memory=8, device=None)
     free = bed.host.frames.nr_free
-    result = populate_physmap(bed.host, g.domid, list(range(100, 100 + free + 1)))
+    result = bed.host.balloon.populate_physmap(g.domid, list(range(100, 100 + free + 1)))
     assert result == {"ret": free, "status": -12}
     bed.check()
 
@@ -263,7 +265,7 @@ def test_pv_balloon_and_populate(bed: Bed) -> None:
     g = bed.guest("pv", 8)
     mine = next(m for m in range(bed.host.frames.nr_frames) if bed.host.frames.belongs_to(m, g.domid))
     assert balloon(bed, g.domid, [mine])["ret"] == 1
-    result = populate_physmap(bed.host, g.domid, [mine])
+    result = bed.host.balloon.populate_physmap(g.domid, [mine])
     bed.check()
     assert result["ret"] == 1 and result["mfns"] == [mine]
     assert bed.host.device_dma("00:03.0", mine << 12, length=1).ok
@@ -278,8 +280,8 @@ def test_destroy_invalidates_without_waiting(bed: Bed) -> None:
     bed.check()
     srv = bed.host.ioreq.servers[server]
     assert len(ring(bed, server)) == SLOTS and len(srv.pending) == 1
-    assert dm.context is not None and entry_kind(dm.context.table.get(0x100000)) == Kind.SCRATCH
-    assert len(bed.host.m2b) == SLOTS + 1
-    bed.host.destroy_ioreq_server(dm.domid, server)
+    assert dm.domid in bed.host.iommu.contexts and entry_kind(bed.ctx(dm).table.get(0x100000)) == Kind.SCRATCH
+    assert len(bed.host.iommu.m2b) == SLOTS + 1
+    bed.host.emulators.destroy_server(dm.domid, server)
     bed.check()
-    assert len(bed.host.m2b) == 0
+    assert len(bed.host.iommu.m2b) == 0

@@ -18,7 +18,7 @@ def test_length_mismatch_is_einval_and_runs_nothing(bed: Bed) -> None:
     assert bed.raw(g.domid, buf + b"\0", 1) == -22
     assert bed.raw(g.domid, buf[:31], 1) == -22
     assert bed.raw(g.domid, buf, 2) == -22
-    assert g.context is not None and not g.context.table.get(0x1000)
+    assert g.domid in bed.host.iommu.contexts and not bed.ctx(g).table.get(0x1000)
     assert ops.unpack(buf)[0].status == 0
 
 
@@ -27,7 +27,7 @@ def test_too_many_ops_is_e2big() -> None:
     g = bed.guest()
     buf = pack([ops.map_page(0x1000 + i, i) for i in range(5)])
     assert bed.raw(g.domid, buf, 5) == -7
-    assert g.context is not None and not g.context.table.get(0x1000)
+    assert g.domid in bed.host.iommu.contexts and not bed.ctx(g).table.get(0x1000)
 
 
 def test_length_checked_before_count_limit() -> None:
@@ -79,7 +79,7 @@ def test_continuation_points_flush_each_segment() -> None:
     g = bed.guest()
     before = bed.flushes(g)
     buf = pack([ops.map_page(0x1000 + i, i % 64, ops.R) for i in range(250)])
-    gen = do_iommu_op(bed.host, g.domid, buf, 250)
+    gen = do_iommu_op(bed.host.iommu, g.domid, buf, 250)
     yields = 0
     while True:
         try:
@@ -99,7 +99,7 @@ def test_no_continuation_point_after_the_last_op() -> None:
     bed = Bed(continuation_every=10)
     g = bed.guest()
     buf = pack([ops.query_caps()] * 20)
-    assert sum(1 for _ in do_iommu_op(bed.host, g.domid, buf, 20)) == 1
+    assert sum(1 for _ in do_iommu_op(bed.host.iommu, g.domid, buf, 20)) == 1
 
 
 def test_preemption_changes_no_status() -> None:
@@ -116,7 +116,7 @@ def test_destroyed_caller_stops_the_batch() -> None:
     bed = Bed(continuation_every=2)
     g = bed.guest()
     buf = pack([ops.map_page(0x1000 + i, i) for i in range(6)])
-    gen = do_iommu_op(bed.host, g.domid, buf, 6)
+    gen = do_iommu_op(bed.host.iommu, g.domid, buf, 6)
     next(gen)
     bed.host.destroy_domain(g.domid)
     bed.check()
@@ -133,8 +133,8 @@ def test_destroyed_caller_stops_the_batch() -> None:
 # -- IOTLB -----------------------------------------------------------------------------------------------
 def test_dma_never_uses_a_stale_translation(bed: Bed) -> None:
     g = bed.guest()
-    bed.host.guest_access(g.domid, 1, 0, b"one")
-    bed.host.guest_access(g.domid, 2, 0, b"two")
+    bed.host.memory.access(g.domid, 1, 0, b"one")
+    bed.host.memory.access(g.domid, 2, 0, b"two")
     bed.call(g.domid, [ops.map_page(0x1000, 1)])
     assert bed.host.device_dma("00:03.0", 0x1000 << 12, length=3).data == b"one"
     bed.call(g.domid, [ops.unmap_page(0x1000), ops.map_page(0x1000, 2)])
@@ -146,31 +146,31 @@ def test_dma_never_uses_a_stale_translation(bed: Bed) -> None:
 def test_without_flushing_the_iotlb_goes_stale(bed: Bed) -> None:
     """The same sequence with flushes disabled: the device still reaches the old frame."""
     g = bed.guest()
-    assert g.context is not None
-    g.context.flush_enabled = False
-    bed.host.guest_access(g.domid, 1, 0, b"one")
+    assert g.domid in bed.host.iommu.contexts
+    bed.ctx(g).flush_enabled = False
+    bed.host.memory.access(g.domid, 1, 0, b"one")
     bed.call(g.domid, [ops.map_page(0x1000, 1)])
     assert bed.host.device_dma("00:03.0", 0x1000 << 12, length=3).data == b"one"
     buf = pack([ops.unmap_page(0x1000)])
     from xenemu.core.audit import audit
     from xenemu.core.iommu.subops import run_iommu_op
 
-    assert run_iommu_op(bed.host, g.domid, buf, 1) == 0
+    assert run_iommu_op(bed.host.iommu, g.domid, buf, 1) == 0
     stale = bed.host.device_dma("00:03.0", 0x1000 << 12, length=3)
     assert stale.ok and stale.data == b"one"
     assert any("stale" in p for p in audit(bed.host)) is False  # audit skips contexts with flushing off
-    g.context.flush_enabled = True
+    bed.ctx(g).flush_enabled = True
     assert any("stale translation" in p for p in audit(bed.host))
-    g.context.iotlb.invalidate_all()
+    bed.ctx(g).iotlb.invalidate_all()
 
 
 def test_iotlb_is_bounded(bed: Bed) -> None:
     g = bed.guest(memory=64)
-    assert g.context is not None
-    g.context.iotlb.capacity = 8
+    assert g.domid in bed.host.iommu.contexts
+    bed.ctx(g).iotlb.capacity = 8
     for gfn in range(40):
         assert bed.host.device_dma("00:03.0", gfn << 12, length=1).ok
-    assert len(g.context.iotlb.entries) == 8
+    assert len(bed.ctx(g).iotlb.entries) == 8
 
 
 # -- malformed input ----------------------------------------------------------------------------------------
@@ -208,7 +208,7 @@ def test_structured_garbage_gets_statuses_and_a_clean_audit(batch: list[ops.Op])
     guest = bed.guest(memory=32)
     dm, _server = bed.emulator(guest)
     bed.host.assign_device(0, "00:02.0")
-    bed.host.create_ioreq_server(0, guest.domid)
+    bed.host.emulators.create_server(0, guest.domid)
     sent = pack(batch)
     for caller in (dm.domid, guest.domid, 0):
         buf = bytearray(sent)

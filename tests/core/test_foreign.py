@@ -24,7 +24,7 @@ def test_map_foreign_takes_a_reference_per_new_entry(scene: tuple[Bed, Domain, D
     op = bed.one(dm.domid, ops.map_foreign_page(0x800, 4, guest.domid, server))
     assert op.status_name == "OK" and op.bfn == 0x800
     assert bed.refs(mfn) == (2, 1)
-    assert len(bed.host.m2b.for_frame(mfn)) == 1
+    assert len(bed.host.iommu.m2b.for_frame(mfn)) == 1
     # identical entry: succeeds, takes nothing
     assert bed.status(dm.domid, ops.map_foreign_page(0x800, 4, guest.domid, server)) == "OK"
     assert bed.refs(mfn) == (2, 1)
@@ -34,12 +34,12 @@ def test_map_foreign_takes_a_reference_per_new_entry(scene: tuple[Bed, Domain, D
     assert bed.status(dm.domid, ops.unmap_foreign_page(0x800, server)) == "OK"
     assert bed.status(dm.domid, ops.unmap_foreign_page(0x801, server)) == "OK"
     assert bed.refs(mfn) == (1, 0)
-    assert len(bed.host.m2b) == 0
+    assert len(bed.host.iommu.m2b) == 0
 
 
 def test_emulator_device_reads_guest_memory(scene: tuple[Bed, Domain, Domain, int]) -> None:
     bed, guest, dm, server = scene
-    bed.host.guest_access(guest.domid, 9, 0, b"guest data")
+    bed.host.memory.access(guest.domid, 9, 0, b"guest data")
     assert bed.status(dm.domid, ops.map_foreign_page(0x900, 9, guest.domid, server)) == "OK"
     assert bed.host.device_dma("00:05.0", 0x900 << 12, length=10).data == b"guest data"
 
@@ -88,7 +88,7 @@ def test_ioserver_must_be_the_callers_for_that_domain(bed: Bed) -> None:
     other = bed.guest(device="00:04.0")
     bed.host.assign_device(0, "00:02.0")
     _dm, server = bed.emulator(guest)
-    dom0_server = bed.host.create_ioreq_server(0, other.domid).id
+    dom0_server = bed.host.emulators.create_server(0, other.domid).id
     # dom0 is privileged over the guest, but the server is dm's, or for another domain
     assert bed.status(0, ops.map_foreign_page(0x100000, 4, guest.domid, server)) == "-ENODEV"
     assert bed.status(0, ops.map_foreign_page(0x100000, 4, guest.domid, dom0_server)) == "-ENODEV"
@@ -121,12 +121,12 @@ def test_map_foreign_enospc(scene: tuple[Bed, Domain, Domain, int]) -> None:
 
 def test_map_foreign_order_is_atomic(scene: tuple[Bed, Domain, Domain, int]) -> None:
     bed, guest, dm, server = scene
-    bed.host.inject_fault(dm.domid, 0x803)
+    bed.host.iommu.inject_fault(dm.domid, 0x803)
     assert bed.status(dm.domid, ops.map_foreign_page(0x800, 8, guest.domid, server, order=2)) == "-EIO"
-    assert len(bed.host.m2b) == 0
-    bed.host.clear_fault(dm.domid, 0x803)
+    assert len(bed.host.iommu.m2b) == 0
+    bed.host.iommu.clear_fault(dm.domid, 0x803)
     assert bed.status(dm.domid, ops.map_foreign_page(0x800, 8, guest.domid, server, order=2)) == "OK"
-    assert len(bed.host.m2b) == 4
+    assert len(bed.host.iommu.m2b) == 4
     assert bed.status(dm.domid, ops.unmap_foreign_page(0x800, server, order=2)) == "OK"
 
 
@@ -161,7 +161,7 @@ def test_map_foreign_without_iommu_returns_the_mfn() -> None:
     assert bed.refs(mfn) == (2, 1)
     assert bed.status(dm.domid, ops.map_foreign_page(0, 4, guest.domid, server, R)) == "-EEXIST"
     # the emulator's device sees machine addresses
-    bed.host.guest_access(guest.domid, 4, 0, b"mfn")
+    bed.host.memory.access(guest.domid, 4, 0, b"mfn")
     assert bed.host.device_dma("00:05.0", mfn << 12, length=3).data == b"mfn"
     assert bed.status(dm.domid, ops.unmap_foreign_page(mfn, server)) == "OK"
     assert bed.refs(mfn) == (1, 0)
@@ -171,7 +171,7 @@ def test_no_iommu_other_server_same_frame_is_a_new_entry() -> None:
     bed = Bed(iommu=False)
     guest = bed.guest()
     dm, server = bed.emulator(guest)
-    second = bed.host.create_ioreq_server(dm.domid, guest.domid).id
+    second = bed.host.emulators.create_server(dm.domid, guest.domid).id
     assert bed.status(dm.domid, ops.map_foreign_page(0, 4, guest.domid, server)) == "OK"
     assert bed.status(dm.domid, ops.map_foreign_page(0, 4, guest.domid, second, R)) == "OK"
     assert bed.refs(bed.mfn(guest, 4)) == (3, 1)
@@ -199,7 +199,7 @@ def test_lookup_finds_lowest_existing_bfn(scene: tuple[Bed, Domain, Domain, int]
     assert bed.status(dm.domid, ops.map_foreign_page(0x880, 4, guest.domid, server, R)) == "OK"
     op = bed.one(dm.domid, ops.lookup_foreign_page(4, guest.domid, server))
     assert op.status_name == "OK" and op.bfn == 0x880 and op.flags == R
-    assert len(bed.host.m2b) == 2
+    assert len(bed.host.iommu.m2b) == 2
 
 
 def test_lookup_with_context_and_no_default_is_enoent(scene: tuple[Bed, Domain, Domain, int]) -> None:
@@ -210,9 +210,9 @@ def test_lookup_with_context_and_no_default_is_enoent(scene: tuple[Bed, Domain, 
 def test_hwdom_lookup_takes_over_its_default_entry(bed: Bed) -> None:
     guest = bed.guest()
     bed.host.assign_device(0, "00:02.0")
-    server = bed.host.create_ioreq_server(0, guest.domid).id
+    server = bed.host.emulators.create_server(0, guest.domid).id
     mfn = bed.mfn(guest, 4)
-    ctx = bed.dom0.context
+    ctx = bed.ctx(bed.dom0)
     assert ctx is not None
     flushes = dict(ctx.flushes)
     op = bed.one(0, ops.lookup_foreign_page(4, guest.domid, server))
@@ -231,9 +231,9 @@ def test_hwdom_lookup_takes_over_its_default_entry(bed: Bed) -> None:
 def test_lookup_takeover_ignores_injected_faults(bed: Bed) -> None:
     guest = bed.guest()
     bed.host.assign_device(0, "00:02.0")
-    server = bed.host.create_ioreq_server(0, guest.domid).id
+    server = bed.host.emulators.create_server(0, guest.domid).id
     mfn = bed.mfn(guest, 4)
-    bed.host.inject_fault(0, mfn)
+    bed.host.iommu.inject_fault(0, mfn)
     assert bed.status(0, ops.lookup_foreign_page(4, guest.domid, server)) == "OK"
 
 
@@ -284,16 +284,16 @@ def test_unmap_foreign_rmrr(bed: Bed) -> None:
 def test_unmap_foreign_injected_fault(scene: tuple[Bed, Domain, Domain, int]) -> None:
     bed, guest, dm, server = scene
     assert bed.status(dm.domid, ops.map_foreign_page(0x800, 4, guest.domid, server)) == "OK"
-    bed.host.inject_fault(dm.domid, 0x800)
+    bed.host.iommu.inject_fault(dm.domid, 0x800)
     assert bed.status(dm.domid, ops.unmap_foreign_page(0x800, server)) == "-EIO"
-    assert len(bed.host.m2b) == 1
+    assert len(bed.host.iommu.m2b) == 1
 
 
 def test_unmap_of_contextless_lookup_ignores_faults(bed: Bed) -> None:
     guest = bed.guest()
     dm, server = bed.emulator(guest, device=None)
     mfn = bed.one(dm.domid, ops.lookup_foreign_page(3, guest.domid, server)).bfn
-    bed.host.inject_fault(dm.domid, mfn)
+    bed.host.iommu.inject_fault(dm.domid, mfn)
     assert bed.status(dm.domid, ops.unmap_foreign_page(mfn, server)) == "OK"
 
 

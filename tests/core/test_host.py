@@ -22,18 +22,18 @@ def test_ioreq_server_privilege_and_ids(bed: Bed) -> None:
     guest = bed.guest()
     other = bed.guest(device=None)
     dm = bed.guest("pv", 8, None, target=guest.domid)
-    assert errno_of(bed.host.create_ioreq_server, dm.domid, other.domid) == -1
-    assert errno_of(bed.host.create_ioreq_server, dm.domid, dm.domid) == -1
-    assert errno_of(bed.host.create_ioreq_server, dm.domid, ops.DOMID_SELF) == -1
-    assert errno_of(bed.host.create_ioreq_server, dm.domid, 555) == -3
-    assert errno_of(bed.host.create_ioreq_server, guest.domid, 0) == -1
-    first = bed.host.create_ioreq_server(dm.domid, guest.domid).id
-    second = bed.host.create_ioreq_server(0, guest.domid).id
+    assert errno_of(bed.host.emulators.create_server, dm.domid, other.domid) == -1
+    assert errno_of(bed.host.emulators.create_server, dm.domid, dm.domid) == -1
+    assert errno_of(bed.host.emulators.create_server, dm.domid, ops.DOMID_SELF) == -1
+    assert errno_of(bed.host.emulators.create_server, dm.domid, 555) == -3
+    assert errno_of(bed.host.emulators.create_server, guest.domid, 0) == -1
+    first = bed.host.emulators.create_server(dm.domid, guest.domid).id
+    second = bed.host.emulators.create_server(0, guest.domid).id
     assert (first, second) == (1, 2)
-    assert errno_of(bed.host.destroy_ioreq_server, 0, first) == -1
-    assert errno_of(bed.host.destroy_ioreq_server, dm.domid, 99) == -2
-    bed.host.destroy_ioreq_server(dm.domid, first)
-    assert bed.host.create_ioreq_server(dm.domid, guest.domid).id == 3  # never reused
+    assert errno_of(bed.host.emulators.destroy_server, 0, first) == -1
+    assert errno_of(bed.host.emulators.destroy_server, dm.domid, 99) == -2
+    bed.host.emulators.destroy_server(dm.domid, first)
+    assert bed.host.emulators.create_server(dm.domid, guest.domid).id == 3  # never reused
     bed.check()
 
 
@@ -41,10 +41,10 @@ def test_ioreq_ids_run_out() -> None:
     bed = Bed()
     guest = bed.guest(device=None)
     bed.host.ioreq.next_id = 65535
-    bed.host.create_ioreq_server(0, guest.domid)
-    assert errno_of(bed.host.create_ioreq_server, 0, guest.domid) == -28
+    bed.host.emulators.create_server(0, guest.domid)
+    assert errno_of(bed.host.emulators.create_server, 0, guest.domid) == -28
     # privilege is checked before capacity
-    assert errno_of(bed.host.create_ioreq_server, guest.domid, 0) == -1
+    assert errno_of(bed.host.emulators.create_server, guest.domid, 0) == -1
 
 
 def test_destroying_an_ioreq_server_releases_its_mappings(bed: Bed) -> None:
@@ -53,28 +53,28 @@ def test_destroying_an_ioreq_server_releases_its_mappings(bed: Bed) -> None:
     bed.call(dm.domid, [ops.map_foreign_page(0x800 + i, i, guest.domid, server) for i in range(8)])
     assert bed.refs(bed.mfn(guest, 0)) == (2, 1)
     before = bed.flushes(dm)["modified"]
-    bed.host.destroy_ioreq_server(dm.domid, server)
+    bed.host.emulators.destroy_server(dm.domid, server)
     bed.check()
     assert bed.refs(bed.mfn(guest, 0)) == (1, 0)
-    assert dm.context is not None and not dm.context.table.get(0x800)
+    assert dm.domid in bed.host.iommu.contexts and not bed.ctx(dm).table.get(0x800)
     assert bed.flushes(dm)["modified"] == before + 1
-    assert len(bed.host.m2b) == 0
+    assert len(bed.host.iommu.m2b) == 0
 
 
 # -- device assignment -----------------------------------------------------------------------------------
 def test_rmrr_regions_are_identity_mapped(bed: Bed) -> None:
     beyond = bed.host.frames.nr_frames + 16
     g = bed.guest(rmrr=[(4, 2), (beyond, 1)])
-    assert g.context is not None
+    assert g.domid in bed.host.iommu.contexts
     for bfn in (4, 5, beyond):
-        assert g.context.table.get(bfn) == make_entry(bfn, Kind.RMRR, ops.RW)
+        assert bed.ctx(g).table.get(bfn) == make_entry(bfn, Kind.RMRR, ops.RW)
     assert bed.host.device_dma("00:03.0", beyond << 12, b"mmio").ok
 
 
 def test_rmrr_must_not_be_ram_of_a_domain(bed: Bed) -> None:
     g = bed.guest(device=None)
     assert errno_of(bed.host.assign_device, g.domid, "00:03.0", [(600, 1)]) == -22
-    assert errno_of(bed.host.assign_device, g.domid, "00:03.0", [(bed.host.scratch_mfn, 1)]) == -22
+    assert errno_of(bed.host.assign_device, g.domid, "00:03.0", [(bed.host.options.scratch_mfn, 1)]) == -22
 
 
 def test_assignment_over_a_mapping_is_ebusy(bed: Bed) -> None:
@@ -101,14 +101,14 @@ def test_context_creation_refused_with_contextless_m2b_entries(bed: Bed) -> None
     dm, server = bed.emulator(guest, device=None)
     assert bed.status(dm.domid, ops.lookup_foreign_page(3, guest.domid, server)) == "OK"
     assert errno_of(bed.host.assign_device, dm.domid, "00:05.0") == -16
-    assert dm.context is None and not dm.devices
+    assert dm.domid not in bed.host.iommu.contexts and not dm.devices
 
 
 def test_first_assignment_writes_defaults_without_flush(bed: Bed) -> None:
     g = bed.guest(device=None)
     bed.host.assign_device(g.domid, "00:03.0")
-    assert g.context is not None
-    assert entry_kind(g.context.table.get(7)) == Kind.DEFAULT
+    assert g.domid in bed.host.iommu.contexts
+    assert entry_kind(bed.ctx(g).table.get(7)) == Kind.DEFAULT
     assert bed.flushes(g) == {"added": 0, "modified": 0}
     beyond = bed.guest(device="00:04.0", rmrr=[(bed.host.frames.nr_frames + 8, 1)])
     assert bed.flushes(beyond) == {"added": 1, "modified": 0}
@@ -119,18 +119,18 @@ def test_first_assignment_writes_defaults_without_flush(bed: Bed) -> None:
 def test_passthrough_hwdom_sees_machine_addresses() -> None:
     bed = Bed(dom0_passthrough=True)
     bed.host.assign_device(0, "00:02.0")
-    assert bed.host.hwdom.context is None
+    assert bed.host.hwdom.domid not in bed.host.iommu.contexts
     bed.host.frames.write(600, 0, b"raw")
     assert bed.host.device_dma("00:02.0", 600 << 12, length=3).data == b"raw"
     assert not bed.host.device_dma("00:02.0", bed.host.frames.nr_frames << 12, length=1).ok
-    assert bed.host.machine_dma_faults == 1
+    assert bed.host.iommu.machine_dma_faults == 1
 
 
 def test_non_strict_hwdom_defaults_cover_all_ram_but_xens() -> None:
     bed = Bed()
     bed.host.assign_device(0, "00:02.0")
     g = bed.guest()
-    bed.host.guest_access(g.domid, 0, 0, b"anyone's")
+    bed.host.memory.access(g.domid, 0, 0, b"anyone's")
     mfn = bed.mfn(g, 0)
     assert bed.host.device_dma("00:02.0", mfn << 12, length=8).data == b"anyone's"
     assert not bed.host.device_dma("00:02.0", 2 << 12, length=1).ok
@@ -180,9 +180,9 @@ def test_destroying_the_emulator_releases_its_servers(bed: Bed) -> None:
 
 def test_destroy_clears_injected_faults(bed: Bed) -> None:
     g = bed.guest()
-    bed.host.inject_fault(g.domid, 5)
+    bed.host.iommu.inject_fault(g.domid, 5)
     bed.host.destroy_domain(g.domid)
-    assert not bed.host.injected_faults
+    assert not bed.host.iommu.injected_faults
 
 
 def test_out_of_memory(bed: Bed) -> None:
@@ -198,16 +198,16 @@ def test_audit_reports_a_reference_leak(bed: Bed) -> None:
 
 def test_audit_reports_a_mapping_without_reference(bed: Bed) -> None:
     g = bed.guest()
-    assert g.context is not None
-    g.context.table.set(0x1000, make_entry(bed.mfn(g, 1), Kind.MAP, ops.RW))
+    assert g.domid in bed.host.iommu.contexts
+    bed.ctx(g).table.set(0x1000, make_entry(bed.mfn(g, 1), Kind.MAP, ops.RW))
     assert any("references" in p for p in audit(bed.host))
 
 
 def test_audit_reports_mapping_of_a_free_frame(bed: Bed) -> None:
     g = bed.guest()
-    assert g.context is not None
+    assert g.domid in bed.host.iommu.contexts
     free = bed.host.frames.nr_frames - 1
-    g.context.table.set(0x1000, make_entry(free, Kind.MAP_NOREF, ops.RW))
+    bed.ctx(g).table.set(0x1000, make_entry(free, Kind.MAP_NOREF, ops.RW))
     problems = audit(bed.host)
     assert any("free frame" in p for p in problems) and any("no_ref_cnt" in p for p in problems)
 
@@ -216,9 +216,9 @@ def test_audit_reports_broken_rmrr_and_foreign_entries(bed: Bed) -> None:
     guest = bed.guest(rmrr=[(4, 1)])
     dm, server = bed.emulator(guest)
     bed.call(dm.domid, [ops.map_foreign_page(0x800, 1, guest.domid, server)])
-    assert guest.context is not None and dm.context is not None
-    guest.context.table.clear(4)
-    dm.context.table.clear(0x800)
+    assert guest.domid in bed.host.iommu.contexts and dm.domid in bed.host.iommu.contexts
+    bed.ctx(guest).table.clear(4)
+    bed.ctx(dm).table.clear(0x800)
     problems = audit(bed.host)
     assert any("RMRR" in p for p in problems)
     assert any("lost its IOMMU entry" in p for p in problems)
@@ -226,8 +226,8 @@ def test_audit_reports_broken_rmrr_and_foreign_entries(bed: Bed) -> None:
 
 def test_audit_reports_pending_flush(bed: Bed) -> None:
     g = bed.guest()
-    assert g.context is not None
-    bed.host.note_flush(g.context, g.context.pending_flush.__class__.ADDED)
+    assert g.domid in bed.host.iommu.contexts
+    bed.host.iommu.note_flush(bed.ctx(g), bed.ctx(g).pending_flush.__class__.ADDED)
     assert any("pending" in p for p in audit(bed.host))
 
 

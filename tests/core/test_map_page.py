@@ -78,12 +78,12 @@ def test_map_page_takes_general_and_writable_references(bed: Bed) -> None:
 
 def test_device_reads_what_the_guest_wrote(bed: Bed) -> None:
     g = bed.guest()
-    bed.host.guest_access(g.domid, 7, 100, b"hello dma")
+    bed.host.memory.access(g.domid, 7, 100, b"hello dma")
     assert bed.status(g.domid, ops.map_page(0x2000, 7)) == "OK"
     result = bed.host.device_dma("00:03.0", (0x2000 << 12) + 100, length=9)
     assert result.ok and result.data == b"hello dma"
     bed.host.device_dma("00:03.0", 0x2000 << 12, b"from device")
-    assert bed.host.guest_access(g.domid, 7, 0, None, 11) == b"from device"
+    assert bed.host.memory.access(g.domid, 7, 0, None, 11) == b"from device"
 
 
 def test_read_only_mapping_refuses_device_writes(bed: Bed) -> None:
@@ -92,7 +92,7 @@ def test_read_only_mapping_refuses_device_writes(bed: Bed) -> None:
     assert bed.host.device_dma("00:03.0", 0x3000 << 12, length=4).ok
     result = bed.host.device_dma("00:03.0", 0x3000 << 12, b"x")
     assert not result.ok and result.reason == "write denied"
-    assert g.context is not None and g.context.fault_count == 1
+    assert g.domid in bed.host.iommu.contexts and bed.ctx(g).fault_count == 1
 
 
 def test_write_only_mapping_refuses_device_reads(bed: Bed) -> None:
@@ -202,8 +202,8 @@ def test_hvm_hwdom_goes_through_its_p2m() -> None:
     bed = Bed(dom0_kind="hvm")
     bed.host.assign_device(0, "00:02.0")
     assert bed.status(0, ops.map_page(0x100000, 3)) == "OK"
-    assert bed.host.hwdom.context is not None
-    entry = bed.host.hwdom.context.table.get(0x100000)
+    assert bed.host.hwdom.domid in bed.host.iommu.contexts
+    entry = bed.ctx(bed.host.hwdom).table.get(0x100000)
     assert entry >> 8 == bed.mfn(bed.host.hwdom, 3)
     assert bed.status(0, ops.map_page(0x100001, 600)) == "-EPERM"  # not in its p2m
 
@@ -223,12 +223,12 @@ def test_map_page_over_existing_mapping(bed: Bed) -> None:
 
 def test_map_page_injected_fault(bed: Bed) -> None:
     g = bed.guest()
-    bed.host.inject_fault(g.domid, 0x1001)
+    bed.host.iommu.inject_fault(g.domid, 0x1001)
     before = bed.flushes(g)
     assert bed.status(g.domid, ops.map_page(0x1000, 0, order=1)) == "-EIO"
-    assert g.context is not None and not g.context.table.get(0x1000)
+    assert g.domid in bed.host.iommu.contexts and not bed.ctx(g).table.get(0x1000)
     assert bed.flushes(g) == before
-    bed.host.clear_fault(g.domid, 0x1001)
+    bed.host.iommu.clear_fault(g.domid, 0x1001)
     assert bed.status(g.domid, ops.map_page(0x1000, 0, order=1)) == "OK"
 
 
@@ -238,14 +238,14 @@ def test_fault_injection_is_off_by_default() -> None:
     bed = Bed(fault_injection=False)
     g = bed.guest()
     with pytest.raises(HypercallError):
-        bed.host.inject_fault(g.domid, 1)
+        bed.host.iommu.inject_fault(g.domid, 1)
 
 
 # -- page orders ----------------------------------------------------------------------------------
 def test_order_map_covers_every_page_and_smaller_unmap_splits_it(bed: Bed) -> None:
     g = bed.guest()
     assert bed.status(g.domid, ops.map_page(0x1000, 8, order=3)) == "OK"
-    ctx = g.context
+    ctx = bed.ctx(g)
     assert ctx is not None
     for i in range(8):
         assert ctx.table.get(0x1000 + i) >> 8 == bed.mfn(g, 8 + i)
@@ -262,13 +262,13 @@ def test_order_map_is_atomic(bed: Bed) -> None:
     before = [bed.refs(bed.mfn(g, 8 + i)) for i in range(4)]
     assert bed.status(g.domid, ops.map_page(0x1000, 8, order=2)) == "-EEXIST"
     assert [bed.refs(bed.mfn(g, 8 + i)) for i in range(4)] == before
-    assert g.context is not None
-    assert not g.context.table.get(0x1000) and not g.context.table.get(0x1001)
+    assert g.domid in bed.host.iommu.contexts
+    assert not bed.ctx(g).table.get(0x1000) and not bed.ctx(g).table.get(0x1001)
 
 
 def test_order_map_fails_on_first_bad_page(bed: Bed) -> None:
     g = bed.guest(memory=10)
-    bed.host.inject_fault(g.domid, 0x1003)
+    bed.host.iommu.inject_fault(g.domid, 0x1003)
     # page 2 (gfn 10) is unpopulated, page 3 faults: the first failing page decides
     assert bed.status(g.domid, ops.map_page(0x1000, 8, order=2)) == "-EPERM"
 
@@ -277,7 +277,7 @@ def test_order_unmap_is_atomic(bed: Bed) -> None:
     g = bed.guest()
     assert bed.status(g.domid, ops.map_page(0x1000, 8, order=1)) == "OK"
     assert bed.status(g.domid, ops.unmap_page(0x1000, order=2)) == "-ENOENT"
-    assert g.context is not None and g.context.table.get(0x1000)
+    assert g.domid in bed.host.iommu.contexts and bed.ctx(g).table.get(0x1000)
 
 
 # -- unmap_page -------------------------------------------------------------------------------------
@@ -311,14 +311,14 @@ def test_unmap_rmrr(bed: Bed) -> None:
 def test_unmap_injected_fault(bed: Bed) -> None:
     g = bed.guest()
     assert bed.status(g.domid, ops.map_page(0x1000, 1)) == "OK"
-    bed.host.inject_fault(g.domid, 0x1000)
+    bed.host.iommu.inject_fault(g.domid, 0x1000)
     assert bed.status(g.domid, ops.unmap_page(0x1000)) == "-EIO"
     assert bed.refs(bed.mfn(g, 1)) == (2, 1)
 
 
 def test_unmap_removes_a_default_entry_for_good(bed: Bed) -> None:
     g = bed.guest()
-    ctx = g.context
+    ctx = bed.ctx(g)
     assert ctx is not None
     assert entry_kind(ctx.table.get(9)) == Kind.DEFAULT
     assert bed.status(g.domid, ops.unmap_page(9)) == "OK"
@@ -330,8 +330,8 @@ def test_unmap_removes_a_default_entry_for_good(bed: Bed) -> None:
 def test_map_replaces_a_default_entry(bed: Bed) -> None:
     g = bed.guest()
     assert bed.status(g.domid, ops.map_page(3, 7, R)) == "OK"
-    assert g.context is not None
-    entry = g.context.table.get(3)
+    assert g.domid in bed.host.iommu.contexts
+    entry = bed.ctx(g).table.get(3)
     assert entry_kind(entry) == Kind.MAP and entry >> 8 == bed.mfn(g, 7)
     assert bed.flushes(g)["modified"] == 1
 
@@ -374,8 +374,8 @@ def test_check_order_no_ref_before_order(bed: Bed) -> None:
 
 def test_check_order_rmrr_before_exists_before_fault(bed: Bed) -> None:
     g = bed.guest(rmrr=[(4, 1)])
-    bed.host.inject_fault(g.domid, 4)
+    bed.host.iommu.inject_fault(g.domid, 4)
     assert bed.status(g.domid, ops.map_page(4, 1)) == "-EACCES"
     assert bed.status(g.domid, ops.map_page(0x100, 1)) == "OK"
-    bed.host.inject_fault(g.domid, 0x100)
+    bed.host.iommu.inject_fault(g.domid, 0x100)
     assert bed.status(g.domid, ops.map_page(0x100, 2)) == "-EEXIST"

@@ -37,7 +37,7 @@ class Guest:
     def queue(self, *commands: ItsCommand | bytes) -> None:
         for command in commands:
             block = command if isinstance(command, bytes) else command.encode()
-            self.host.guest_access(self.domid, QUEUE_GFN, self.offset % 4096, block)
+            self.host.memory.access(self.domid, QUEUE_GFN, self.offset % 4096, block)
             self.offset += 32
         self.its.mmio_write(self.domid, 0, 0x88, 8, self.offset % 4096)
         self.its.run_passes()
@@ -50,7 +50,7 @@ class Guest:
 
     def enable(self, vlpi: int, on: bool = True) -> None:
         value = 0xA0 | 2 | int(on)
-        self.host.guest_access(self.domid, PROP_GFN, vlpi - LPI, bytes([value]))
+        self.host.memory.access(self.domid, PROP_GFN, vlpi - LPI, bytes([value]))
         self.its.config_written(self.domid, vlpi, value)
 
 
@@ -397,7 +397,7 @@ def test_pending_table_is_read_when_lpis_are_enabled(setup: tuple[Host, ItsHost]
     settle(its)
     its.redist_write(g.domid, 0, 0x0, 4, 0)
     vlpi = LPI + 33
-    host.guest_access(g.domid, PEND_GFN, vlpi // 8, bytes([1 << (vlpi % 8)]))
+    host.memory.access(g.domid, PEND_GFN, vlpi // 8, bytes([1 << (vlpi % 8)]))
     its.redist_write(g.domid, 0, 0x78, 8, PEND_GFN << 12)  # PTZ = 0: the table is read
     its.redist_write(g.domid, 0, 0x0, 4, 1)
     assert its.deliveries[-1] == Delivery(g.domid, 0, vlpi)
@@ -438,7 +438,7 @@ def test_victim_completes_within_one_round_while_another_keeps_32767_queued() ->
     its.mmio_write(flood_dom.domid, 0, 0x0, 4, 1)
     sync = c.sync(0).encode()
     for i in range(32767):
-        host.guest_access(flood_dom.domid, 10 + i * 32 // 4096, i * 32 % 4096, sync)
+        host.memory.access(flood_dom.domid, 10 + i * 32 // 4096, i * 32 % 4096, sync)
     its.mmio_write(flood_dom.domid, 0, 0x88, 8, 32767 * 32)
     its.run_passes()
     victim = Guest(its, host, devid=0x11)

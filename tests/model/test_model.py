@@ -25,11 +25,10 @@ from xenemu.abi.ioreq import read_ring, read_sync
 from xenemu.abi.pv_iommu import Op, pack, unpack
 from xenemu.core.audit import audit
 from xenemu.core.errors import HypercallError
-from xenemu.core.grants.ops import end_access, grant_access, map_grant_refs, unmap_grant_refs
 from xenemu.core.host import Host
 from xenemu.core.iommu.entries import Kind, entry_kind, entry_mfn, entry_perms
 from xenemu.core.iommu.subops import run_iommu_op
-from xenemu.core.ioreq.balloon import WaitForIoreqs, decrease_reservation, populate_physmap
+from xenemu.core.ioreq.balloon import WaitForIoreqs
 from xenemu.core.options import HostOptions
 
 NR_FRAMES, XEN_FRAMES, DOM0_MEMORY = 160, 16, 24
@@ -136,7 +135,7 @@ class PvIommuModel(RuleBasedStateMachine):
             return
         if device:
             self.assign(want)
-        server = self.errno(self.host.create_ioreq_server, want, guest)
+        server = self.errno(self.host.emulators.create_server, want, guest)
         assert (server if isinstance(server, int) else server.id) == self.ref.create_server(want, guest)
 
     @rule(index=st.integers(0, 8))
@@ -154,13 +153,13 @@ class PvIommuModel(RuleBasedStateMachine):
     @rule(caller=st.integers(0, 8), guest=st.integers(0, 8))
     def create_server(self, caller: int, guest: int) -> None:
         c, t = self.pick(caller), self.pick(guest)
-        got = self.errno(self.host.create_ioreq_server, c, t)
+        got = self.errno(self.host.emulators.create_server, c, t)
         assert (got if isinstance(got, int) else got.id) == self.ref.create_server(c, t)
 
     @rule(caller=st.integers(0, 8), server=st.integers(0, 6))
     def destroy_server(self, caller: int, server: int) -> None:
         c = self.pick(caller)
-        got = self.errno(self.host.destroy_ioreq_server, c, server)
+        got = self.errno(self.host.emulators.destroy_server, c, server)
         assert (got or 0) == self.ref.destroy_server(c, server)
 
     @rule(caller=st.integers(0, 8), batch=st.lists(op_strategy, max_size=6))
@@ -169,7 +168,7 @@ class PvIommuModel(RuleBasedStateMachine):
 
     def run_batch(self, c: int, batch: list[Op]) -> None:
         buf = pack(batch)
-        assert run_iommu_op(self.host, c, buf, len(batch)) == 0
+        assert run_iommu_op(self.host.iommu, c, buf, len(batch)) == 0
         got = unpack(buf)
         want = self.ref.iommu_op(
             c,
@@ -194,11 +193,14 @@ class PvIommuModel(RuleBasedStateMachine):
         caller = data.draw(st.sampled_from(capable))
         dom = host.domains[caller]
         own = list(dom.p2m.keys()) if dom.is_hvm else [m for m in range(NR_FRAMES) if host.frames.belongs_to(m, caller)]
-        if host.is_non_strict_hwdom(dom) and not dom.is_hvm:
+        if host.iommu.is_non_strict_hwdom(dom) and not dom.is_hvm:
             own += list(range(XEN_FRAMES - 2, NR_FRAMES))
         servers = [s for s in host.ioreq.servers.values() if s.creator == caller and s.target is not None]
-        mapped = sorted({e.bfn for e in host.m2b.held_by(caller)} | set(dom.context.scratch if dom.context else ()))
-        ctx_bfns = [b for b, _ in host.context_entries(dom)][:64]
+        mapped = sorted(
+            {e.bfn for e in host.iommu.m2b.held_by(caller)}
+            | set(ctx.scratch if (ctx := host.iommu.contexts.get(dom.domid)) else ())
+        )
+        ctx_bfns = [b for b, _ in host.iommu.context_entries(dom)][:64]
         bfns = st.one_of(st.integers(0, 48), st.sampled_from([0x1000, 0x1001, 0x1002, 0x1004]))
         perms = st.sampled_from([1, 2, 3, 3, 3 | 4])
         order = st.sampled_from([0, 0, 0, 0, 1])
@@ -207,7 +209,7 @@ class PvIommuModel(RuleBasedStateMachine):
             choices.append(
                 st.builds(
                     lambda b, g, p, o: Op(
-                        2, (p & 3) | (p & 4 if host.is_non_strict_hwdom(dom) else 0) | (o << 10), b, g
+                        2, (p & 3) | (p & 4 if host.iommu.is_non_strict_hwdom(dom) else 0) | (o << 10), b, g
                     ),
                     bfns,
                     st.sampled_from(own),
@@ -250,10 +252,10 @@ class PvIommuModel(RuleBasedStateMachine):
     def grant_entry(self, granter: int, ref: int, mapper: int, gfn: int, readonly: bool, end: bool) -> None:
         g, m = self.pick(granter), self.pick(mapper)
         if end:
-            got = self.errno(end_access, self.host, g, ref)
+            got = self.errno(self.host.grants.end_access, g, ref)
             assert (got or 0) == self.ref.end_access(g, ref)
         else:
-            got = self.errno(grant_access, self.host, g, ref, m, gfn, readonly)
+            got = self.errno(self.host.grants.grant_access, g, ref, m, gfn, readonly)
             assert (got or 0) == self.ref.grant_access(g, ref, m, gfn, readonly)
 
     @rule(
@@ -273,7 +275,7 @@ class PvIommuModel(RuleBasedStateMachine):
         c = self.pick(caller)
         maps = [MapGrant(self.pick(d), ref, flags, host, dev) for d, ref, flags, host, dev in batch]
         buf = bytearray(pack_map(maps))
-        map_grant_refs(self.host, c, buf, len(maps))
+        self.host.grants.map_grant_refs(c, buf, len(maps))
         for sent, got in zip(maps, unpack_map(bytes(buf)), strict=True):
             want = self.ref.map_grant(
                 c,
@@ -313,10 +315,10 @@ class PvIommuModel(RuleBasedStateMachine):
     @rule(caller=st.integers(0, 8), handles=st.lists(st.tuples(st.integers(0, 6), st.booleans()), max_size=4))
     def grant_unmap(self, caller: int, handles: list[tuple[int, bool]]) -> None:
         c = self.pick(caller)
-        mapped = self.host.domains[c].maptrack.mappings
+        mapped = self.host.grants.maptracks[c].mappings
         ops = [UnmapGrant(h, mapped[h].host_addr if h in mapped and exact else 0) for h, exact in handles]
         buf = bytearray(pack_unmap(ops))
-        unmap_grant_refs(self.host, c, buf, len(ops))
+        self.host.grants.unmap_grant_refs(c, buf, len(ops))
         for sent, got in zip(ops, unpack_unmap(bytes(buf)), strict=True):
             want = self.ref.unmap_grant(
                 c, {"handle": sent.handle, "host_addr": sent.host_addr, "dev_bus_addr": sent.dev_bus_addr}
@@ -326,7 +328,7 @@ class PvIommuModel(RuleBasedStateMachine):
     @rule(caller=st.integers(0, 8), gfns=st.lists(st.integers(0, NR_FRAMES), max_size=8))
     def balloon(self, caller: int, gfns: list[int]) -> None:
         c = self.pick(caller)
-        gen = decrease_reservation(self.host, c, gfns)
+        gen = self.host.balloon.decrease_reservation(c, gfns)
         while True:
             try:
                 effect = next(gen)
@@ -335,14 +337,14 @@ class PvIommuModel(RuleBasedStateMachine):
                 break
             assert isinstance(effect, WaitForIoreqs)
             self.collect_invalidates()  # the emulators answer
-            assert effect.done(self.host)
+            assert effect.done(self.host.ioreq)
         self.collect_invalidates()
         assert (result["ret"], result["status"]) == self.ref.decrease(c, gfns)
 
     @rule(caller=st.integers(0, 8), gfns=st.lists(st.integers(0, NR_FRAMES), max_size=8))
     def populate(self, caller: int, gfns: list[int]) -> None:
         c = self.pick(caller)
-        result = populate_physmap(self.host, c, gfns)
+        result = self.host.balloon.populate_physmap(c, gfns)
         assert (result["ret"], result["status"]) == self.ref.populate(c, gfns)
 
     @rule(index=st.integers(0, 8), bfn=small, write=st.booleans())
@@ -356,10 +358,10 @@ class PvIommuModel(RuleBasedStateMachine):
     def fault(self, index: int, bfn: int, clear: bool) -> None:
         domid = self.pick(index)
         if clear:
-            self.host.clear_fault(domid, bfn)
+            self.host.iommu.clear_fault(domid, bfn)
             self.ref.faults.discard((domid, bfn))
         else:
-            self.host.inject_fault(domid, bfn)
+            self.host.iommu.inject_fault(domid, bfn)
             self.ref.faults.add((domid, bfn))
 
     def collect_invalidates(self) -> None:
@@ -371,7 +373,7 @@ class PvIommuModel(RuleBasedStateMachine):
             for req_id, raw in list(server.pending.items()):
                 self.announced.append((server.id, read_sync(req_id, bytes(raw)).data))
                 server.complete(req_id)
-        self.host.notify.clear()
+        self.host.ioreq.notify.clear()
 
     # -- invariants ---------------------------------------------------------------------------------
     @invariant()
@@ -398,14 +400,16 @@ class PvIommuModel(RuleBasedStateMachine):
             if dom.is_hvm:
                 assert dict(dom.p2m.items()) == rdom.p2m
             if rdom.ctx is None:
-                assert dom.context is None
+                assert dom.domid not in self.host.iommu.contexts
                 continue
             got_ctx = {
-                b: (entry_mfn(e), KIND_NAMES[entry_kind(e)], entry_perms(e)) for b, e in host.context_entries(dom)
+                b: (entry_mfn(e), KIND_NAMES[entry_kind(e)], entry_perms(e)) for b, e in host.iommu.context_entries(dom)
             }
             want_ctx = {b: (e.mfn, e.kind, e.perms) for b, e in rdom.ctx.items()}
             assert got_ctx == want_ctx, (domid, set(got_ctx.items()) ^ set(want_ctx.items()))
-        got_m2b = Counter((e.mfn, e.bfn, e.mapper, e.domid, e.ioserver, e.flags, e.owns_iommu_entry) for e in host.m2b)
+        got_m2b = Counter(
+            (e.mfn, e.bfn, e.mapper, e.domid, e.ioserver, e.flags, e.owns_iommu_entry) for e in host.iommu.m2b
+        )
         want_m2b = Counter((e.mfn, e.bfn, e.mapper, e.domid, e.ioserver, e.flags, e.owns) for e in ref.m2b)
         assert got_m2b == want_m2b
         assert {s.id: (s.creator, s.target) for s in host.ioreq.servers.values()} == {

@@ -23,6 +23,9 @@ R = const("IOMMU_OP_readable")
 W = const("IOMMU_OP_writeable")
 RW = R | W
 NO_REF_CNT = const("IOMMU_MAP_OP_no_ref_cnt")
+#: Flag bits a map or unmap op must leave clear (-EINVAL otherwise).
+MAP_RESERVED = const("IOMMU_OP_map_reserved_mask")
+UNMAP_RESERVED = const("IOMMU_OP_unmap_reserved_mask")
 SWAP_MFN = const("IOMMUOP_swap_mfn")
 ORDER_SHIFT = const("IOMMU_page_order_shift")
 MAP_CAP = const("IOMMU_QUERY_map_cap")

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-from xenemu.core.host import RW, Host
+from xenemu.core.host import Host
 from xenemu.core.iommu.context import IommuContext
-from xenemu.core.iommu.entries import PERM_W, FlushType, Kind, entry_kind, entry_mfn, entry_perms, make_entry
+from xenemu.core.iommu.entries import PERM_W, RW, FlushType, Kind, entry_kind, entry_mfn, entry_perms, make_entry
 from xenemu.core.iommu.m2b import M2BEntry
 from xenemu.core.its.vits import DOORBELL_MFN, audit_its
 from xenemu.core.memory.frames import DOMID_XEN, OWNER_NONE
@@ -24,7 +24,7 @@ def audit(host: Host) -> list[str]:
     writable: Counter[int] = Counter()
 
     owning: dict[tuple[int, int], M2BEntry] = {}
-    for entry in host.m2b:
+    for entry in host.iommu.m2b:
         general[entry.mfn] += 1
         writable[entry.mfn] += entry.writable
         if entry.owns_iommu_entry:
@@ -32,45 +32,48 @@ def audit(host: Host) -> list[str]:
     problems += _check_m2b(host)
     grant_bfns: dict[tuple[int, int], int] = {}
     pins: Counter[tuple[int, int, bool]] = Counter()
-    for dom in host.domains.values():
-        for mapping in dom.maptrack.mappings.values():
+    for mapper, maptrack in host.grants.maptracks.items():
+        for mapping in maptrack.mappings.values():
             general[mapping.mfn] += 1
             writable[mapping.mfn] += not mapping.readonly
             pins[(mapping.granter, mapping.ref, mapping.readonly)] += 1
             if mapping.bfn is not None:
-                grant_bfns[(dom.domid, mapping.bfn)] = mapping.mfn
+                grant_bfns[(mapper, mapping.bfn)] = mapping.mfn
     problems += _check_grant_pins(host, pins)
 
+    contexts = host.iommu.contexts
+    for name, keyed in (("IOMMU context", contexts), ("grant table", host.grants.tables)):
+        problems += [f"{name} of d{domid}, which does not exist" for domid in keyed if domid not in host.domains]
+    if host.grants.tables.keys() != host.domains.keys() or host.grants.maptracks.keys() != host.domains.keys():
+        problems.append("grant tables and maptracks are not one per live domain")
     for dom in host.domains.values():
-        if dom.context is not None:
-            problems += _check_context(host, dom.context, owning, grant_bfns, general, writable)
-        wants = host.map_cap(dom)
-        if wants != (dom.context is not None):
+        ctx = contexts.get(dom.domid)
+        if ctx is not None:
+            problems += _check_context(host, ctx, owning, grant_bfns, general, writable)
+        wants = host.iommu.map_cap(dom)
+        if wants != (ctx is not None):
             problems.append(f"d{dom.domid}: context is {'missing' if wants else 'present'} but map_cap is {wants}")
         problems += _check_memory(host, dom.domid)
     for key, entry in owning.items():
-        mapper = host.domains.get(key[0])
-        if mapper is None or mapper.context is None:
+        if key[0] not in host.domains or key[0] not in contexts:
             problems.append(f"M2B entry {entry} owns an IOMMU entry in a domain without a context")
     held: Counter[int] = Counter()
-    for entry in host.m2b:
+    for entry in host.iommu.m2b:
         held[entry.mapper] += 1
-    for dom in host.domains.values():
-        held[dom.domid] += len(dom.maptrack.mappings)
-        if dom.context is not None:
-            held[dom.domid] += sum(
-                1 for _, e in dom.context.table.materialized() if entry_kind(e) in (Kind.MAP, Kind.MAP_NOREF)
-            )
-    if +held != +host.mappings_held:
-        problems.append(f"mappings held per domain {dict(host.mappings_held)}, recounted {dict(held)}")
+    for mapper, maptrack in host.grants.maptracks.items():
+        held[mapper] += len(maptrack.mappings)
+    for domid, ctx in contexts.items():
+        held[domid] += sum(1 for _, e in ctx.table.materialized() if entry_kind(e) in (Kind.MAP, Kind.MAP_NOREF))
+    if +held != +host.iommu.mappings_held:
+        problems.append(f"mappings held per domain {dict(host.iommu.mappings_held)}, recounted {dict(held)}")
     for server in host.ioreq.servers.values():
         if server.free_slots() < 0:
             problems.append(f"IOREQ server {server.id}: buffered ring holds more than it has slots")
         if server.creator not in host.domains:
             problems.append(f"IOREQ server {server.id}: its emulator d{server.creator} is gone")
     problems += audit_its(host.its)
-    if host.touched:
-        problems.append(f"{len(host.touched)} contexts left with a pending flush")
+    if host.iommu.touched:
+        problems.append(f"{len(host.iommu.touched)} contexts left with a pending flush")
 
     frames = host.frames
     for mfn in range(frames.nr_frames):
@@ -127,7 +130,7 @@ def _check_context(
     dom = host.domains[ctx.domid]
     where = f"d{ctx.domid} context"
     frames = host.frames
-    identity_defaults = host.is_non_strict_hwdom(dom)
+    identity_defaults = host.iommu.is_non_strict_hwdom(dom)
     rule = ctx.table.default_rule
     seen_rmrr, seen_scratch, seen_foreign = set(), set(), set()
     if wrong := ctx.table.directory.disagreements(ctx.table.leaves):
@@ -150,7 +153,7 @@ def _check_context(
             seen_rmrr.add(bfn)
         elif kind == Kind.SCRATCH:
             seen_scratch.add(bfn)
-            if mfn != host.scratch_mfn:
+            if mfn != host.options.scratch_mfn:
                 problems.append(f"{where}: scratch entry at BFN {bfn:#x} -> {mfn:#x}, not the scratch frame")
         elif kind == Kind.FOREIGN:
             seen_foreign.add(bfn)
@@ -191,7 +194,7 @@ def _check_context(
 
 def _check_m2b(host: Host) -> list[str]:
     problems = []
-    m2b = host.m2b
+    m2b = host.iommu.m2b
     for key, entry in m2b.by_key.items():
         if m2b.by_mfn.get(entry.mfn, {}).get(key) is not entry:
             problems.append(f"M2B {entry}: missing from the per-frame index")
@@ -216,7 +219,7 @@ def _check_grant_pins(host: Host, pins: Counter[tuple[int, int, bool]]) -> list[
     """Every granter's pin counts equal the mappings of its entries that exist."""
     problems = []
     for dom in host.domains.values():
-        table = dom.grant_table
+        table = host.grants.tables[dom.domid]
         for ref, (readers, writers) in table.pins.items():
             if (readers, writers) != (pins[(dom.domid, ref, True)], pins[(dom.domid, ref, False)]):
                 problems.append(f"d{dom.domid} grant {ref}: pinned {readers}/{writers}, mapped otherwise")

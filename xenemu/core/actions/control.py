@@ -62,7 +62,7 @@ def _destroy_domain(host: Host, caller: int, action: DestroyDomain) -> dict[str,
 
 
 def describe(host: Host, dom: Domain) -> dict[str, Any]:
-    ctx = dom.context
+    ctx = host.iommu.contexts.get(dom.domid)
     return {
         "domid": dom.domid,
         "name": dom.name,
@@ -71,12 +71,12 @@ def describe(host: Host, dom: Domain) -> dict[str, Any]:
         "pages": dom.pages,
         "target": dom.target,
         "devices": sorted(dom.devices),
-        "map_cap": host.map_cap(dom),
+        "map_cap": host.iommu.map_cap(dom),
         "iommu_context": ctx is not None,
         "flushes": dict(ctx.flushes) if ctx else {},
         "dma_faults": ctx.fault_count if ctx else 0,
-        "m2b_entries": sum(1 for _ in host.m2b.held_by(dom.domid)),
-        "mappings": host.mappings_held[dom.domid],
+        "m2b_entries": sum(1 for _ in host.iommu.m2b.held_by(dom.domid)),
+        "mappings": host.iommu.mappings_held[dom.domid],
         "max_mappings": dom.max_mappings,
     }
 
@@ -127,9 +127,9 @@ class InjectFault(ControlAction):
 @handles(InjectFault)
 def _inject_fault(host: Host, caller: int, action: InjectFault) -> dict[str, Any]:
     if action.clear:
-        host.clear_fault(action.domid, action.bfn)
+        host.iommu.clear_fault(action.domid, action.bfn)
     else:
-        host.inject_fault(action.domid, action.bfn)
+        host.iommu.inject_fault(action.domid, action.bfn)
     return {"ret": 0}
 
 
@@ -141,17 +141,17 @@ class Stats(ControlAction):
 @handles(Stats)
 def _stats(host: Host, caller: int, action: Stats) -> dict[str, Any]:
     frames = host.frames
-    contexts = [d.context for d in host.domains.values() if d.context is not None]
+    contexts = list(host.iommu.contexts.values())
     return {
         "ret": 0,
         "frames": frames.nr_frames,
         "free_frames": frames.nr_free,
         "domains": len(host.domains),
-        "m2b_entries": len(host.m2b),
+        "m2b_entries": len(host.iommu.m2b),
         "ioreq_servers": len(host.ioreq.servers),
         "flushes_added": sum(c.flushes["added"] for c in contexts),
         "flushes_modified": sum(c.flushes["modified"] for c in contexts),
-        "dma_faults": sum(c.fault_count for c in contexts) + host.machine_dma_faults,
+        "dma_faults": sum(c.fault_count for c in contexts) + host.iommu.machine_dma_faults,
         "page_table_bytes": sum(c.table.bytes_used() for c in contexts),
     }
 
@@ -180,7 +180,7 @@ class DumpMappings(ControlAction):
 def _dump_mappings(host: Host, caller: int, action: DumpMappings) -> dict[str, Any]:
     dom = host.domain(action.domid)
     rows: list[dict[str, Any]] = []
-    for bfn, entry in host.context_entries(dom):
+    for bfn, entry in host.iommu.context_entries(dom):
         if bfn < action.start:
             continue
         if len(rows) >= max(action.limit, 0):
@@ -194,7 +194,7 @@ def _dump_mappings(host: Host, caller: int, action: DumpMappings) -> dict[str, A
                 "kind": entry_kind(entry).name.lower(),
             }
         )
-    return {"ret": 0, "domid": dom.domid, "iommu_context": dom.context is not None, "mappings": rows}
+    return {"ret": 0, "domid": dom.domid, "iommu_context": dom.domid in host.iommu.contexts, "mappings": rows}
 
 
 @dataclass(frozen=True)
@@ -207,8 +207,8 @@ def _host_info(host: Host, caller: int, action: HostInfo) -> dict[str, Any]:
     return {
         "ret": 0,
         "options": host.options.to_dict(),
-        "scratch_mfn": host.scratch_mfn,
-        "fast_path": host.fast is not None,
+        "scratch_mfn": host.options.scratch_mfn,
+        "fast_path": host.iommu.fast is not None,
     }
 
 
@@ -226,7 +226,7 @@ class FrameInfo(ControlAction):
 def _frame_info(host: Host, caller: int, action: FrameInfo) -> dict[str, Any]:
     mfn = action.mfn
     if action.domid is not None and action.gfn is not None:
-        mfn = host.gfn_to_mfn(host.domain(action.domid), action.gfn)
+        mfn = host.memory.gfn_to_mfn(host.domain(action.domid), action.gfn)
         if mfn is None:
             raise HypercallError(-ENOENT, f"GFN {action.gfn:#x} of d{action.domid} is not populated")
     if mfn is None or not host.frames.exists(mfn):
@@ -240,6 +240,6 @@ def _frame_info(host: Host, caller: int, action: FrameInfo) -> dict[str, Any]:
         "populated": bool(frames.populated[mfn]),
         "count": frames.count[mfn],
         "type_count": frames.type_count[mfn],
-        "m2b_entries": len(host.m2b.for_frame(mfn)),
-        "grant_maps": sum(1 for d in host.domains.values() for m in d.maptrack.mappings.values() if m.mfn == mfn),
+        "m2b_entries": len(host.iommu.m2b.for_frame(mfn)),
+        "grant_maps": sum(1 for t in host.grants.maptracks.values() for m in t.mappings.values() if m.mfn == mfn),
     }

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from xenemu.core.actions.dispatch import Action, handles
-from xenemu.core.grants.ops import end_access, grant_access, map_grant_refs, unmap_grant_refs
 from xenemu.core.host import Host
 
 
@@ -23,7 +22,7 @@ class GrantAccess(Action):
 
 @handles(GrantAccess)
 def _grant_access(host: Host, caller: int, action: GrantAccess) -> dict[str, Any]:
-    grant_access(host, caller, action.ref, action.domid, action.gfn, action.readonly)
+    host.grants.grant_access(caller, action.ref, action.domid, action.gfn, action.readonly)
     return {"ret": 0}
 
 
@@ -37,7 +36,7 @@ class EndAccess(Action):
 
 @handles(EndAccess)
 def _end_access(host: Host, caller: int, action: EndAccess) -> dict[str, Any]:
-    end_access(host, caller, action.ref)
+    host.grants.end_access(caller, action.ref)
     return {"ret": 0}
 
 
@@ -54,6 +53,7 @@ class GrantTableOp(Action):
 @handles(GrantTableOp)
 def _grant_table_op(host: Host, caller: int, action: GrantTableOp) -> dict[str, Any]:
     buf = bytearray(action.buf)
-    run = map_grant_refs if action.cmd == "map_grant_ref" else unmap_grant_refs
-    ret = run(host, caller, buf, action.count)
+    grants = host.grants
+    run = grants.map_grant_refs if action.cmd == "map_grant_ref" else grants.unmap_grant_refs
+    ret = run(caller, buf, action.count)
     return {"ret": ret, "buf": bytes(buf)}

@@ -26,7 +26,7 @@ class IommuOp(Action):
 @handles(IommuOp)
 def _iommu_op(host: Host, caller: int, action: IommuOp) -> Outcome:
     buf = bytearray(action.buf)
-    ret = yield from do_iommu_op(host, caller, buf, action.count)
+    ret = yield from do_iommu_op(host.iommu, caller, buf, action.count)
     return {"ret": ret, "buf": buf}  # packed as it is: the ops' statuses are written in place
 
 
@@ -38,7 +38,7 @@ class CreateIoreqServer(Action):
 
 @handles(CreateIoreqServer)
 def _create_ioreq_server(host: Host, caller: int, action: CreateIoreqServer) -> dict[str, Any]:
-    server = host.create_ioreq_server(caller, action.target)
+    server = host.emulators.create_server(caller, action.target)
     return {"ret": 0, "ioserver": server.id}
 
 
@@ -50,7 +50,7 @@ class DestroyIoreqServer(Action):
 
 @handles(DestroyIoreqServer)
 def _destroy_ioreq_server(host: Host, caller: int, action: DestroyIoreqServer) -> dict[str, Any]:
-    host.destroy_ioreq_server(caller, action.ioserver)
+    host.emulators.destroy_server(caller, action.ioserver)
     return {"ret": 0}
 
 
@@ -66,7 +66,7 @@ class GuestWrite(Action):
 
 @handles(GuestWrite)
 def _guest_write(host: Host, caller: int, action: GuestWrite) -> dict[str, Any]:
-    host.guest_access(caller, action.gfn, action.offset, action.data)
+    host.memory.access(caller, action.gfn, action.offset, action.data)
     its = host.its
     if caller in its.domains and its.domains[caller].propbaser:
         # The LPI configuration table is trapped: each byte written there reaches the vITS.
@@ -89,7 +89,7 @@ class GuestRead(Action):
 
 @handles(GuestRead)
 def _guest_read(host: Host, caller: int, action: GuestRead) -> dict[str, Any]:
-    return {"ret": 0, "data": host.guest_access(caller, action.gfn, action.offset, None, action.length)}
+    return {"ret": 0, "data": host.memory.access(caller, action.gfn, action.offset, None, action.length)}
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ from typing import Any
 from xenemu.core.actions.dispatch import Action, Outcome, handles
 from xenemu.core.errors import E2BIG, EINVAL, ENOENT, HypercallError
 from xenemu.core.host import Host
-from xenemu.core.ioreq.balloon import decrease_reservation, populate_physmap
 
 #: Most GFNs one memory_op may name (Xen bounds extents per call too).
 MAX_EXTENTS = 65536
@@ -32,7 +31,7 @@ class DecreaseReservation(Action):
 
 @handles(DecreaseReservation)
 def _decrease_reservation(host: Host, caller: int, action: DecreaseReservation) -> Outcome:
-    result = yield from decrease_reservation(host, caller, _bounded(action.gfns))
+    result = yield from host.balloon.decrease_reservation(caller, _bounded(action.gfns))
     return result
 
 
@@ -46,7 +45,7 @@ class PopulatePhysmap(Action):
 
 @handles(PopulatePhysmap)
 def _populate_physmap(host: Host, caller: int, action: PopulatePhysmap) -> dict[str, Any]:
-    return populate_physmap(host, caller, _bounded(action.gfns))
+    return host.balloon.populate_physmap(caller, _bounded(action.gfns))
 
 
 @dataclass(frozen=True)
@@ -59,7 +58,7 @@ class IoreqFetch(Action):
 
 @handles(IoreqFetch)
 def _ioreq_fetch(host: Host, caller: int, action: IoreqFetch) -> dict[str, Any]:
-    server = host.own_ioreq_server(caller, action.ioserver)
+    server = host.emulators.own_server(caller, action.ioserver)
     return {
         "ret": 0,
         "page": bytes(server.page),
@@ -78,7 +77,7 @@ class IoreqAck(Action):
 
 @handles(IoreqAck)
 def _ioreq_ack(host: Host, caller: int, action: IoreqAck) -> dict[str, Any]:
-    server = host.own_ioreq_server(caller, action.ioserver)
+    server = host.emulators.own_server(caller, action.ioserver)
     if not server.acknowledge(action.read_pointer):
         raise HypercallError(-EINVAL, "read_pointer beyond the write pointer")
     return {"ret": 0}
@@ -95,7 +94,7 @@ class IoreqComplete(Action):
 
 @handles(IoreqComplete)
 def _ioreq_complete(host: Host, caller: int, action: IoreqComplete) -> dict[str, Any]:
-    server = host.own_ioreq_server(caller, action.ioserver)
+    server = host.emulators.own_server(caller, action.ioserver)
     if not server.complete(action.id):
         raise HypercallError(-ENOENT, f"no pending request {action.id}")
     return {"ret": 0}
@@ -112,4 +111,4 @@ class ReleaseIoreqServers(Action):
 
 @handles(ReleaseIoreqServers)
 def _release_ioreq_servers(host: Host, caller: int, action: ReleaseIoreqServers) -> dict[str, Any]:
-    return {"ret": host.release_ioreq_servers(action.domid)}
+    return {"ret": host.emulators.release_servers(action.domid)}

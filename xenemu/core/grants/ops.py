@@ -1,6 +1,8 @@
 """``grant_table_op`` map and unmap, batched like Xen's, and the granting side's entries.
 
 Each op of a batch gets its own ``GNTST_*`` status; IOMMU writes are flushed once per batch.
+The grant subsystem keeps each domain's grant table (what it grants) and maptrack (what of
+others' it has mapped); it writes IOMMU entries through the ``Iommu`` it is handed.
 """
 
 from __future__ import annotations
@@ -29,44 +31,21 @@ from xenemu.core.grants.table import (
     GNTST_okay,
     GNTST_permission_denied,
     GrantMapping,
+    GrantTable,
     GTF_permit_access,
     GTF_readonly,
     GTF_type_mask,
+    Maptrack,
 )
-from xenemu.core.host import RW, Host
-from xenemu.core.iommu.entries import PERM_R, FlushType, Kind, entry_kind, make_entry
+from xenemu.core.iommu.entries import PERM_R, RW, FlushType, Kind, entry_kind, make_entry
+from xenemu.core.iommu.state import Iommu
 from xenemu.core.memory.domain import Domain
 from xenemu.core.memory.frames import PAGE_SHIFT
+from xenemu.core.memory.guest import GuestMemory
 
 #: Most ops in one grant_table_op call.
 MAX_GRANT_OPS = 4096
 U32 = 1 << 32
-
-
-def grant_access(host: Host, caller: int, ref: int, domid: int, gfn: int, readonly: bool = False) -> None:
-    """The granter writes entry ``ref``: ``domid`` may map its ``gfn``."""
-    table = host.domain(caller).grant_table
-    if not 0 <= ref < NR_GRANT_ENTRIES or not 0 <= gfn < U32 or not 0 <= domid < 1 << 16:
-        raise HypercallError(-EINVAL, "grant ref, domid or frame out of range")
-    if ref in table.pins:
-        raise HypercallError(-EBUSY, f"grant {ref} is mapped")
-    entry = table.entries[ref]
-    entry.domid = domid
-    entry.frame = gfn
-    entry.flags = GTF_permit_access | (GTF_readonly if readonly else 0)
-
-
-def end_access(host: Host, caller: int, ref: int) -> None:
-    """Revoke entry ``ref``; refused while it is mapped, as Xen's end_foreign_access is."""
-    table = host.domain(caller).grant_table
-    if not 0 <= ref < NR_GRANT_ENTRIES:
-        raise HypercallError(-EINVAL, "grant ref out of range")
-    if ref in table.pins:
-        raise HypercallError(-EBUSY, f"grant {ref} is still mapped")
-    entry = table.entries[ref]
-    entry.flags = 0
-    entry.domid = 0
-    entry.frame = 0
 
 
 def _batch(buf: bytearray, count: int, size: int, ctype: str) -> Any:
@@ -77,100 +56,147 @@ def _batch(buf: bytearray, count: int, size: int, ctype: str) -> Any:
     return ffi.from_buffer(f"{ctype}[]", buf) if count else []
 
 
-def map_grant_refs(host: Host, caller: int, buf: bytearray, count: int) -> int:
-    mapper = host.domain(caller)
-    for op in _batch(buf, count, MAP_SIZE, "gnttab_map_grant_ref_t"):
-        op.status = _map_one(host, mapper, op)
-    host.flush_touched()
-    return 0
+class Grants:
+    """Every domain's grant table and maptrack, and the batched map/unmap that use them."""
 
+    def __init__(self, memory: GuestMemory, iommu: Iommu) -> None:
+        self.memory = memory
+        self.iommu = iommu
+        self.tables: dict[int, GrantTable] = {}
+        self.maptracks: dict[int, Maptrack] = {}
 
-def _map_one(host: Host, mapper: Domain, op: Any) -> int:
-    flags = op.flags
-    if not flags & (GNTMAP_device_map | GNTMAP_host_map):
-        return GNTST_bad_gntref
-    granter = host.resolve_foreign(op.dom)
-    if granter is None or granter is mapper:
-        return GNTST_bad_domain
-    ref = op.ref
-    if ref >= NR_GRANT_ENTRIES:
-        return GNTST_bad_gntref
-    entry = granter.grant_table.entries[ref]
-    if entry.flags & GTF_type_mask != GTF_permit_access or entry.domid != mapper.domid:
-        return GNTST_bad_gntref
-    readonly = bool(flags & GNTMAP_readonly)
-    if not readonly and entry.flags & GTF_readonly:
-        return GNTST_permission_denied
-    mfn = host.gfn_to_mfn(granter, entry.frame)
-    if mfn is None:
-        return GNTST_bad_page
-    if flags & GNTMAP_host_map and (not op.host_addr or op.host_addr & PAGE_MASK):
-        return GNTST_bad_virt_addr
-    bfn = None
-    ctx = mapper.context
-    if flags & GNTMAP_device_map and flags & GNTMAP_request_bfn_map:
-        addr = op.dev_bus_addr
-        if addr & PAGE_MASK:
+    def add_domain(self, domid: int) -> None:
+        self.tables[domid] = GrantTable()
+        self.maptracks[domid] = Maptrack()
+
+    def table(self, domid: int) -> GrantTable:
+        """The caller's own grant table (-ESRCH if it is not a live domain)."""
+        self.memory.domain(domid)
+        return self.tables[domid]
+
+    def release_domain(self, domid: int) -> None:
+        """A dying domain lets go of every grant of others it mapped (no flush), and its own
+        table goes: mappings of its grants stay until their mappers unmap them."""
+        mapper = self.memory.domain(domid)
+        for mapping in list(self.maptracks[domid].mappings.values()):
+            self.release_mapping(mapper, mapping)
+        del self.maptracks[domid]
+        del self.tables[domid]
+
+    def grant_access(self, caller: int, ref: int, domid: int, gfn: int, readonly: bool = False) -> None:
+        """The granter writes entry ``ref``: ``domid`` may map its ``gfn``."""
+        table = self.table(caller)
+        if not 0 <= ref < NR_GRANT_ENTRIES or not 0 <= gfn < U32 or not 0 <= domid < 1 << 16:
+            raise HypercallError(-EINVAL, "grant ref, domid or frame out of range")
+        if ref in table.pins:
+            raise HypercallError(-EBUSY, f"grant {ref} is mapped")
+        entry = table.entries[ref]
+        entry.domid = domid
+        entry.frame = gfn
+        entry.flags = GTF_permit_access | (GTF_readonly if readonly else 0)
+
+    def end_access(self, caller: int, ref: int) -> None:
+        """Revoke entry ``ref``; refused while it is mapped, as Xen's end_foreign_access is."""
+        table = self.table(caller)
+        if not 0 <= ref < NR_GRANT_ENTRIES:
+            raise HypercallError(-EINVAL, "grant ref out of range")
+        if ref in table.pins:
+            raise HypercallError(-EBUSY, f"grant {ref} is still mapped")
+        entry = table.entries[ref]
+        entry.flags = 0
+        entry.domid = 0
+        entry.frame = 0
+
+    def map_grant_refs(self, caller: int, buf: bytearray, count: int) -> int:
+        mapper = self.memory.domain(caller)
+        for op in _batch(buf, count, MAP_SIZE, "gnttab_map_grant_ref_t"):
+            op.status = self._map_one(mapper, op)
+        self.iommu.flush_touched()
+        return 0
+
+    def _map_one(self, mapper: Domain, op: Any) -> int:
+        flags = op.flags
+        if not flags & (GNTMAP_device_map | GNTMAP_host_map):
+            return GNTST_bad_gntref
+        granter = self.memory.resolve_foreign(op.dom)
+        if granter is None or granter is mapper:
+            return GNTST_bad_domain
+        ref = op.ref
+        if ref >= NR_GRANT_ENTRIES:
+            return GNTST_bad_gntref
+        entry = self.tables[granter.domid].entries[ref]
+        if entry.flags & GTF_type_mask != GTF_permit_access or entry.domid != mapper.domid:
+            return GNTST_bad_gntref
+        readonly = bool(flags & GNTMAP_readonly)
+        if not readonly and entry.flags & GTF_readonly:
+            return GNTST_permission_denied
+        mfn = self.memory.gfn_to_mfn(granter, entry.frame)
+        if mfn is None:
+            return GNTST_bad_page
+        if flags & GNTMAP_host_map and (not op.host_addr or op.host_addr & PAGE_MASK):
+            return GNTST_bad_virt_addr
+        bfn = None
+        ctx = self.iommu.contexts.get(mapper.domid)
+        if flags & GNTMAP_device_map and flags & GNTMAP_request_bfn_map:
+            addr = op.dev_bus_addr
+            if addr & PAGE_MASK:
+                return GNTST_bad_dev_addr
+            if ctx is None or not self.iommu.map_cap(mapper):
+                return GNTST_general_error
+            bfn = addr >> PAGE_SHIFT
+            present = ctx.table.get(bfn)
+            if bfn in ctx.rmrr or (present and entry_kind(present) != Kind.DEFAULT):
+                return GNTST_bad_dev_addr
+            if (mapper.domid, bfn) in self.iommu.injected_faults:
+                return GNTST_general_error
+        handle = self.maptracks[mapper.domid].allocate()
+        if handle is None or not self.iommu.quota_allows(mapper, 1):
+            return GNTST_no_space
+        dev_bus_addr = mfn << PAGE_SHIFT if flags & GNTMAP_device_map and bfn is None else 0
+        self.maptracks[mapper.domid].mappings[handle] = GrantMapping(
+            handle, granter.domid, ref, mfn, readonly, op.host_addr, bfn, dev_bus_addr
+        )
+        self.iommu.frames.get(mfn, not readonly)
+        self.iommu.count_mappings(mapper.domid, 1)
+        self.tables[granter.domid].pin(ref, readonly)
+        if bfn is not None and ctx is not None:
+            self.iommu.note_flush(ctx, FlushType.MODIFIED if ctx.table.get(bfn) else FlushType.ADDED)
+            ctx.table.set(bfn, make_entry(mfn, Kind.GRANT, PERM_R if readonly else RW))
+        elif dev_bus_addr:
+            op.dev_bus_addr = dev_bus_addr
+        op.handle = handle
+        return GNTST_okay
+
+    def unmap_grant_refs(self, caller: int, buf: bytearray, count: int) -> int:
+        mapper = self.memory.domain(caller)
+        for op in _batch(buf, count, UNMAP_SIZE, "gnttab_unmap_grant_ref_t"):
+            op.status = self._unmap_one(mapper, op)
+        self.iommu.flush_touched()
+        return 0
+
+    def _unmap_one(self, mapper: Domain, op: Any) -> int:
+        mapping = self.maptracks[mapper.domid].mappings.get(op.handle)
+        if mapping is None:
+            return GNTST_bad_handle
+        if op.host_addr and op.host_addr != mapping.host_addr:
+            return GNTST_bad_virt_addr
+        bus = mapping.bfn << PAGE_SHIFT if mapping.bfn is not None else mapping.dev_bus_addr
+        if op.dev_bus_addr and op.dev_bus_addr != bus:
             return GNTST_bad_dev_addr
-        if ctx is None or not host.map_cap(mapper):
+        if mapping.bfn is not None and (mapper.domid, mapping.bfn) in self.iommu.injected_faults:
             return GNTST_general_error
-        bfn = addr >> PAGE_SHIFT
-        present = ctx.table.get(bfn)
-        if bfn in ctx.rmrr or (present and entry_kind(present) != Kind.DEFAULT):
-            return GNTST_bad_dev_addr
-        if (mapper.domid, bfn) in host.injected_faults:
-            return GNTST_general_error
-    handle = mapper.maptrack.allocate()
-    if handle is None or not host.quota_allows(mapper, 1):
-        return GNTST_no_space
-    dev_bus_addr = mfn << PAGE_SHIFT if flags & GNTMAP_device_map and bfn is None else 0
-    mapper.maptrack.mappings[handle] = GrantMapping(
-        handle, granter.domid, ref, mfn, readonly, op.host_addr, bfn, dev_bus_addr
-    )
-    host.frames.get(mfn, not readonly)
-    host.count_mappings(mapper.domid, 1)
-    granter.grant_table.pin(ref, readonly)
-    if bfn is not None and ctx is not None:
-        host.note_flush(ctx, FlushType.MODIFIED if ctx.table.get(bfn) else FlushType.ADDED)
-        ctx.table.set(bfn, make_entry(mfn, Kind.GRANT, PERM_R if readonly else RW))
-    elif dev_bus_addr:
-        op.dev_bus_addr = dev_bus_addr
-    op.handle = handle
-    return GNTST_okay
+        self.release_mapping(mapper, mapping)
+        return GNTST_okay
 
-
-def unmap_grant_refs(host: Host, caller: int, buf: bytearray, count: int) -> int:
-    mapper = host.domain(caller)
-    for op in _batch(buf, count, UNMAP_SIZE, "gnttab_unmap_grant_ref_t"):
-        op.status = _unmap_one(host, mapper, op)
-    host.flush_touched()
-    return 0
-
-
-def _unmap_one(host: Host, mapper: Domain, op: Any) -> int:
-    mapping = mapper.maptrack.mappings.get(op.handle)
-    if mapping is None:
-        return GNTST_bad_handle
-    if op.host_addr and op.host_addr != mapping.host_addr:
-        return GNTST_bad_virt_addr
-    bus = mapping.bfn << PAGE_SHIFT if mapping.bfn is not None else mapping.dev_bus_addr
-    if op.dev_bus_addr and op.dev_bus_addr != bus:
-        return GNTST_bad_dev_addr
-    if mapping.bfn is not None and (mapper.domid, mapping.bfn) in host.injected_faults:
-        return GNTST_general_error
-    release_mapping(host, mapper, mapping)
-    return GNTST_okay
-
-
-def release_mapping(host: Host, mapper: Domain, mapping: GrantMapping) -> None:
-    """Drop a grant mapping: its IOMMU entry, its references, the granter's pin (no flush)."""
-    del mapper.maptrack.mappings[mapping.handle]
-    ctx = mapper.context
-    if mapping.bfn is not None and ctx is not None:
-        ctx.table.clear(mapping.bfn)
-        host.note_flush(ctx, FlushType.MODIFIED)
-    host.frames.put(mapping.mfn, not mapping.readonly)
-    host.count_mappings(mapper.domid, -1)
-    granter = host.domains.get(mapping.granter)
-    if granter is not None:
-        granter.grant_table.unpin(mapping.ref, mapping.readonly)
+    def release_mapping(self, mapper: Domain, mapping: GrantMapping) -> None:
+        """Drop a grant mapping: its IOMMU entry, its references, the granter's pin (no flush)."""
+        del self.maptracks[mapper.domid].mappings[mapping.handle]
+        ctx = self.iommu.contexts.get(mapper.domid)
+        if mapping.bfn is not None and ctx is not None:
+            ctx.table.clear(mapping.bfn)
+            self.iommu.note_flush(ctx, FlushType.MODIFIED)
+        self.iommu.frames.put(mapping.mfn, not mapping.readonly)
+        self.iommu.count_mappings(mapper.domid, -1)
+        granter = self.tables.get(mapping.granter)
+        if granter is not None:
+            granter.unpin(mapping.ref, mapping.readonly)

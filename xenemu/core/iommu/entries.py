@@ -48,3 +48,6 @@ class FlushType(IntEnum):
     NONE = 0
     ADDED = 1
     MODIFIED = 2
+
+
+RW = PERM_R | PERM_W

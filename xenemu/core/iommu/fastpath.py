@@ -1,6 +1,6 @@
 """The compiled shortcut through map_page/unmap_page's success path (see ``fast_iommu.c``).
 
-It is optional by design: the Python handlers in ``iommu_op`` are the semantics, and the
+It is optional by design: the Python handlers in ``subops`` are the semantics, and the
 compiled loop only runs the ops it can finish exactly as they would, handing every other op
 back.  ``HostOptions.fast_path`` turns it off, and the test suite runs both ways.
 """
@@ -8,14 +8,13 @@ back.  ``HostOptions.fast_path`` turns it off, and the test suite runs both ways
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from xenemu.core.iommu.context import IommuContext
 from xenemu.core.iommu.entries import FlushType, Kind
 from xenemu.core.memory.domain import Domain
+from xenemu.core.memory.frames import FrameTable
 from xenemu.core.memory.leaves import LEAF_SHIFT
-
-if TYPE_CHECKING:
-    from xenemu.core.host import Host
 
 try:
     from xenemu.core.iommu import _fast_iommu  # type: ignore[attr-defined]
@@ -31,10 +30,10 @@ def available() -> bool:
 
 
 class FastIommu:
-    """One host's view for the compiled loop: where its frame counts live, and per call the
-    caller's tables, capability and quota."""
+    """The compiled loop bound to one host's frame table; per call it is handed the caller's
+    context, capability and quota, and reports what it did for the caller to account."""
 
-    def __init__(self, host: Host) -> None:
+    def __init__(self, frames: FrameTable, largest_order: int) -> None:
         assert _fast_iommu is not None
         ffi, lib = _fast_iommu.ffi, _fast_iommu.lib
         if (lib.FAST_KIND_DEFAULT, lib.FAST_KIND_MAP, lib.FAST_KIND_MAP_NOREF, lib.FAST_LEAF_SHIFT) != (
@@ -43,11 +42,9 @@ class FastIommu:
             Kind.MAP_NOREF,
             LEAF_SHIFT,
         ):
-            raise RuntimeError("fast_iommu.c disagrees with xenemu.core.iommu.context; rebuild it")
-        frames = host.frames
+            raise RuntimeError("fast_iommu.c disagrees with xenemu.core.iommu; rebuild it")
         if (frames.owner.itemsize, frames.count.itemsize, frames.type_count.itemsize) != (2, 4, 4):
             raise RuntimeError("frame table arrays are not uint16/uint32 on this platform")
-        self.host = host
         self.ffi = ffi
         self._run = lib.fast_iommu_run
         self.state = ffi.new("struct fast_host *")
@@ -59,7 +56,7 @@ class FastIommu:
         state.count = frames.count.buffer_info()[0]
         state.type_count = frames.type_count.buffer_info()[0]
         state.nr_frames = frames.nr_frames
-        state.largest_order = host.options.largest_order
+        state.largest_order = largest_order
         #: Ops the compiled loop completed, and calls into it (tests check it was used).
         self.ops_done = 0
         self.calls = 0
@@ -67,34 +64,20 @@ class FastIommu:
     def buffer(self, buf: bytearray) -> Any:
         return self.ffi.from_buffer(buf)
 
-    def run(self, dom: Domain, buf: Any, start: int, stop: int) -> int:
-        """Run ops ``start`` up to ``stop`` until one needs Python; the index of that op."""
-        host = self.host
-        ctx = dom.context
-        if ctx is None or host.injected_faults:
-            return start
+    def run(
+        self, dom: Domain, ctx: IommuContext, can_map: bool, quota_left: int, buf: Any, start: int, stop: int
+    ) -> tuple[int, int, FlushType]:
+        """Run ops ``start`` up to ``stop`` until one needs Python.
+
+        Returns the index of that op, the change in mappings held, and the flush owed."""
         table, table_len = ctx.table.directory.where()
         p2m, p2m_len = dom.p2m.directory.where() if dom.is_hvm else (0, 0)
-        domid = dom.domid
         done: int = self._run(
-            self.state,
-            buf,
-            start,
-            stop,
-            table,
-            table_len,
-            p2m,
-            p2m_len,
-            domid,
-            dom.is_hvm,
-            host.map_cap(dom) and not host.is_non_strict_hwdom(dom),
-            dom.max_mappings - host.mappings_held[domid],
+            self.state, buf, start, stop, table, table_len, p2m, p2m_len, dom.domid, dom.is_hvm, can_map, quota_left
         )
         self.calls += 1
-        if done != start:
-            self.ops_done += done - start
-            state = self.state
-            if state.mapped:
-                host.count_mappings(domid, state.mapped)
-            host.note_flush(ctx, _FLUSHES[state.flush])
-        return done
+        if done == start:
+            return done, 0, FlushType.NONE
+        self.ops_done += done - start
+        state = self.state
+        return done, int(state.mapped), _FLUSHES[state.flush]

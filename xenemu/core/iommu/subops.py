@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Generator
 from typing import Any
 
-from xenemu.abi import OP_SIZE, const, ffi
+from xenemu.abi import OP_SIZE, ffi
+from xenemu.abi import pv_iommu as pv
 from xenemu.core.errors import (
     E2BIG,
     EACCES,
@@ -18,34 +19,26 @@ from xenemu.core.errors import (
     EEXIST,
     EINVAL,
     EIO,
-    ENODEV,
     ENOENT,
     ENOSPC,
-    ENXIO,
     EOPNOTSUPP,
     EPERM,
     ESRCH,
 )
-from xenemu.core.host import RW, Host
-from xenemu.core.iommu.entries import PERM_W, FlushType, Kind, entry_kind, make_entry
-from xenemu.core.iommu.m2b import M2BEntry
-from xenemu.core.memory.domain import DOMID_SELF, Domain
+from xenemu.core.iommu import foreign
+from xenemu.core.iommu.checks import Op
+from xenemu.core.iommu.entries import PERM_W, RW, FlushType, Kind
+from xenemu.core.iommu.fastpath import FastIommu
+from xenemu.core.iommu.state import Iommu
+from xenemu.core.memory.domain import Domain
 from xenemu.core.memory.leaves import LEAF_MASK
 
-IOMMUOP_query_caps = const("IOMMUOP_query_caps")
-IOMMUOP_map_page = const("IOMMUOP_map_page")
-IOMMUOP_unmap_page = const("IOMMUOP_unmap_page")
-IOMMUOP_map_foreign_page = const("IOMMUOP_map_foreign_page")
-IOMMUOP_lookup_foreign_page = const("IOMMUOP_lookup_foreign_page")
-IOMMUOP_unmap_foreign_page = const("IOMMUOP_unmap_foreign_page")
-
-MAP_RESERVED = const("IOMMU_OP_map_reserved_mask")
-UNMAP_RESERVED = const("IOMMU_OP_unmap_reserved_mask")
-NO_REF_CNT = const("IOMMU_MAP_OP_no_ref_cnt")
-SWAP_MFN = const("IOMMUOP_swap_mfn")
-ORDER_SHIFT = const("IOMMU_page_order_shift")
-QUERY_MAP_CAP = const("IOMMU_QUERY_map_cap")
-QUERY_MAP_ALL_GFNS = const("IOMMU_QUERY_map_all_gfns")
+IOMMUOP_query_caps = pv.QUERY_CAPS
+IOMMUOP_map_page = pv.MAP_PAGE
+IOMMUOP_unmap_page = pv.UNMAP_PAGE
+IOMMUOP_map_foreign_page = pv.MAP_FOREIGN_PAGE
+IOMMUOP_lookup_foreign_page = pv.LOOKUP_FOREIGN_PAGE
+IOMMUOP_unmap_foreign_page = pv.UNMAP_FOREIGN_PAGE
 
 #: Entry kinds as plain integers, for the hot paths (an IntEnum call per entry costs more
 #: than the rest of the check).
@@ -59,48 +52,62 @@ FAST_SUBOPS = frozenset((IOMMUOP_map_page, IOMMUOP_unmap_page))
 #: What a handler yields at a continuation point (pending flushes already applied).
 CONTINUATION = "continuation"
 
-Op = Any  # a cffi `struct pv_iommu_op` view
-SubopHandler = Callable[[Host, Domain, Op], int]
+SubopHandler = Callable[[Iommu, Domain, Op], int]
 
 
-def do_iommu_op(host: Host, caller: int, buf: bytearray, count: int) -> Generator[str, None, int]:
+def do_iommu_op(iommu: Iommu, caller: int, buf: bytearray, count: int) -> Generator[str, None, int]:
     """Run the batch in ``buf`` for ``caller``; yields at each continuation point.
 
     Returns the call's value: 0, or ``-EINVAL``/``-E2BIG`` when no op ran.
     """
     if len(buf) != count * OP_SIZE:
         return -EINVAL
-    if count > host.options.max_ops_per_call:
+    if count > iommu.options.max_ops_per_call:
         return -E2BIG
     if count == 0:
         return 0
     ops = ffi.from_buffer("struct pv_iommu_op[]", buf)
-    fast = host.fast
+    fast = iommu.fast
     raw = fast.buffer(buf) if fast is not None else None
-    every = host.options.continuation_every
+    every = iommu.options.continuation_every
     done = 0
     while done < count:
-        dom = host.domains.get(caller)
+        dom = iommu.memory.domains.get(caller)
         if dom is None:  # destroyed while preempted: the rest of the batch never runs
             return -ESRCH
         stop = min(count, done - done % every + every)
         if fast is not None and buf[done * OP_SIZE] in FAST_SUBOPS and not buf[done * OP_SIZE + 1]:
-            done = fast.run(dom, raw, done, stop)
+            done = _run_fast(iommu, fast, dom, raw, done, stop)
         if done < stop:  # what the compiled loop handed back, or every op without it
             op = ops[done]
             handler = SUBOPS.get(op.subop_id)
-            op.status = handler(host, dom, op) if handler else -EOPNOTSUPP
+            op.status = handler(iommu, dom, op) if handler else -EOPNOTSUPP
             done += 1
         if done == stop and done < count:
-            host.flush_touched()
+            iommu.flush_touched()
             yield CONTINUATION
-    host.flush_touched()
+    iommu.flush_touched()
     return 0
 
 
-def run_iommu_op(host: Host, caller: int, buf: bytearray, count: int) -> int:
+def _run_fast(iommu: Iommu, fast: FastIommu, dom: Domain, raw: Any, start: int, stop: int) -> int:
+    """Let the compiled loop run what it can of ops ``start``..``stop``; account for it here."""
+    ctx = iommu.contexts.get(dom.domid)
+    if ctx is None or iommu.injected_faults:
+        return start
+    can_map = iommu.map_cap(dom) and not iommu.is_non_strict_hwdom(dom)
+    quota_left = dom.max_mappings - iommu.mappings_held[dom.domid]
+    done, mapped, flush = fast.run(dom, ctx, can_map, quota_left, raw, start, stop)
+    if done != start:
+        if mapped:
+            iommu.count_mappings(dom.domid, mapped)
+        iommu.note_flush(ctx, flush)
+    return done
+
+
+def run_iommu_op(iommu: Iommu, caller: int, buf: bytearray, count: int) -> int:
     """Run a whole batch without interleaving (tests and scripts)."""
-    gen = do_iommu_op(host, caller, buf, count)
+    gen = do_iommu_op(iommu, caller, buf, count)
     while True:
         try:
             next(gen)
@@ -110,45 +117,13 @@ def run_iommu_op(host: Host, caller: int, buf: bytearray, count: int) -> int:
 
 
 # -- shared checks ----------------------------------------------------------------------------
-def _order(host: Host, flags: int) -> int | None:
-    order = flags >> ORDER_SHIFT
-    return None if order > host.options.largest_order else order
-
-
-def _foreign_target(host: Host, dom: Domain, domid: int, ioserver: int) -> Domain | int:
-    """Step 5: the target domain, or the status that refuses it."""
-    if domid in (dom.domid, DOMID_SELF):
-        return -EPERM
-    guest = host.resolve_foreign(domid)
-    if guest is None:
-        return -ENXIO
-    if not dom.privileged_over(guest):
-        return -EPERM
-    if not host.ioreq.serves(ioserver, dom.domid, domid):
-        return -ENODEV
-    return guest
-
-
-def _foreign_frame(host: Host, guest: Domain, gfn: int) -> int:
-    """Step 6's GFN checks for a foreign GFN: its MFN, or ``-ENXIO``/``-EPERM``."""
-    frames = host.frames
-    if guest.is_hvm:
-        mfn = guest.p2m.get(gfn)
-        return -ENXIO if mfn is None else mfn
-    if not frames.exists(gfn):
-        return -ENXIO
-    if frames.is_xen(gfn):
-        return -EPERM
-    return gfn if frames.belongs_to(gfn, guest.domid) else -ENXIO
-
-
-def _own_frame(host: Host, dom: Domain, gfn: int, no_ref: bool) -> int:
+def _own_frame(iommu: Iommu, dom: Domain, gfn: int, no_ref: bool) -> int:
     """Step 6's GFN checks for map_page: the MFN, or ``-EPERM``."""
-    frames = host.frames
+    frames = iommu.frames
     if dom.is_hvm:
         mfn = dom.p2m.get(gfn)
         return -EPERM if mfn is None else mfn
-    if host.is_non_strict_hwdom(dom):
+    if iommu.is_non_strict_hwdom(dom):
         if not frames.exists(gfn) or frames.is_xen(gfn):
             return -EPERM
         if frames.is_free(gfn) and not no_ref:
@@ -158,38 +133,38 @@ def _own_frame(host: Host, dom: Domain, gfn: int, no_ref: bool) -> int:
 
 
 # -- subops -----------------------------------------------------------------------------------
-def query_caps(host: Host, dom: Domain, op: Op) -> int:
-    map_cap = host.map_cap(dom)
-    flags = host.options.largest_order << ORDER_SHIFT
+def query_caps(iommu: Iommu, dom: Domain, op: Op) -> int:
+    map_cap = iommu.map_cap(dom)
+    flags = iommu.options.largest_order << pv.ORDER_SHIFT
     if map_cap:
-        flags |= QUERY_MAP_CAP
-        if host.is_non_strict_hwdom(dom):
-            flags |= QUERY_MAP_ALL_GFNS
+        flags |= pv.MAP_CAP
+        if iommu.is_non_strict_hwdom(dom):
+            flags |= pv.MAP_ALL_GFNS
     op.flags = flags
     return 0
 
 
-def map_page(host: Host, dom: Domain, op: Op) -> int:
+def map_page(iommu: Iommu, dom: Domain, op: Op) -> int:
     flags = op.flags
-    if flags & MAP_RESERVED or not flags & RW:
+    if flags & pv.MAP_RESERVED or not flags & RW:
         return -EINVAL
-    if not host.map_cap(dom):
+    if not iommu.map_cap(dom):
         return -EOPNOTSUPP
-    no_ref = bool(flags & NO_REF_CNT)
-    if no_ref and not host.is_non_strict_hwdom(dom):
+    no_ref = bool(flags & pv.NO_REF_CNT)
+    if no_ref and not iommu.is_non_strict_hwdom(dom):
         return -EPERM
-    order = flags >> ORDER_SHIFT
+    order = flags >> pv.ORDER_SHIFT
     args = op.u.map_page
     bfn, gfn = args.bfn, args.gfn
-    if order > host.options.largest_order or (bfn | gfn) & ((1 << order) - 1):
+    if order > iommu.options.largest_order or (bfn | gfn) & ((1 << order) - 1):
         return -ENOSPC
-    ctx = dom.context
+    ctx = iommu.contexts.get(dom.domid)
     assert ctx is not None
-    table, rmrr, faults, domid = ctx.table, ctx.rmrr, host.injected_faults, dom.domid
+    table, rmrr, faults, domid = ctx.table, ctx.rmrr, iommu.injected_faults, dom.domid
     p2m = dom.p2m if dom.is_hvm else None
     mfns = []
     for i in range(1 << order):
-        mfn = p2m.get(gfn + i) if p2m is not None else _own_frame(host, dom, gfn + i, no_ref)
+        mfn = p2m.get(gfn + i) if p2m is not None else _own_frame(iommu, dom, gfn + i, no_ref)
         if mfn is None:
             return -EPERM
         if mfn < 0:
@@ -203,13 +178,13 @@ def map_page(host: Host, dom: Domain, op: Op) -> int:
         if faults and (domid, b) in faults:
             return -EIO
         mfns.append(mfn)
-    if not host.quota_allows(dom, len(mfns)):
+    if not iommu.quota_allows(dom, len(mfns)):
         return -EDQUOT
     perms = flags & RW
     writable = bool(perms & PERM_W)
     kind_bits = (K_MAP_NOREF if no_ref else K_MAP) << 2 | perms
     replaced = False
-    frames = host.frames
+    frames = iommu.frames
     for i, mfn in enumerate(mfns):
         b = bfn + i
         leaf = table.leaf(b)
@@ -217,23 +192,23 @@ def map_page(host: Host, dom: Domain, op: Op) -> int:
         if not no_ref:
             frames.get(mfn, writable)
         leaf[b & LEAF_MASK] = mfn << 8 | kind_bits
-    host.count_mappings(domid, len(mfns))
-    host.note_flush(ctx, FlushType.MODIFIED if replaced else FlushType.ADDED)
+    iommu.count_mappings(domid, len(mfns))
+    iommu.note_flush(ctx, FlushType.MODIFIED if replaced else FlushType.ADDED)
     return 0
 
 
-def unmap_page(host: Host, dom: Domain, op: Op) -> int:
+def unmap_page(iommu: Iommu, dom: Domain, op: Op) -> int:
     flags = op.flags
-    if flags & UNMAP_RESERVED:
+    if flags & pv.UNMAP_RESERVED:
         return -EINVAL
-    order = flags >> ORDER_SHIFT
+    order = flags >> pv.ORDER_SHIFT
     bfn = op.u.unmap_page.bfn
-    if order > host.options.largest_order or bfn & ((1 << order) - 1):
+    if order > iommu.options.largest_order or bfn & ((1 << order) - 1):
         return -ENOSPC
-    ctx = dom.context
+    ctx = iommu.contexts.get(dom.domid)
     if ctx is None:
         return -ENOENT
-    table, rmrr, faults, domid = ctx.table, ctx.rmrr, host.injected_faults, dom.domid
+    table, rmrr, faults, domid = ctx.table, ctx.rmrr, iommu.injected_faults, dom.domid
     entries = []
     for i in range(1 << order):
         b = bfn + i
@@ -245,7 +220,7 @@ def unmap_page(host: Host, dom: Domain, op: Op) -> int:
         if faults and (domid, b) in faults:
             return -EIO
         entries.append(entry)
-    frames = host.frames
+    frames = iommu.frames
     removed = 0
     for i, entry in enumerate(entries):
         kind = (entry >> 2) & KIND_MASK
@@ -256,154 +231,17 @@ def unmap_page(host: Host, dom: Domain, op: Op) -> int:
         b = bfn + i
         table.leaf(b)[b & LEAF_MASK] = 0
     if removed:
-        host.count_mappings(domid, -removed)
-    host.note_flush(ctx, FlushType.MODIFIED)
-    return 0
-
-
-def map_foreign_page(host: Host, dom: Domain, op: Op) -> int:
-    flags = op.flags
-    if flags & MAP_RESERVED or not flags & RW:
-        return -EINVAL
-    iommu = host.options.iommu
-    if iommu and not host.map_cap(dom):
-        return -EOPNOTSUPP
-    order = _order(host, flags)
-    args = op.u.map_foreign_page
-    bfn, gfn, ioserver = args.bfn, args.gfn, args.ioserver
-    mask = (1 << order) - 1 if order is not None else 0
-    if order is None or gfn & mask or (iommu and bfn & mask):
-        return -ENOSPC
-    guest = _foreign_target(host, dom, args.domid, ioserver)
-    if isinstance(guest, int):
-        return guest
-    entry_flags = flags & (RW | SWAP_MFN)
-    ctx = dom.context
-    m2b, caller = host.m2b, dom.domid
-    new: list[tuple[int, int]] = []  # (bfn, mfn) still to add
-    for i in range(1 << order):
-        mfn = _foreign_frame(host, guest, gfn + i)
-        if mfn < 0:
-            return mfn
-        b = bfn + i if iommu else mfn
-        existing = m2b.get(caller, ioserver, b)
-        identical = (
-            existing is not None
-            and existing.mfn == mfn
-            and existing.domid == guest.domid
-            and existing.flags == entry_flags
-        )
-        if ctx is not None:
-            if b in ctx.rmrr:
-                return -EACCES
-            if identical:
-                continue
-            entry = ctx.table.get(b)
-            if entry and entry_kind(entry) != Kind.DEFAULT:
-                return -EEXIST
-            if (caller, b) in host.injected_faults:
-                return -EIO
-        else:
-            if identical:
-                continue
-            if existing is not None:
-                return -EEXIST
-        new.append((b, mfn))
-    if not host.quota_allows(dom, len(new)):
-        return -EDQUOT
-    perms = flags & RW
-    flush = FlushType.NONE
-    for b, mfn in new:
-        _add_m2b(host, dom, guest, b, mfn, ioserver, entry_flags, owns=ctx is not None)
-        if ctx is not None:
-            if ctx.table.get(b):
-                flush = FlushType.MODIFIED
-            elif flush is FlushType.NONE:
-                flush = FlushType.ADDED
-            ctx.table.set(b, make_entry(mfn, Kind.FOREIGN, perms))
-    if ctx is not None:
-        host.note_flush(ctx, flush)
-    else:
-        args.bfn = _foreign_frame(host, guest, gfn)
-    return 0
-
-
-def _add_m2b(
-    host: Host, dom: Domain, guest: Domain, bfn: int, mfn: int, ioserver: int, flags: int, owns: bool
-) -> M2BEntry:
-    entry = M2BEntry(mfn, bfn, dom.domid, guest.domid, ioserver, flags, owns)
-    host.m2b.add(entry)
-    host.count_mappings(dom.domid, 1)
-    host.frames.get(mfn, entry.writable)
-    return entry
-
-
-def lookup_foreign_page(host: Host, dom: Domain, op: Op) -> int:
-    args = op.u.lookup_foreign_page
-    ioserver = args.ioserver
-    guest = _foreign_target(host, dom, args.domid, ioserver)
-    if isinstance(guest, int):
-        return guest
-    mfn = _foreign_frame(host, guest, args.gfn)
-    if mfn < 0:
-        return mfn
-    existing = host.m2b.lowest_for(mfn, ioserver)
-    if existing is None and not host.quota_allows(dom, 1):
-        return -EDQUOT
-    if existing is None:
-        ctx = dom.context
-        if not host.options.iommu or ctx is None:
-            existing = _add_m2b(host, dom, guest, mfn, mfn, ioserver, RW, owns=False)
-        elif ctx.table.get(mfn) == make_entry(mfn, Kind.DEFAULT, RW):
-            # The default entry becomes the M2B entry's own: same translation, now counted.
-            ctx.table.set(mfn, make_entry(mfn, Kind.FOREIGN, RW))
-            existing = _add_m2b(host, dom, guest, mfn, mfn, ioserver, RW, owns=True)
-        else:
-            return -ENOENT
-    args.bfn = existing.bfn
-    op.flags = existing.flags & RW
-    return 0
-
-
-def unmap_foreign_page(host: Host, dom: Domain, op: Op) -> int:
-    flags = op.flags
-    if flags & UNMAP_RESERVED:
-        return -EINVAL
-    order = _order(host, flags)
-    args = op.u.unmap_foreign_page
-    bfn, ioserver = args.bfn, args.ioserver
-    if order is None or bfn & ((1 << order) - 1):
-        return -ENOSPC
-    ctx = dom.context
-    m2b, caller = host.m2b, dom.domid
-    found: list[tuple[int, M2BEntry | None]] = []
-    for i in range(1 << order):
-        b = bfn + i
-        if ctx is not None and b in ctx.rmrr:
-            return -EACCES
-        entry = m2b.get(caller, ioserver, b)
-        scratch = ctx is not None and ctx.scratch.get(b) == ioserver
-        if entry is None and not scratch:
-            return -ENOENT
-        touches_iommu = scratch or (entry is not None and entry.owns_iommu_entry)
-        if touches_iommu and (caller, b) in host.injected_faults:
-            return -EIO
-        found.append((b, entry))
-    for b, entry in found:
-        if entry is not None:
-            host.drop_m2b_entry(entry)
-        elif ctx is not None:
-            del ctx.scratch[b]
-            ctx.table.clear(b)
-            host.note_flush(ctx, FlushType.MODIFIED)
+        iommu.count_mappings(domid, -removed)
+    iommu.note_flush(ctx, FlushType.MODIFIED)
     return 0
 
 
 SUBOPS: dict[int, SubopHandler] = {
+    # the foreign subops are an emulator's (foreign.py)
     IOMMUOP_query_caps: query_caps,
     IOMMUOP_map_page: map_page,
     IOMMUOP_unmap_page: unmap_page,
-    IOMMUOP_map_foreign_page: map_foreign_page,
-    IOMMUOP_lookup_foreign_page: lookup_foreign_page,
-    IOMMUOP_unmap_foreign_page: unmap_foreign_page,
+    IOMMUOP_map_foreign_page: foreign.map_foreign_page,
+    IOMMUOP_lookup_foreign_page: foreign.lookup_foreign_page,
+    IOMMUOP_unmap_foreign_page: foreign.unmap_foreign_page,
 }

@@ -12,11 +12,13 @@ from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any
 
+from xenemu.abi import pv_iommu as pv
 from xenemu.core.errors import EEXIST, ENOENT, ENOMEM, EPERM
-from xenemu.core.host import RW, Host
-from xenemu.core.iommu.entries import FlushType, Kind, make_entry
-from xenemu.core.iommu.subops import SWAP_MFN
+from xenemu.core.iommu.entries import RW, FlushType, Kind, make_entry
+from xenemu.core.iommu.state import Iommu
+from xenemu.core.ioreq.servers import IoreqRegistry
 from xenemu.core.memory.domain import Domain
+from xenemu.core.memory.guest import GuestMemory
 
 
 @dataclass(frozen=True)
@@ -25,8 +27,8 @@ class WaitForIoreqs:
 
     requests: tuple[tuple[int, int], ...]
 
-    def done(self, host: Host) -> bool:
-        return not any(host.ioreq.is_pending(server, req) for server, req in self.requests)
+    def done(self, registry: IoreqRegistry) -> bool:
+        return not any(registry.is_pending(server, req) for server, req in self.requests)
 
 
 @dataclass
@@ -35,119 +37,121 @@ class Invalidations:
 
     targets: list[tuple[int, int]] = field(default_factory=list)
 
-    def send(self, host: Host) -> list[tuple[int, int]]:
+    def send(self, registry: IoreqRegistry) -> list[tuple[int, int]]:
         """Put each on its server's ring (or make it synchronous); returns the synchronous ones."""
         waits = []
         for server_id, bfn in sorted(self.targets):
-            server = host.ioreq.get(server_id)
+            server = registry.get(server_id)
             if server is None:
                 continue
             req = server.send_invalidate(bfn)
-            host.notify.add(server_id)
+            registry.notify.add(server_id)
             if req is not None:
                 waits.append((server_id, req))
         self.targets.clear()
         return waits
 
 
-def release_frame(host: Host, mfn: int, owed: Invalidations) -> None:
-    """The frame left its guest: swap its foreign mappings to scratch, or owe invalidates."""
-    entries = host.m2b.for_frame(mfn)
-    if not entries:
-        return
-    if host.options.iommu and all(e.flags & SWAP_MFN and e.owns_iommu_entry for e in entries):
-        for entry in entries:
-            mapper = host.domains[entry.mapper]
-            ctx = mapper.context
-            assert ctx is not None
-            host.m2b.remove(entry)
-            host.count_mappings(entry.mapper, -1)
-            ctx.table.set(entry.bfn, make_entry(host.scratch_mfn, Kind.SCRATCH, entry.flags & RW))
-            ctx.scratch[entry.bfn] = entry.ioserver
-            host.note_flush(ctx, FlushType.MODIFIED)
-            host.frames.put(mfn, entry.writable)
-        return
-    owed.targets.extend((entry.ioserver, entry.bfn) for entry in entries)
+class Balloon:
+    """A guest's ballooning calls, and the frames that leave it by any way (destruction too)."""
 
+    def __init__(self, memory: GuestMemory, iommu: Iommu, registry: IoreqRegistry) -> None:
+        self.memory = memory
+        self.iommu = iommu
+        self.registry = registry
 
-def _drop_default(host: Host, dom: Domain, bfn: int, mfn: int) -> None:
-    """Balloon-out removes the frame's default entry (not the non-strict hwdom's 1:1 ones)."""
-    ctx = dom.context
-    if ctx is None or host.is_non_strict_hwdom(dom):
-        return
-    default = make_entry(mfn, Kind.DEFAULT, RW)
-    if ctx.table.get(bfn) != default:
-        return
-    if ctx.table.is_materialized(bfn):
-        ctx.table.clear(bfn)
-    host.note_flush(ctx, FlushType.MODIFIED)
-
-
-def _add_default(host: Host, dom: Domain, bfn: int, mfn: int) -> None:
-    """Populate adds a default entry wherever that BFN is unmapped."""
-    ctx = dom.context
-    if ctx is None or host.is_non_strict_hwdom(dom):
-        return
-    if ctx.table.is_materialized(bfn):
-        if ctx.table.get(bfn):
+    def release_frame(self, mfn: int, owed: Invalidations) -> None:
+        """The frame left its guest: swap its foreign mappings to scratch, or owe invalidates."""
+        entries = self.iommu.m2b.for_frame(mfn)
+        if not entries:
             return
-        ctx.table.set(bfn, make_entry(mfn, Kind.DEFAULT, RW))
-    host.note_flush(ctx, FlushType.ADDED)
+        if self.iommu.options.iommu and all(e.flags & pv.SWAP_MFN and e.owns_iommu_entry for e in entries):
+            for entry in entries:
+                ctx = self.iommu.contexts.get(entry.mapper)
+                assert ctx is not None
+                self.iommu.m2b.remove(entry)
+                self.iommu.count_mappings(entry.mapper, -1)
+                ctx.table.set(entry.bfn, make_entry(self.iommu.scratch_mfn, Kind.SCRATCH, entry.flags & RW))
+                ctx.scratch[entry.bfn] = entry.ioserver
+                self.iommu.note_flush(ctx, FlushType.MODIFIED)
+                self.iommu.frames.put(mfn, entry.writable)
+            return
+        owed.targets.extend((entry.ioserver, entry.bfn) for entry in entries)
 
+    def _drop_default(self, dom: Domain, bfn: int, mfn: int) -> None:
+        """Balloon-out removes the frame's default entry (not the non-strict hwdom's 1:1 ones)."""
+        ctx = self.iommu.contexts.get(dom.domid)
+        if ctx is None or self.iommu.is_non_strict_hwdom(dom):
+            return
+        default = make_entry(mfn, Kind.DEFAULT, RW)
+        if ctx.table.get(bfn) != default:
+            return
+        if ctx.table.is_materialized(bfn):
+            ctx.table.clear(bfn)
+        self.iommu.note_flush(ctx, FlushType.MODIFIED)
 
-def take_frame_away(host: Host, dom: Domain, gfn: int, mfn: int, owed: Invalidations) -> None:
-    """Remove one GFN from its domain: p2m, default entry, allocation reference, emulators."""
-    _drop_default(host, dom, gfn if dom.is_hvm else mfn, mfn)
-    if dom.is_hvm:
-        dom.p2m.pop(gfn)
-    dom.pages -= 1
-    release_frame(host, mfn, owed)
-    host.frames.unpopulate(mfn)
+    def _add_default(self, dom: Domain, bfn: int, mfn: int) -> None:
+        """Populate adds a default entry wherever that BFN is unmapped."""
+        ctx = self.iommu.contexts.get(dom.domid)
+        if ctx is None or self.iommu.is_non_strict_hwdom(dom):
+            return
+        if ctx.table.is_materialized(bfn):
+            if ctx.table.get(bfn):
+                return
+            ctx.table.set(bfn, make_entry(mfn, Kind.DEFAULT, RW))
+        self.iommu.note_flush(ctx, FlushType.ADDED)
 
-
-def decrease_reservation(host: Host, domid: int, gfns: list[int]) -> Generator[Any, None, dict[str, Any]]:
-    """Balloon out ``gfns`` in order, stopping at the first that cannot go; waits for the
-    synchronous invalidates it had to send."""
-    dom = host.domain(domid)
-    owed = Invalidations()
-    done, status = 0, 0
-    for gfn in gfns:
-        if not dom.is_hvm and host.frames.exists(gfn) and host.frames.is_xen(gfn):
-            status = -EPERM
-            break
-        mfn = host.gfn_to_mfn(dom, gfn)
-        if mfn is None:
-            status = -ENOENT
-            break
-        take_frame_away(host, dom, gfn, mfn, owed)
-        done += 1
-    host.flush_touched()
-    waits = owed.send(host)
-    if waits:
-        yield WaitForIoreqs(tuple(waits))
-    return {"ret": done, "status": status, "waited": len(waits)}
-
-
-def populate_physmap(host: Host, domid: int, gfns: list[int]) -> dict[str, Any]:
-    """Back ``gfns`` with fresh frames (lowest free first); a PV guest learns their MFNs."""
-    dom = host.domain(domid)
-    done, status, mfns = 0, 0, []
-    for gfn in gfns:
-        if (dom.is_hvm and gfn in dom.p2m) or (not dom.is_hvm and host.frames.belongs_to(gfn, domid)):
-            status = -EEXIST
-            break
-        mfn = host.frames.allocate(domid)
-        if mfn is None:
-            status = -ENOMEM
-            break
+    def take_frame_away(self, dom: Domain, gfn: int, mfn: int, owed: Invalidations) -> None:
+        """Remove one GFN from its domain: p2m, default entry, allocation reference, emulators."""
+        self._drop_default(dom, gfn if dom.is_hvm else mfn, mfn)
         if dom.is_hvm:
-            dom.p2m[gfn] = mfn
-        dom.pages += 1
-        _add_default(host, dom, gfn if dom.is_hvm else mfn, mfn)
-        mfns.append(mfn)
-        done += 1
-    host.flush_touched()
-    reply: dict[str, Any] = {"ret": done, "status": status}
-    if not dom.is_hvm:
-        reply["mfns"] = mfns
-    return reply
+            dom.p2m.pop(gfn)
+        dom.pages -= 1
+        self.release_frame(mfn, owed)
+        self.iommu.frames.unpopulate(mfn)
+
+    def decrease_reservation(self, domid: int, gfns: list[int]) -> Generator[Any, None, dict[str, Any]]:
+        """Balloon out ``gfns`` in order, stopping at the first that cannot go; waits for the
+        synchronous invalidates it had to send."""
+        dom = self.memory.domain(domid)
+        owed = Invalidations()
+        done, status = 0, 0
+        for gfn in gfns:
+            if not dom.is_hvm and self.iommu.frames.exists(gfn) and self.iommu.frames.is_xen(gfn):
+                status = -EPERM
+                break
+            mfn = self.memory.gfn_to_mfn(dom, gfn)
+            if mfn is None:
+                status = -ENOENT
+                break
+            self.take_frame_away(dom, gfn, mfn, owed)
+            done += 1
+        self.iommu.flush_touched()
+        waits = owed.send(self.registry)
+        if waits:
+            yield WaitForIoreqs(tuple(waits))
+        return {"ret": done, "status": status, "waited": len(waits)}
+
+    def populate_physmap(self, domid: int, gfns: list[int]) -> dict[str, Any]:
+        """Back ``gfns`` with fresh frames (lowest free first); a PV guest learns their MFNs."""
+        dom = self.memory.domain(domid)
+        done, status, mfns = 0, 0, []
+        for gfn in gfns:
+            if (dom.is_hvm and gfn in dom.p2m) or (not dom.is_hvm and self.iommu.frames.belongs_to(gfn, domid)):
+                status = -EEXIST
+                break
+            mfn = self.iommu.frames.allocate(domid)
+            if mfn is None:
+                status = -ENOMEM
+                break
+            if dom.is_hvm:
+                dom.p2m[gfn] = mfn
+            dom.pages += 1
+            self._add_default(dom, gfn if dom.is_hvm else mfn, mfn)
+            mfns.append(mfn)
+            done += 1
+        self.iommu.flush_touched()
+        reply: dict[str, Any] = {"ret": done, "status": status}
+        if not dom.is_hvm:
+            reply["mfns"] = mfns
+        return reply

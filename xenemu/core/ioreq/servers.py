@@ -105,6 +105,8 @@ class IoreqRegistry:
     def __init__(self) -> None:
         self.servers: dict[int, IoreqServer] = {}
         self.next_id = 1
+        #: Servers with new requests their emulator has not been told of yet.
+        self.notify: set[int] = set()
 
     def exhausted(self) -> bool:
         return self.next_id > MAX_IOSERVID

@@ -1,4 +1,9 @@
-"""Domains: their kind, memory (p2m), privilege and IOMMU context."""
+"""A domain as the memory subsystem knows it: identity, kind, RAM (p2m), privilege and quotas.
+
+Other subsystems keep their per-domain state themselves, keyed by domid (the IOMMU its
+contexts, the grant code its tables, the ITS its vITSs), so this record depends on nothing
+above memory and each subsystem can be read alone.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,6 @@ import secrets
 from dataclasses import dataclass, field
 
 from xenemu.abi import const
-from xenemu.core.grants.table import GrantTable, Maptrack
-from xenemu.core.iommu.context import IommuContext
 from xenemu.core.memory.p2m import P2M
 from xenemu.core.options import DomainKind
 
@@ -28,11 +31,7 @@ class Domain:
     #: Frames populated for this domain (HVM: len(p2m)).
     pages: int = 0
     devices: set[str] = field(default_factory=set)
-    context: IommuContext | None = None
     name: str = ""
-    #: Entries this domain grants to others, and the grants of others it has mapped.
-    grant_table: GrantTable = field(default_factory=GrantTable)
-    maptrack: Maptrack = field(default_factory=Maptrack)
     #: Quota of mappings it may hold (map_page, M2B entries as mapper, grant mappings).
     max_mappings: int = 1 << 22
     #: The secret a connection presents to speak for this domain.

@@ -1,0 +1,203 @@
+"""The host's IOMMU: every domain's context, the M2B, the flushes owed, quotas and faults.
+
+``do_iommu_op``, ballooning, grant maps and device assignment all change IOMMU state; they
+do it through this object, which they are handed, so none of them needs the whole host.
+It is given the guests' memory (frames and domains) and a way to ask whether an IOREQ
+server serves a guest, the only two things of other subsystems the IOMMU's rules read.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from typing import Protocol
+
+from xenemu.core.errors import EPERM, HypercallError
+from xenemu.core.iommu.context import DmaFault, IommuContext
+from xenemu.core.iommu.entries import PERM_MASK, PERM_R, PERM_W, RW, FlushType, Kind, entry_mfn, make_entry
+from xenemu.core.iommu.fastpath import FastIommu, available
+from xenemu.core.iommu.m2b import M2B, M2BEntry
+from xenemu.core.iommu.pagetable import BlankLeaf, DefaultRule, PageTable
+from xenemu.core.memory.domain import Domain
+from xenemu.core.memory.guest import GuestMemory
+from xenemu.core.memory.leaves import LEAF_SHIFT
+from xenemu.core.options import HostOptions
+
+
+class ServerCheck(Protocol):
+    """What the foreign subops ask of the IOREQ servers (the registry satisfies it)."""
+
+    def serves(self, ioserver: int, creator: int, target: int) -> bool: ...
+
+
+class Iommu:
+    """IOMMU state of the whole host; contexts exist for domains with an assigned device."""
+
+    def __init__(self, options: HostOptions, memory: GuestMemory, servers: ServerCheck) -> None:
+        self.options = options
+        self.memory = memory
+        self.frames = memory.frames
+        self.servers = servers
+        self.scratch_mfn = options.scratch_mfn
+        #: domid -> its context; a domain gets one with its first device.
+        self.contexts: dict[int, IommuContext] = {}
+        self.m2b = M2B()
+        #: (domid, bfn) at which subops' IOMMU writes fail with -EIO.
+        self.injected_faults: set[tuple[int, int]] = set()
+        #: Contexts with a flush pending; emptied before any operation returns or yields.
+        self.touched: set[IommuContext] = set()
+        #: Mappings each domain holds (map_page entries, M2B entries it made, grant mappings).
+        self.mappings_held: Counter[int] = Counter()
+        #: DMA faults of devices that see machine addresses (no context).
+        self.machine_dma_faults = 0
+        #: The compiled shortcut for map_page/unmap_page, when enabled and built.
+        self.fast = FastIommu(self.frames, options.largest_order) if options.fast_path and available() else None
+
+    # -- capabilities ---------------------------------------------------------------------------
+    def is_non_strict_hwdom(self, dom: Domain) -> bool:
+        return dom.is_hwdom and not self.options.dom0_strict
+
+    def map_cap(self, dom: Domain) -> bool:
+        """Whether the caller may program its own IOMMU context (query_caps bit 0)."""
+        if not self.options.iommu or not dom.devices:
+            return False
+        return not (dom.is_hwdom and self.options.dom0_passthrough)
+
+    def wants_context(self, dom: Domain) -> bool:
+        """Whether assigning a device gives the domain a context (not without an IOMMU, nor for
+        a passthrough hardware domain, whose devices see machine addresses)."""
+        return self.options.iommu and not (dom.is_hwdom and self.options.dom0_passthrough)
+
+    # -- quota ----------------------------------------------------------------------------------
+    def quota_allows(self, dom: Domain, new: int) -> bool:
+        return self.mappings_held[dom.domid] + new <= dom.max_mappings
+
+    def count_mappings(self, domid: int, delta: int) -> None:
+        self.mappings_held[domid] += delta
+        if not self.mappings_held[domid]:
+            del self.mappings_held[domid]
+
+    # -- flushes --------------------------------------------------------------------------------
+    def note_flush(self, ctx: IommuContext, flush: FlushType) -> None:
+        ctx.note(flush)
+        self.touched.add(ctx)
+
+    def flush_touched(self) -> None:
+        for ctx in self.touched:
+            ctx.flush()
+        self.touched.clear()
+
+    # -- fault injection ------------------------------------------------------------------------
+    def inject_fault(self, domid: int, bfn: int) -> None:
+        if not self.options.fault_injection:
+            raise HypercallError(-EPERM, "fault injection is not enabled on this host")
+        self.memory.domain(domid)
+        self.injected_faults.add((domid, bfn))
+
+    def clear_fault(self, domid: int, bfn: int) -> None:
+        self.injected_faults.discard((domid, bfn))
+
+    # -- contexts -------------------------------------------------------------------------------
+    def default_blank(self, dom: Domain) -> BlankLeaf:
+        """Leaves with no default entry (beyond RAM, or where an HVM p2m never reached) start
+        zeroed, without 512 calls of the rule and their garbage."""
+        if dom.is_hvm and not self.is_non_strict_hwdom(dom):
+            p2m = dom.p2m
+            return lambda index: not p2m.has_leaf(index)
+        nr_frames = self.frames.nr_frames
+        return lambda index: index << LEAF_SHIFT >= nr_frames
+
+    def default_rule(self, dom: Domain) -> DefaultRule:
+        """What Xen maps for a PV-IOMMU-unaware domain, BFN by BFN."""
+        frames = self.frames
+        domid = dom.domid
+        if self.is_non_strict_hwdom(dom):
+            first, last = self.options.xen_frames, frames.nr_frames
+
+            def identity(bfn: int) -> int:
+                return make_entry(bfn, Kind.DEFAULT, RW) if first <= bfn < last else 0
+
+            return identity
+        if dom.is_hvm:
+            p2m = dom.p2m
+
+            def hvm(bfn: int) -> int:
+                mfn = p2m.get(bfn)
+                return 0 if mfn is None else make_entry(mfn, Kind.DEFAULT, RW)
+
+            return hvm
+
+        def pv(bfn: int) -> int:
+            return make_entry(bfn, Kind.DEFAULT, RW) if frames.belongs_to(bfn, domid) else 0
+
+        return pv
+
+    def new_table(self, dom: Domain) -> PageTable:
+        """An empty page table whose entries are the domain's defaults until written."""
+        return PageTable(self.default_rule(dom), self.default_blank(dom))
+
+    def context_entries(self, dom: Domain) -> list[tuple[int, int]]:
+        """Every present entry of the domain's context, virtual defaults included, by BFN."""
+        ctx = self.contexts.get(dom.domid)
+        if ctx is None:
+            return []
+        table = ctx.table
+        present = dict(table.materialized())
+        if self.is_non_strict_hwdom(dom):
+            candidates: Iterable[int] = range(self.options.xen_frames, self.frames.nr_frames)
+        elif dom.is_hvm:
+            candidates = dom.p2m.keys()
+        else:
+            candidates = self.memory.own_frames(dom)
+        for bfn in candidates:
+            if not table.is_materialized(bfn):
+                entry = table.default_rule(bfn)
+                if entry:
+                    present[bfn] = entry
+        return sorted(present.items())
+
+    def drop_m2b_entry(self, entry: M2BEntry) -> None:
+        """Remove an M2B entry, the IOMMU entry it owns, and its references (no flush)."""
+        self.m2b.remove(entry)
+        self.count_mappings(entry.mapper, -1)
+        if entry.owns_iommu_entry:
+            ctx = self.contexts.get(entry.mapper)
+            if ctx is not None:
+                ctx.table.clear(entry.bfn)
+                self.note_flush(ctx, FlushType.MODIFIED)
+        self.frames.put(entry.mfn, entry.writable)
+
+    def drop_context(self, dom: Domain) -> None:
+        """A dying domain's context goes: its map_page entries let go of their frames."""
+        ctx = self.contexts.pop(dom.domid, None)
+        if ctx is not None:
+            for _bfn, entry in ctx.table.materialized():
+                if (entry >> 2) & 15 == Kind.MAP:
+                    self.frames.put(entry_mfn(entry), bool(entry & PERM_W))
+            self.touched.discard(ctx)
+        self.injected_faults = {f for f in self.injected_faults if f[0] != dom.domid}
+        self.mappings_held.pop(dom.domid, None)
+
+    # -- device DMA -----------------------------------------------------------------------------
+    def translate(self, ctx: IommuContext | None, bfn: int, write: bool) -> tuple[int | None, str]:
+        """A device's access to ``bfn``: the machine frame, or None and why it faults.
+
+        Through the IOTLB first, as hardware would: a stale entry there still translates."""
+        if ctx is None:
+            return (bfn, "") if self.frames.exists(bfn) else (None, "beyond RAM")
+        entry = ctx.iotlb.lookup(bfn)
+        if entry is None:
+            entry = ctx.table.get(bfn)
+            if not entry:
+                return None, "not present"
+            ctx.iotlb.fill(bfn, entry)
+        need = PERM_W if write else PERM_R
+        if not entry & need & PERM_MASK:
+            return None, "write denied" if write else "read denied"
+        return entry_mfn(entry), ""
+
+    def record_fault(self, ctx: IommuContext | None, fault: DmaFault) -> None:
+        if ctx is None:
+            self.machine_dma_faults += 1
+        else:
+            ctx.record_fault(fault)

@@ -1,0 +1,77 @@
+"""An emulator's IOREQ servers as the rest of the host sees them: made for one guest, and
+torn down with what they hold.
+
+A server's M2B entries and the scratch entries its swapped mappings left behind live in the
+IOMMU, so ending a server is an IOMMU operation; this module does it through the ``Iommu`` it
+is handed, leaving ``servers`` a plain registry.
+"""
+
+from __future__ import annotations
+
+from xenemu.core.errors import ENOENT, ENOSPC, EPERM, HypercallError
+from xenemu.core.iommu.entries import FlushType
+from xenemu.core.iommu.state import Iommu
+from xenemu.core.ioreq.servers import IoreqRegistry, IoreqServer
+from xenemu.core.memory.domain import DOMID_SELF
+from xenemu.core.memory.guest import GuestMemory
+
+
+class Emulators:
+    """Creation, ownership checks and teardown of IOREQ servers."""
+
+    def __init__(self, memory: GuestMemory, iommu: Iommu, registry: IoreqRegistry) -> None:
+        self.memory = memory
+        self.iommu = iommu
+        self.registry = registry
+
+    def create_server(self, caller: int, target: int) -> IoreqServer:
+        dom = self.memory.domain(caller)
+        if target == DOMID_SELF:
+            target = caller
+        guest = self.memory.domain(target)
+        if not dom.privileged_over(guest):
+            raise HypercallError(-EPERM, f"d{caller} is not privileged over d{target}")
+        if self.registry.exhausted():
+            raise HypercallError(-ENOSPC, "IOREQ server ids are exhausted")
+        return self.registry.create(caller, target)
+
+    def own_server(self, caller: int, ioserver: int) -> IoreqServer:
+        """The caller's own server, or -ENOENT / -EPERM."""
+        server = self.registry.get(ioserver)
+        if server is None:
+            raise HypercallError(-ENOENT, f"no IOREQ server {ioserver}")
+        if server.creator != caller:
+            raise HypercallError(-EPERM, f"IOREQ server {ioserver} is not d{caller}'s")
+        return server
+
+    def destroy_server(self, caller: int, ioserver: int) -> None:
+        self.end(self.own_server(caller, ioserver))
+        self.iommu.flush_touched()
+
+    def release_servers(self, creator: int) -> int:
+        """End every server ``creator`` made (its emulator went away); how many there were."""
+        servers = [s for s in self.registry.servers.values() if s.creator == creator]
+        for server in servers:
+            self.end(server)
+        self.iommu.flush_touched()
+        return len(servers)
+
+    def forget_target(self, domid: int) -> None:
+        """The guest ``domid`` is gone: servers that served it serve nobody now."""
+        for server in self.registry.servers.values():
+            if server.target == domid:
+                server.target = None
+
+    def end(self, server: IoreqServer) -> None:
+        """Remove a server with its M2B entries and scratch entries (no flush)."""
+        iommu = self.iommu
+        ctx = iommu.contexts.get(server.creator)
+        for entry in iommu.m2b.for_server(server.id):
+            iommu.drop_m2b_entry(entry)
+        if ctx is not None:
+            for bfn in [b for b, s in ctx.scratch.items() if s == server.id]:
+                del ctx.scratch[bfn]
+                ctx.table.clear(bfn)
+                iommu.note_flush(ctx, FlushType.MODIFIED)
+        del self.registry.servers[server.id]
+        self.registry.notify.discard(server.id)

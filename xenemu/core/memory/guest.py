@@ -1,0 +1,83 @@
+"""Guests' RAM as their CPUs see it: the domains, GFN -> MFN, and reads and writes of a page.
+
+The ITS and the grant code are handed this (not the host) when they read a guest's tables,
+queues or frames, so they depend on memory alone.
+"""
+
+from __future__ import annotations
+
+from xenemu.core.errors import EINVAL, ENOMEM, ESRCH, HypercallError
+from xenemu.core.memory.domain import DOMID_FIRST_RESERVED, Domain
+from xenemu.core.memory.frames import PAGE_SHIFT, PAGE_SIZE, FrameTable
+from xenemu.core.options import DomainKind
+
+
+class GuestMemory:
+    """The frame table and the live domains, by domid."""
+
+    def __init__(self, frames: FrameTable) -> None:
+        self.frames = frames
+        self.domains: dict[int, Domain] = {}
+
+    def domain(self, domid: int) -> Domain:
+        dom = self.domains.get(domid)
+        if dom is None:
+            raise HypercallError(-ESRCH, f"no domain {domid}")
+        return dom
+
+    def resolve_foreign(self, domid: int) -> Domain | None:
+        """A live domain by a guest-supplied id (reserved ids name none)."""
+        if domid >= DOMID_FIRST_RESERVED:
+            return None
+        return self.domains.get(domid)
+
+    def gfn_to_mfn(self, dom: Domain, gfn: int) -> int | None:
+        """The frame backing ``gfn`` of ``dom``, if it is populated and the domain's."""
+        if dom.is_hvm:
+            return dom.p2m.get(gfn)
+        return gfn if self.frames.belongs_to(gfn, dom.domid) else None
+
+    def populate(self, domid: int, kind: DomainKind, memory: int, name: str) -> Domain:
+        """A new domain with ``memory`` frames, GFN 0 upwards (HVM) or wherever free (PV)."""
+        if memory > self.frames.nr_free:
+            raise HypercallError(-ENOMEM, f"{memory} frames wanted, {self.frames.nr_free} free")
+        dom = Domain(domid=domid, kind=kind, name=name or f"domain-{domid}")
+        self.domains[domid] = dom
+        for gfn in range(memory):
+            mfn = self.frames.allocate(domid)
+            assert mfn is not None
+            if dom.is_hvm:
+                dom.p2m[gfn] = mfn
+        dom.pages = memory
+        return dom
+
+    def own_frames(self, dom: Domain) -> list[int]:
+        """Every frame the domain owns and has populated."""
+        if dom.is_hvm:
+            return list(dom.p2m.values())
+        owner, populated = self.frames.owner, self.frames.populated
+        return [m for m in range(self.frames.nr_frames) if owner[m] == dom.domid and populated[m]]
+
+    def access(self, domid: int, gfn: int, offset: int, data: bytes | None, length: int = 0) -> bytes:
+        """A guest's CPU reading (``data`` None) or writing its own memory, within one page."""
+        dom = self.domain(domid)
+        size = len(data) if data is not None else length
+        if offset < 0 or size < 0 or offset + size > PAGE_SIZE:
+            raise HypercallError(-EINVAL, "access must stay within one page")
+        mfn = self.gfn_to_mfn(dom, gfn)
+        if mfn is None:
+            raise HypercallError(-EINVAL, f"GFN {gfn:#x} is not populated in d{domid}")
+        if data is not None:
+            self.frames.write(mfn, offset, data)
+            return b""
+        return self.frames.read(mfn, offset, size)
+
+    def read(self, domid: int, gpa: int, length: int) -> bytes:
+        """``length`` bytes at guest physical address ``gpa`` (within one page)."""
+        return self.access(domid, gpa >> PAGE_SHIFT, gpa & (PAGE_SIZE - 1), None, length)
+
+    def in_ram(self, domid: int, gpa: int, length: int) -> bool:
+        """Whether every page of ``[gpa, gpa + length)`` is populated RAM of the domain."""
+        dom = self.domain(domid)
+        first, last = gpa >> PAGE_SHIFT, (gpa + length - 1) >> PAGE_SHIFT
+        return all(self.gfn_to_mfn(dom, g) is not None for g in range(first, last + 1))
