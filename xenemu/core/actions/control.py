@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from xenemu.core.actions.dispatch import ControlAction, handles
+from xenemu.core.actions.base import ControlAction, handles
 from xenemu.core.audit import audit
 from xenemu.core.errors import EINVAL, ENOENT, HypercallError
 from xenemu.core.host import Host

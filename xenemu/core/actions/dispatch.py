@@ -1,139 +1,23 @@
-"""Typed actions and the one dispatch that runs them.
+"""The one dispatch: a wire request becomes a typed action, and every action runs the same way.
 
-Every request, whoever sends it, becomes one ``Action`` instance, validated field by field
-from the wire's plain values, and goes through ``dispatch``.  A handler may be a plain
-function or a generator that yields at continuation points; ``dispatch`` always hands the
-shell a generator, so the shell has one way to run, preempt and resume any request.
-A new hypercall family is a module of actions plus one entry in ``FAMILIES``.
+Every request, whoever sends it, becomes one ``Action`` instance (``parse``) and goes through
+``dispatch``.  A handler may be a plain function or a generator that yields at continuation
+points; ``dispatch`` always hands the shell a generator, so the shell has one way to run,
+preempt and resume any request.  A new hypercall family is a module of actions (importing
+``base``) plus one import here.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
 import inspect
-import types
-import typing
-from collections.abc import Callable, Generator
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any
 
-from xenemu.core.errors import EINVAL, EOPNOTSUPP, EPERM, HypercallError
+from xenemu.core.actions import control, grant, iommu, its, memory
+from xenemu.core.actions.base import ACTIONS, HANDLERS, Action, Channel, Outcome
+from xenemu.core.errors import EOPNOTSUPP, EPERM, HypercallError
 from xenemu.core.host import Host
 
-#: Which socket an action may arrive on ("internal": raised by the shell itself, never parsed).
-Channel = Literal["hypercall", "control", "internal"]
-
-#: What a running action yields to the shell (continuation points, waits).
-Effect = Any
-Outcome = Generator[Effect, None, Any]
-
-
-@dataclasses.dataclass(frozen=True)
-class Action:
-    """A request, already validated; ``caller`` is the domain the connection speaks for."""
-
-    name: ClassVar[str] = ""
-    channel: ClassVar[Channel] = "hypercall"
-
-    @classmethod
-    def from_wire(cls, args: Any) -> Action:
-        """Build from a msgpack map, refusing unknown, missing or mistyped fields (-EINVAL)."""
-        if not isinstance(args, dict):
-            raise HypercallError(-EINVAL, f"{cls.name}: arguments must be a map")
-        values: dict[str, Any] = {}
-        fields, names = _schema(cls)
-        for name, hint, required in fields:
-            if name in args:
-                values[name] = _check_type(cls.name, name, args[name], hint)
-            elif required:
-                raise HypercallError(-EINVAL, f"{cls.name}: missing argument {name!r}")
-        unknown = args.keys() - names
-        if unknown:
-            raise HypercallError(-EINVAL, f"{cls.name}: unknown arguments {sorted(map(str, unknown))}")
-        return cls(**values)
-
-
-@dataclasses.dataclass(frozen=True)
-class ControlAction(Action):
-    """A toolstack request: only on the control socket."""
-
-    channel: ClassVar[Channel] = "control"
-
-
-Schema = tuple[list[tuple[str, Any, bool]], frozenset[str]]
-_SCHEMAS: dict[type[Action], Schema] = {}
-
-
-def _schema(cls: type[Action]) -> Schema:
-    """Each field's name, type and whether it is required; resolved once per action type."""
-    schema = _SCHEMAS.get(cls)
-    if schema is None:
-        hints = typing.get_type_hints(cls)
-        fields = [
-            (f.name, hints[f.name], f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
-            for f in dataclasses.fields(cls)
-        ]
-        schema = _SCHEMAS[cls] = (fields, frozenset(name for name, _, _ in fields))
-    return schema
-
-
-def _check_type(action: str, field: str, value: Any, hint: Any) -> Any:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(hint):
-            try:
-                return _check_type(action, field, value, option)
-            except HypercallError:
-                continue
-        raise HypercallError(-EINVAL, f"{action}: {field} has the wrong type")
-    if hint is type(None):
-        if value is None:
-            return None
-    elif origin is Literal:
-        if value in typing.get_args(hint):
-            return value
-    elif origin is list:
-        (item,) = typing.get_args(hint)
-        if isinstance(value, list):
-            return [_check_type(action, field, v, item) for v in value]
-    elif origin is tuple:
-        items = typing.get_args(hint)
-        if isinstance(value, list | tuple) and len(value) == len(items):
-            return tuple(_check_type(action, field, v, t) for v, t in zip(value, items, strict=True))
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is bytes:
-        if isinstance(value, bytes | bytearray):
-            return bytes(value)
-    elif hint in (str, bool):
-        if isinstance(value, hint):
-            return value
-    elif hint is dict or origin is dict:
-        if isinstance(value, dict):
-            return value
-    else:
-        raise TypeError(f"{action}.{field}: unsupported field type {hint!r}")
-    raise HypercallError(-EINVAL, f"{action}: {field} has the wrong type")
-
-
-A = TypeVar("A", bound=Action)
-Handler = Callable[[Host, int, Any], Any]
-
-ACTIONS: dict[str, type[Action]] = {}
-HANDLERS: dict[type[Action], Handler] = {}
-
-
-def handles(action: type[A]) -> Callable[[Callable[[Host, int, A], Any]], Callable[[Host, int, A], Any]]:
-    """Register ``fn`` as the handler of ``action`` (one handler per action)."""
-
-    def register(fn: Callable[[Host, int, A], Any]) -> Callable[[Host, int, A], Any]:
-        assert action.name and action.name not in ACTIONS, f"duplicate action {action.name!r}"
-        ACTIONS[action.name] = action
-        HANDLERS[action] = fn
-        return fn
-
-    return register
+__all__ = ["ACTIONS", "Action", "Channel", "Outcome", "dispatch", "parse", "run"]
 
 
 def parse(name: Any, args: Any, channel: Channel) -> Action:
@@ -165,14 +49,5 @@ def run(host: Host, caller: int, action: Action) -> Any:
             return stop.value
 
 
-#: Modules that define actions; importing one registers its handlers.
-FAMILIES = (
-    "xenemu.core.actions.iommu",
-    "xenemu.core.actions.control",
-    "xenemu.core.actions.memory",
-    "xenemu.core.actions.grant",
-    "xenemu.core.actions.its",
-)
-
-for _family in FAMILIES:
-    importlib.import_module(_family)
+#: The hypercall families; importing each registered its actions' handlers.
+FAMILIES = (control, grant, iommu, its, memory)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from xenemu.core.actions.dispatch import Action, handles
+from xenemu.core.actions.base import Action, handles
 from xenemu.core.host import Host
 
 

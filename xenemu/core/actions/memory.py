@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from xenemu.core.actions.dispatch import Action, Outcome, handles
+from xenemu.core.actions.base import Action, Outcome, handles
 from xenemu.core.errors import E2BIG, EINVAL, ENOENT, HypercallError
 from xenemu.core.host import Host
 
