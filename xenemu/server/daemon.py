@@ -11,12 +11,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import hmac
-import math
 import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,20 +34,16 @@ from xenemu.core.errors import (
     EPROTO,
     EPROTONOSUPPORT,
     ESRCH,
-    ETIMEDOUT,
     HypercallError,
-    errno_name,
 )
 from xenemu.core.host import Host
 from xenemu.core.ioreq.balloon import WaitForIoreqs
 from xenemu.core.memory.domain import Domain
-from xenemu.wire import MAX_FRAME, PROTOCOL_VERSION, FrameDecoder, Message, WireError, encode_parts
+from xenemu.server.session import Session, error_reply
+from xenemu.wire import MAX_FRAME, PROTOCOL_VERSION, Message
 
 log = structlog.get_logger("xenemu")
 
-READ_CHUNK = 1 << 16
-#: Replies smaller than this go out in one write.
-SMALL_FRAME = 1 << 16
 MAX_REQUEST_ID = 2**32 - 1
 #: How often the pITS model advances while it has work, and while idle.
 ITS_TICK = 0.0005
@@ -64,59 +59,6 @@ class Limits:
     max_connections: int = 256
     max_connections_per_domain: int = 16
     hello_timeout: float = 10.0
-
-
-@dataclass(eq=False)
-class Session:
-    """One connection: which socket, which domain it speaks for once it has said hello."""
-
-    stream: trio.SocketStream
-    channel: Channel
-    peer: int
-    domain: Domain | None = None
-    closing: bool = False
-    read_scope: trio.CancelScope | None = None
-    hello_deadline: float = math.inf
-    send_lock: trio.Lock = field(default_factory=trio.Lock)
-    #: IOREQ servers whose emulator (this session's domain) has news; sent by a task of its own
-    #: so that an emulator that stops reading never blocks whoever produced the news.
-    pending_events: set[int] = field(default_factory=set)
-    #: Other events in the order they happened (LPIs).
-    queued_events: list[Message] = field(default_factory=list)
-    wake: trio.Event = field(default_factory=trio.Event)
-
-    def post(self, ioserver: int) -> None:
-        self.pending_events.add(ioserver)
-        self.wake.set()
-
-    def post_message(self, message: Message) -> None:
-        self.queued_events.append(message)
-        self.wake.set()
-
-    async def send_events(self) -> None:
-        while True:
-            await self.wake.wait()
-            self.wake = trio.Event()
-            for ioserver in sorted(self.pending_events):
-                self.pending_events.discard(ioserver)
-                await self.send({"event": "ioreq", "ioserver": ioserver})
-            queued, self.queued_events = self.queued_events, []
-            for message in queued:
-                await self.send(message)
-
-    async def send(self, message: Message) -> None:
-        header, payload = encode_parts(message)
-        async with self.send_lock:
-            if len(payload) < SMALL_FRAME:
-                await self.stream.send_all(header + payload)
-            else:  # two writes rather than one more copy of a 2 MiB reply
-                await self.stream.send_all(header)
-                await self.stream.send_all(payload)
-
-    def close_soon(self) -> None:
-        self.closing = True
-        if self.read_scope is not None:
-            self.read_scope.cancel()
 
 
 class Daemon:
@@ -242,45 +184,12 @@ class Daemon:
         self.sessions.add(session)
         session.hello_deadline = trio.current_time() + self.limits.hello_timeout
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._send_events, session)
-                await self._read_requests(session)
-                nursery.cancel_scope.cancel()
-        except* (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the peer went away, possibly while its reply was being sent
-        except* Exception:
-            log.exception("connection task failed", peer=session.peer)
+            await session.serve(self._handle, lambda: self.stopping)
         finally:
             self.sessions.discard(session)
             await stream.aclose()
             log.debug("disconnected", peer=session.peer, domid=session.domain.domid if session.domain else None)
             await self._after_disconnect(session)
-
-    async def _send_events(self, session: Session) -> None:
-        try:
-            await session.send_events()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            session.close_soon()
-
-    async def _read_requests(self, session: Session) -> None:
-        decoder = FrameDecoder()
-        while not session.closing:
-            message = decoder.next()
-            if message is None:
-                data = await self._receive(session)
-                if not data:
-                    if decoder.buffered:
-                        log.warning("truncated frame", peer=session.peer, buffered=decoder.buffered)
-                    return
-                decoder.feed(data)
-                continue
-            if isinstance(message, WireError):
-                log.warning("malformed frame", peer=session.peer, error=message.message)
-                await session.send(error_reply(None, -message.errno, message.message))
-                if message.fatal:
-                    return
-                continue
-            await self._handle(session, message)
 
     async def _after_disconnect(self, session: Session) -> None:
         """A domain whose last connection closed has no emulator left: release its servers."""
@@ -294,27 +203,10 @@ class Daemon:
         released = await self._run(dispatch(self.host, dom.domid, ReleaseIoreqServers(dom.domid)))
         log.info("released ioreq servers", domid=dom.domid, servers=released["ret"])
 
-    async def _receive(self, session: Session) -> bytes:
-        if self.stopping:
-            return b""
-        if session.domain is None and trio.current_time() >= session.hello_deadline:
-            await self._refuse(session, None, -ETIMEDOUT, "no hello in time", close=True)
-            return b""
-        deadline = session.hello_deadline if session.domain is None else math.inf
-        with trio.CancelScope(deadline=deadline) as scope:
-            session.read_scope = scope
-            data: bytes = await session.stream.receive_some(READ_CHUNK)
-            session.read_scope = None
-            return data
-        session.read_scope = None
-        if session.domain is None and not session.closing and trio.current_time() >= session.hello_deadline:
-            await self._refuse(session, None, -ETIMEDOUT, "no hello in time", close=True)
-        return b""
-
     async def _handle(self, session: Session, message: Message) -> None:
         req_id = message.get("id")
         if req_id is not None and not (isinstance(req_id, int) and 0 <= req_id <= MAX_REQUEST_ID):
-            await self._refuse(session, None, -EINVAL, "id must be an unsigned 32-bit integer")
+            await session.refuse(None, -EINVAL, "id must be an unsigned 32-bit integer")
             return
         op = message.get("op")
         args = message.get("args", {})
@@ -322,11 +214,11 @@ class Daemon:
             await self._hello(session, req_id, op, args)
             return
         if op == "hello":
-            await self._refuse(session, req_id, -EPROTO, "already said hello")
+            await session.refuse(req_id, -EPROTO, "already said hello")
             return
         dom = session.domain
         if self.host.domains.get(dom.domid) is not dom:
-            await self._refuse(session, req_id, -ESRCH, f"d{dom.domid} no longer exists", close=True)
+            await session.refuse(req_id, -ESRCH, f"d{dom.domid} no longer exists", close=True)
             return
         started = time.perf_counter()
         if any(s.hw.queued() for s in self.host.its.pits):
@@ -335,7 +227,7 @@ class Daemon:
             action = parse(op, args, session.channel)
             result = await self._run(dispatch(self.host, dom.domid, action))
         except HypercallError as exc:
-            await self._refuse(session, req_id, exc.errno, exc.message, op=op)
+            await session.refuse(req_id, exc.errno, exc.message, op=op)
             return
         except Exception:
             log.exception("internal error", peer=session.peer, domid=dom.domid, op=op)
@@ -399,26 +291,24 @@ class Daemon:
 
     async def _hello(self, session: Session, req_id: int | None, op: Any, args: Any) -> None:
         if op != "hello" or not isinstance(args, dict):
-            await self._refuse(session, req_id, -EPROTO, "the first request must be hello", close=True)
+            await session.refuse(req_id, -EPROTO, "the first request must be hello", close=True)
             return
         version = args.get("version")
         if version != PROTOCOL_VERSION:
-            await self._refuse(
-                session, req_id, -EPROTONOSUPPORT, f"protocol version {version!r} unsupported", close=True
-            )
+            await session.refuse(req_id, -EPROTONOSUPPORT, f"protocol version {version!r} unsupported", close=True)
             return
         if session.channel == "control":
             dom: Domain | None = self.host.hwdom
         else:
             dom = self._domain_for_token(args.get("token"))
             if dom is None:
-                await self._refuse(session, req_id, -EACCES, "bad token", close=True, op="hello")
+                await session.refuse(req_id, -EACCES, "bad token", close=True, op="hello")
                 return
         assert dom is not None
         if session.channel == "hypercall":
             peers = sum(1 for s in self.sessions if s.domain is dom and s.channel == "hypercall")
             if peers >= self.limits.max_connections_per_domain:
-                await self._refuse(session, req_id, -EMFILE, f"d{dom.domid} has {peers} connections", close=True)
+                await session.refuse(req_id, -EMFILE, f"d{dom.domid} has {peers} connections", close=True)
                 return
         session.domain = dom
         log.debug("hello", peer=session.peer, channel=session.channel, domid=dom.domid)
@@ -442,30 +332,10 @@ class Daemon:
                 found = dom
         return found
 
-    async def _refuse(
-        self, session: Session, req_id: int | None, errno: int, message: str, *, close: bool = False, op: Any = None
-    ) -> None:
-        log.warning(
-            "refused",
-            peer=session.peer,
-            channel=session.channel,
-            domid=session.domain.domid if session.domain else None,
-            op=op,
-            error=errno_name(errno),
-            reason=message,
-        )
-        await session.send(error_reply(req_id, errno, message))
-        if close:
-            session.closing = True
-
     def _disconnect_domain(self, domid: int) -> None:
         for session in list(self.sessions):
             if session.channel == "hypercall" and session.domain is not None and session.domain.domid == domid:
                 session.close_soon()
-
-
-def error_reply(req_id: int | None, errno: int, message: str) -> Message:
-    return {"id": req_id, "ret": errno, "error": errno_name(errno).lstrip("-"), "message": message}
 
 
 #: glibc's mallopt parameters: sizes above M_MMAP_THRESHOLD get their own mapping, and free
