@@ -37,8 +37,8 @@ from xenemu.core.errors import (
     HypercallError,
 )
 from xenemu.core.host import Host
-from xenemu.core.ioreq.balloon import WaitForIoreqs
 from xenemu.core.memory.domain import Domain
+from xenemu.server.scheduler import Scheduler
 from xenemu.server.session import Session, error_reply
 from xenemu.wire import MAX_FRAME, PROTOCOL_VERSION, Message
 
@@ -76,7 +76,7 @@ class Daemon:
         self.sessions: set[Session] = set()
         self.stopping = False
         self._accepting: trio.Nursery | None = None
-        self._changed = trio.Event()
+        self.scheduler = Scheduler(host, self._state_changed)
         self._its_kick = trio.Event()
         self._its_last = 0.0
         self._next_peer = 1
@@ -200,7 +200,7 @@ class Daemon:
             return
         if not any(server.creator == dom.domid for server in self.host.ioreq.servers.values()):
             return
-        released = await self._run(dispatch(self.host, dom.domid, ReleaseIoreqServers(dom.domid)))
+        released = await self.scheduler.run(dispatch(self.host, dom.domid, ReleaseIoreqServers(dom.domid)))
         log.info("released ioreq servers", domid=dom.domid, servers=released["ret"])
 
     async def _handle(self, session: Session, message: Message) -> None:
@@ -225,7 +225,7 @@ class Daemon:
             self._its_catch_up()  # what a guest reads of the ITS reflects the time that passed
         try:
             action = parse(op, args, session.channel)
-            result = await self._run(dispatch(self.host, dom.domid, action))
+            result = await self.scheduler.run(dispatch(self.host, dom.domid, action))
         except HypercallError as exc:
             await session.refuse(req_id, exc.errno, exc.message, op=op)
             return
@@ -244,25 +244,6 @@ class Daemon:
         await session.send(reply)
         if isinstance(action, DestroyDomain):
             self._disconnect_domain(action.domid)
-
-    async def _run(self, outcome: Any) -> dict[str, Any]:
-        """Drive an action's generator: a continuation point lets other sessions run; a wait
-        for emulators parks only this request until the state it waits for comes about."""
-        try:
-            while True:
-                try:
-                    effect = next(outcome)
-                except StopIteration as stop:
-                    result: dict[str, Any] = stop.value
-                    return result
-                self._state_changed()
-                if isinstance(effect, WaitForIoreqs):
-                    while not effect.done(self.host):
-                        await self._changed.wait()
-                else:
-                    await trio.lowlevel.checkpoint()
-        finally:
-            self._state_changed()
 
     def _state_changed(self) -> None:
         """Deliver IOREQ news to emulators and wake every request waiting on host state."""
@@ -286,8 +267,7 @@ class Daemon:
             for session in self.sessions:
                 if session.channel == "hypercall" and session.domain and session.domain.domid == delivery.domid:
                     session.post_message({"event": "lpi", "vcpu": delivery.vcpu, "intid": delivery.intid})
-        self._changed.set()
-        self._changed = trio.Event()
+        self.scheduler.wake()
 
     async def _hello(self, session: Session, req_id: int | None, op: Any, args: Any) -> None:
         if op != "hello" or not isinstance(args, dict):
