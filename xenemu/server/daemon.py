@@ -10,37 +10,24 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import hmac
-import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
 import trio
 
-from xenemu import __version__
 from xenemu.core.actions.control import DestroyDomain
 from xenemu.core.actions.dispatch import Channel, dispatch, parse
 from xenemu.core.actions.memory import ReleaseIoreqServers
-from xenemu.core.errors import (
-    EACCES,
-    EINVAL,
-    EIO,
-    EMFILE,
-    EPROTO,
-    EPROTONOSUPPORT,
-    ESRCH,
-    HypercallError,
-)
+from xenemu.core.errors import EINVAL, EIO, EPROTO, ESRCH, HypercallError
 from xenemu.core.host import Host
-from xenemu.core.memory.domain import Domain
+from xenemu.server.admission import Admission, Limits, listen
 from xenemu.server.scheduler import Scheduler
 from xenemu.server.session import Session, error_reply
-from xenemu.wire import MAX_FRAME, PROTOCOL_VERSION, Message
+from xenemu.wire import MAX_FRAME, Message
 
 log = structlog.get_logger("xenemu")
 
@@ -50,15 +37,6 @@ ITS_TICK = 0.0005
 ITS_IDLE_TICK = 0.01
 #: Seconds in-flight requests get to finish at shutdown.
 SHUTDOWN_GRACE = 30
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one peer may consume: connections, and time to say hello."""
-
-    max_connections: int = 256
-    max_connections_per_domain: int = 16
-    hello_timeout: float = 10.0
 
 
 class Daemon:
@@ -73,19 +51,20 @@ class Daemon:
         self.limits = limits or Limits()
         self.control_path = control_path
         self.hypercall_path = hypercall_path
-        self.sessions: set[Session] = set()
+        self.admission = Admission(host, self.limits)
+        #: The live sessions (the admission room keeps them; this is the same set).
+        self.sessions: set[Session] = self.admission.sessions
         self.stopping = False
         self._accepting: trio.Nursery | None = None
         self.scheduler = Scheduler(host, self._state_changed)
         self._its_kick = trio.Event()
         self._its_last = 0.0
-        self._next_peer = 1
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def serve(self, *, handle_signals: bool = True, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Listen on both sockets until shut down; in-flight requests finish first."""
-        control = await self._listen(self.control_path, 0o600)
-        hypercall = await self._listen(self.hypercall_path, 0o666)
+        control = await listen(self.control_path, 0o600)
+        hypercall = await listen(self.hypercall_path, 0o666)
         log.info(
             "listening",
             control=str(self.control_path),
@@ -99,8 +78,10 @@ class Daemon:
                     self._accepting = accepting
                     if handle_signals:
                         accepting.start_soon(self._watch_signals)
-                    accepting.start_soon(self._accept, control, "control", connections)
-                    accepting.start_soon(self._accept, hypercall, "hypercall", connections)
+                    accepting.start_soon(self.admission.accept, control, "control", connections, self._serve_connection)
+                    accepting.start_soon(
+                        self.admission.accept, hypercall, "hypercall", connections, self._serve_connection
+                    )
                     accepting.start_soon(self._run_its_hardware)
                     task_status.started(self)
                 # accepting has stopped: connections finish their current request and close
@@ -148,45 +129,15 @@ class Daemon:
                 self.shutdown()
                 return
 
-    async def _listen(self, path: Path, mode: int) -> trio.SocketListener:
-        """Bind and listen under a temporary name, then rename: a client that sees the socket
-        file can always connect to it."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_name(f".{path.name}.{os.getpid()}")
-        staging.unlink(missing_ok=True)
-        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-        old_umask = os.umask(0o777 ^ mode)
-        try:
-            await sock.bind(str(staging))
-        finally:
-            os.umask(old_umask)
-        os.chmod(staging, mode)
-        sock.listen(128)
-        os.replace(staging, path)
-        return trio.SocketListener(sock)
-
-    async def _accept(self, listener: trio.SocketListener, channel: Channel, nursery: trio.Nursery) -> None:
-        async with listener:
-            while True:
-                stream = await listener.accept()
-                nursery.start_soon(self._serve_connection, stream, channel)
-
     # -- connections ------------------------------------------------------------------------------
     async def _serve_connection(self, stream: trio.SocketStream, channel: Channel) -> None:
-        session = Session(stream, channel, self._next_peer)
-        self._next_peer += 1
-        if len(self.sessions) >= self.limits.max_connections:
-            log.warning("refused", peer=session.peer, channel=channel, error="-EMFILE", reason="too many connections")
-            with trio.move_on_after(1):
-                await session.send(error_reply(None, -EMFILE, "too many connections"))
-            await stream.aclose()
+        session = await self.admission.admit(stream, channel)
+        if session is None:
             return
-        self.sessions.add(session)
-        session.hello_deadline = trio.current_time() + self.limits.hello_timeout
         try:
             await session.serve(self._handle, lambda: self.stopping)
         finally:
-            self.sessions.discard(session)
+            self.admission.leave(session)
             await stream.aclose()
             log.debug("disconnected", peer=session.peer, domid=session.domain.domid if session.domain else None)
             await self._after_disconnect(session)
@@ -211,7 +162,7 @@ class Daemon:
         op = message.get("op")
         args = message.get("args", {})
         if session.domain is None:
-            await self._hello(session, req_id, op, args)
+            await self.admission.hello(session, req_id, op, args)
             return
         if op == "hello":
             await session.refuse(req_id, -EPROTO, "already said hello")
@@ -268,49 +219,6 @@ class Daemon:
                 if session.channel == "hypercall" and session.domain and session.domain.domid == delivery.domid:
                     session.post_message({"event": "lpi", "vcpu": delivery.vcpu, "intid": delivery.intid})
         self.scheduler.wake()
-
-    async def _hello(self, session: Session, req_id: int | None, op: Any, args: Any) -> None:
-        if op != "hello" or not isinstance(args, dict):
-            await session.refuse(req_id, -EPROTO, "the first request must be hello", close=True)
-            return
-        version = args.get("version")
-        if version != PROTOCOL_VERSION:
-            await session.refuse(req_id, -EPROTONOSUPPORT, f"protocol version {version!r} unsupported", close=True)
-            return
-        if session.channel == "control":
-            dom: Domain | None = self.host.hwdom
-        else:
-            dom = self._domain_for_token(args.get("token"))
-            if dom is None:
-                await session.refuse(req_id, -EACCES, "bad token", close=True, op="hello")
-                return
-        assert dom is not None
-        if session.channel == "hypercall":
-            peers = sum(1 for s in self.sessions if s.domain is dom and s.channel == "hypercall")
-            if peers >= self.limits.max_connections_per_domain:
-                await session.refuse(req_id, -EMFILE, f"d{dom.domid} has {peers} connections", close=True)
-                return
-        session.domain = dom
-        log.debug("hello", peer=session.peer, channel=session.channel, domid=dom.domid)
-        await session.send(
-            {
-                "id": req_id,
-                "ret": 0,
-                "version": PROTOCOL_VERSION,
-                "domid": dom.domid,
-                "max_frame": MAX_FRAME,
-                "server": f"xenemu {__version__}",
-            }
-        )
-
-    def _domain_for_token(self, token: Any) -> Domain | None:
-        if not isinstance(token, str):
-            return None
-        found = None
-        for dom in self.host.domains.values():
-            if hmac.compare_digest(dom.token.encode(), token.encode("utf-8", "replace")):
-                found = dom
-        return found
 
     def _disconnect_domain(self, domid: int) -> None:
         for session in list(self.sessions):
