@@ -1,9 +1,15 @@
-"""The trio shell: sockets, sessions, identity, and the scheduling of continuations.
+"""The daemon: the rooms composed into one process, and what belongs to none of them.
 
-It owns no hypervisor semantics. A frame becomes a message (``wire``), a message becomes a
-typed action (``dispatch.parse``), and the action's generator is driven here: at each
-continuation point the shell yields to trio, so every other connection's requests run
-before a long batch resumes.
+It owns the daemon's life (listening on both sockets, then shutting down on a signal or on
+request, in-flight requests given ``SHUTDOWN_GRACE`` to finish), the answering of one
+request once its session has said hello (parse, run through the scheduler, reply), the
+pITS hardware ticker, and the notifications that follow every change of host state: IOREQ
+news and LPIs posted to the emulators' sessions, dropped ITS commands logged, parked
+requests woken. It also releases a domain's IOREQ servers when its last emulator
+connection closes, and tunes the C heap for big frames before it starts.
+
+It owns no hypervisor semantics: a message becomes a typed action (``dispatch.parse``) and
+the core does the rest. This is the top room; it imports the other three.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ SHUTDOWN_GRACE = 30
 
 
 class Daemon:
+    """One host served over a control socket (the toolstack) and a hypercall socket (guests)."""
+
     def __init__(
         self,
         host: Host,
@@ -116,6 +124,7 @@ class Daemon:
         its.deliver()
 
     def shutdown(self) -> None:
+        """Stop accepting; connections finish their current request and close."""
         if not self.stopping:
             self.stopping = True
             log.info("shutting down", sessions=len(self.sessions))
@@ -131,6 +140,7 @@ class Daemon:
 
     # -- connections ------------------------------------------------------------------------------
     async def _serve_connection(self, stream: trio.SocketStream, channel: Channel) -> None:
+        """One connection's life through the rooms: admitted, served, gone, its servers released."""
         session = await self.admission.admit(stream, channel)
         if session is None:
             return
@@ -155,6 +165,7 @@ class Daemon:
         log.info("released ioreq servers", domid=dom.domid, servers=released["ret"])
 
     async def _handle(self, session: Session, message: Message) -> None:
+        """Answer one decoded request: hello until the session has a domain, then actions."""
         req_id = message.get("id")
         if req_id is not None and not (isinstance(req_id, int) and 0 <= req_id <= MAX_REQUEST_ID):
             await session.refuse(None, -EINVAL, "id must be an unsigned 32-bit integer")
@@ -221,6 +232,7 @@ class Daemon:
         self.scheduler.wake()
 
     def _disconnect_domain(self, domid: int) -> None:
+        """A destroyed domain's emulator connections close once their current request is done."""
         for session in list(self.sessions):
             if session.channel == "hypercall" and session.domain is not None and session.domain.domid == domid:
                 session.close_soon()
@@ -258,6 +270,8 @@ async def run_daemon(
     started: Callable[[Daemon], Awaitable[None]] | None = None,
     limits: Limits | None = None,
 ) -> None:
+    """Serve ``host`` on ``directory``/control.sock and hypercall.sock until shut down;
+    ``started`` runs once both sockets accept connections."""
     keep_frame_buffers_warm()
     daemon = Daemon(host, directory / "control.sock", directory / "hypercall.sock", limits)
     async with trio.open_nursery() as nursery:

@@ -7,8 +7,8 @@ split in two so that a peer that stops reading only ever stalls itself: replies 
 the request loop, events (IOREQ news, LPIs) from a task of the session's own, and one lock
 keeps their frames whole.
 
-This is the bottom room: it knows the wire and the errno names, nothing of admission,
-scheduling or the host.
+This is the bottom room: it knows the wire, the errno names and the core's ``Channel`` and
+``Domain`` types, and nothing of admission, scheduling or the host.
 """
 
 from __future__ import annotations
