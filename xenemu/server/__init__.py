@@ -1,0 +1,35 @@
+"""The trio shell: sockets, sessions, identity, and the scheduling of continuations.
+
+It owns no hypervisor semantics. A frame becomes a message (``wire``), a message becomes a
+typed action (``dispatch.parse``), and the action's generator is driven here: at each
+continuation point the shell yields to trio, so every other connection's requests run
+before a long batch resumes.
+
+The rooms, each importing only those listed before it:
+
+- ``session``: one connection's session: reading and decoding its frames, sending its
+  replies and events (a task of its own, so a peer that stops reading stalls only itself),
+  refusals, and the end of the connection.
+- ``admission``: accepting and admission: the listening sockets and their files, connection
+  caps, the hello deadline and handshake, token -> domain, and the registry of live sessions.
+- ``scheduler``: the scheduling of preempted requests: driving an action's generator,
+  yielding to trio at continuation points, parking a request on ``WaitForIoreqs``.
+- ``daemon``: the daemon composing them: startup and shutdown, signals, answering a request,
+  the pITS ticker, notifications after state changes, ``run_daemon``.
+"""
+
+from xenemu.server.admission import Admission, Limits
+from xenemu.server.daemon import Daemon, keep_frame_buffers_warm, run_daemon
+from xenemu.server.scheduler import Scheduler
+from xenemu.server.session import Session, error_reply
+
+__all__ = [
+    "Admission",
+    "Daemon",
+    "Limits",
+    "Scheduler",
+    "Session",
+    "error_reply",
+    "keep_frame_buffers_warm",
+    "run_daemon",
+]

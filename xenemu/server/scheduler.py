@@ -1,0 +1,56 @@
+"""The scheduling of preempted requests: driving an action's generator through its effects.
+
+The core never blocks and never awaits: a long action is a generator that yields an effect at
+each continuation point and returns its result. Here each effect becomes a place where trio
+may run someone else: a plain continuation point is one checkpoint (every other connection's
+requests run before a long batch resumes); a ``WaitForIoreqs`` parks only the request that
+yielded it until the host's state says the emulators have answered. Whoever owns the
+notifications (the daemon) is told after each step, and calls ``wake`` when the host changed.
+
+This room knows the core's effects and nothing of sockets or sessions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from xenemu.core.actions.dispatch import Outcome
+from xenemu.core.host import Host
+from xenemu.core.ioreq.balloon import WaitForIoreqs
+
+
+class Scheduler:
+    """Runs actions' generators to completion, a step at a time, between other tasks."""
+
+    def __init__(self, host: Host, stepped: Callable[[], None]) -> None:
+        """``stepped`` runs after every step an action takes and once when it ends, however it ends."""
+        self.host = host
+        self._stepped = stepped
+        self._changed = trio.Event()
+
+    async def run(self, outcome: Outcome) -> dict[str, Any]:
+        """Drive an action's generator: a continuation point lets other sessions run; a wait
+        for emulators parks only this request until the state it waits for comes about."""
+        try:
+            while True:
+                try:
+                    effect = next(outcome)
+                except StopIteration as stop:
+                    result: dict[str, Any] = stop.value
+                    return result
+                self._stepped()
+                if isinstance(effect, WaitForIoreqs):
+                    while not effect.done(self.host.ioreq):
+                        await self._changed.wait()
+                else:
+                    await trio.lowlevel.checkpoint()
+        finally:
+            self._stepped()
+
+    def wake(self) -> None:
+        """The host's state changed: every parked request looks again at what it waits for."""
+        self._changed.set()
+        self._changed = trio.Event()
