@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from xenemu.abi import its_cmd as c
 from xenemu.abi.its_cmd import ItsCommand
 from xenemu.core.host import Host
-from xenemu.core.its.vits import Delivery, ItsHost, audit_its
+from xenemu.core.its import Delivery, ItsHost, audit_its
 from xenemu.core.options import HostOptions
 
 LPI = 8192

@@ -27,7 +27,7 @@ from xenemu.core.iommu.entries import (
 from xenemu.core.iommu.m2b import M2B, M2BEntry
 from xenemu.core.iommu.pagetable import BlankLeaf, DefaultRule, PageTable
 from xenemu.core.ioreq.servers import IoreqRegistry, IoreqServer
-from xenemu.core.its.vits import DOORBELL_MFN, DOORBELL_OFFSET, ItsHost, ItsOptions
+from xenemu.core.its import DOORBELL_MFN, DOORBELL_OFFSET, ItsHost, ItsOptions
 from xenemu.core.memory.domain import DOMID_FIRST_RESERVED, DOMID_SELF, HWDOM_ID, Domain
 from xenemu.core.memory.frames import PAGE_SHIFT, PAGE_SIZE, FrameTable
 from xenemu.core.memory.guest import GuestMemory
