@@ -5,7 +5,8 @@ public API the host, the actions, the shell, the bench and the tests were writte
 the trapped MMIO (``mmio_*``, ``redist_*``), ``run_passes``, ``deliver``, ``end``,
 ``config_written``, ``advance``, ``add_domain``, ``assign``, ``begin_teardown``, the frame layout,
 and the shared state's fields as attributes (``domains``, ``pits``, ``drops``, ...). Every method
-here only forwards to the room that owns it, so a reader starts from the room, not from here.
+here only forwards, to the room that owns it (``advance``: to each pITS model), so a reader starts
+from the room, not from here.
 """
 
 from __future__ import annotations

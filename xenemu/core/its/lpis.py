@@ -7,10 +7,12 @@ vCPU's ``EnableLPIs`` is clear, and coalesces it while the vCPU still has it in 
 is the guest's end of an LPI, which delivers one that became pending meanwhile.
 
 The per-domain pending state itself (``in_service``, ``again``, ``held``) lives in
-``DomainIts`` (state.py); this room is the only one that changes it, apart from the pending
-table a redistributor loads (registers) and the held LPIs a ``MAPC`` routes (translate), which
-both come through ``inject``. It is separate because it is the one place that decides whether
-a guest sees an interrupt, which is what the last invariant of the spec is about.
+``DomainIts`` (state.py). It is set only here; the other rooms that touch it only take LPIs
+out of it or hand them back to ``inject``: the pending-table load (registers.py: a clear bit
+clears ``again``, a set bit is injected), ``MAPC`` (translate.py: held LPIs of the collection
+are injected) and unmapping (translate.py: a held LPI of the mapping is forgotten). It is a
+room of its own because it is the one place that decides whether a guest sees an interrupt,
+which is what the last invariant of the spec is about.
 """
 
 from __future__ import annotations
