@@ -13,7 +13,7 @@ from xenemu.core.host import Host
 from xenemu.core.iommu.context import IommuContext
 from xenemu.core.iommu.entries import PERM_W, RW, FlushType, Kind, entry_kind, entry_mfn, entry_perms, make_entry
 from xenemu.core.iommu.m2b import M2BEntry
-from xenemu.core.its.vits import DOORBELL_MFN, audit_its
+from xenemu.core.its import DOORBELL_MFN, audit_its
 from xenemu.core.memory.frames import DOMID_XEN, OWNER_NONE
 
 

@@ -21,7 +21,7 @@ from xenemu.core.iommu.state import Iommu
 from xenemu.core.ioreq.balloon import Balloon, Invalidations
 from xenemu.core.ioreq.emulators import Emulators
 from xenemu.core.ioreq.servers import IoreqRegistry
-from xenemu.core.its.vits import DOORBELL_MFN, DOORBELL_OFFSET, ItsHost, ItsOptions
+from xenemu.core.its import DOORBELL_MFN, DOORBELL_OFFSET, ItsHost, ItsOptions
 from xenemu.core.memory.domain import DOMID_FIRST_RESERVED, HWDOM_ID, Domain
 from xenemu.core.memory.frames import PAGE_SHIFT, PAGE_SIZE, FrameTable
 from xenemu.core.memory.guest import GuestMemory

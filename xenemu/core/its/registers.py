@@ -1,0 +1,218 @@
+"""What a guest sees: its vITSs' GITS_* registers, its redistributors' GICR_* registers, and
+where those frames and its LPI tables are.
+
+A guest reaches these as trapped MMIO. ``GITS_CTLR`` enables a vITS (refused unless ``CBASER``
+and both ``BASER``s are valid), ``CBASER`` and ``BASER``s are fixed while enabled, a ``CWRITER``
+write is masked, checked and handed to the scheduler, and a ``CREADR`` or ``CTLR`` read with
+commands outstanding runs a pass first. Per vCPU, ``GICR_CTLR.EnableLPIs`` going from 0 to 1
+loads that vCPU's pending table (unless PTZ said it is zero), and ``PROPBASER``/``PENDBASER``
+are fixed while it is set. Any other offset, width or alignment reads as zero and writes are
+ignored, as are a dying domain's writes and any access to a vITS the domain does not have.
+
+This is the only room that decodes register layouts and access widths; the rooms below it see
+a vITS's fields, never an offset.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from xenemu.abi import const
+from xenemu.core.errors import HypercallError
+from xenemu.core.its.lpis import Lpis
+from xenemu.core.its.schedule import Scheduler
+from xenemu.core.its.state import CBASER_ADDR, LPI_BASE, ItsState
+
+OFFSET_MASK = const("GITS_CMDQ_OFFSET_MASK")
+CBASER_VALID = const("GITS_CBASER_VALID")
+BASER_VALID = const("GITS_BASER_VALID")
+U64 = (1 << 64) - 1
+#: Machine frame of each pITS's translation frame (beyond any RAM): the doorbell page.
+DOORBELL_MFN = 1 << 36
+DOORBELL_OFFSET = const("GITS_TRANSLATER") & 0xFFF
+#: Guest-physical base of a domain's first vITS (128 KiB each) and first redistributor.
+ITS_BASE_GPA = 0x08080000
+GICR_BASE_GPA = 0x080A0000
+
+
+class Registers:
+    """Trapped accesses to a domain's ITS and redistributor frames."""
+
+    def __init__(self, state: ItsState, scheduler: Scheduler, lpis: Lpis) -> None:
+        self.state = state
+        self.scheduler = scheduler
+        self.lpis = lpis
+
+    # -- where the frames and tables are --------------------------------------------------------
+    def translation_gpa(self, domid: int, pits: int) -> int:
+        """Where the guest sees the translation frame of its vITS for ``pits`` (doorbell page)."""
+        return self.frames(domid)[0][pits] + 0x10000
+
+    def config_range(self, domid: int) -> tuple[int, int]:
+        """The guest-physical range of its LPI configuration table (trapped)."""
+        dom = self.state.domains[domid]
+        idbits = (dom.propbaser & 0x1F) + 1
+        base = dom.propbaser & CBASER_ADDR
+        return base, base + max(0, (1 << idbits) - LPI_BASE)
+
+    def frames(self, domid: int) -> tuple[dict[int, int], int]:
+        """Guest-physical base of each vITS (by pITS), and of the first redistributor."""
+        dom = self.state.domains[domid]
+        return {p: ITS_BASE_GPA + i * 0x20000 for i, p in enumerate(sorted(dom.vits))}, GICR_BASE_GPA
+
+    # -- GITS_* ---------------------------------------------------------------------------------
+    def mmio_write(self, domid: int, vits_pits: int, offset: int, size: int, value: int) -> None:
+        dom = self.state.domains[domid]
+        vits = dom.vits.get(vits_pits)
+        if dom.dying or vits is None:
+            return
+        reg, part = _register(offset, size)
+        if reg is None:
+            return
+        if reg == 0x0:  # GITS_CTLR
+            want = bool(value & 1)
+            if want and not vits.enabled:
+                if not (vits.cbaser & CBASER_VALID and vits.baser[0] & BASER_VALID and vits.baser[1] & BASER_VALID):
+                    return
+                vits.enabled = True
+                self.scheduler.schedule(vits)
+            elif not want:
+                vits.enabled = False
+        elif reg == 0x80 and not vits.enabled:
+            new = _merge(vits.cbaser, part, value)
+            vits.cbaser = new & (CBASER_VALID | CBASER_ADDR | 0xFF)
+            vits.cwriter = vits.creadr = vits.progress = 0
+            vits.taken = deque()  # a batch of the old queue still on the pITS completes unseen
+        elif reg == 0x88:
+            offset_value = _merge(vits.cwriter, part, value) & OFFSET_MASK
+            if offset_value >= vits.queue_bytes:
+                return
+            behind = (offset_value - vits.progress) % vits.queue_bytes
+            ahead = (vits.cwriter - vits.progress) % vits.queue_bytes
+            if offset_value != vits.cwriter and behind < ahead:
+                return  # would move back behind commands already taken
+            vits.cwriter = offset_value
+            if vits.enabled:
+                self.scheduler.schedule(vits)
+        elif 0x100 <= reg <= 0x138 and not vits.enabled:
+            index = (reg - 0x100) // 8
+            if index < 2:
+                vits.baser[index] = _merge(vits.baser[index], part, value) & ~(1 << 62) & U64
+
+    def mmio_read(self, domid: int, vits_pits: int, offset: int, size: int) -> int:
+        dom = self.state.domains[domid]
+        vits = dom.vits.get(vits_pits)
+        if vits is None:
+            return 0
+        reg, part = _register(offset, size)
+        if reg is None:
+            return 0
+        if reg in (0x0, 0x90) and vits.creadr != vits.cwriter:
+            self.scheduler.run_pass_now(vits.pits)
+        values = {
+            0x0: (int(vits.enabled) | (0x80000000 if vits.creadr == vits.cwriter else 0)),
+            0x4: const("GITS_IIDR_VALUE"),
+            0x8: _typer(),
+            0x80: vits.cbaser,
+            0x88: vits.cwriter,
+            0x90: vits.creadr,
+            0x100: vits.baser[0] | 1 << 56 | 7 << 48 | 2 << 8,
+            0x108: vits.baser[1] | 4 << 56 | 7 << 48 | 2 << 8,
+            0xFFE8: const("GITS_PIDR2_VALUE"),
+        }
+        value = values.get(reg, 0)
+        return (value >> 32) if part == "high" else (value & 0xFFFFFFFF if part == "low" else value)
+
+    # -- GICR_* ---------------------------------------------------------------------------------
+    def redist_write(self, domid: int, vcpu: int, offset: int, size: int, value: int) -> None:
+        """A vCPU's redistributor: EnableLPIs, and the LPI tables (fixed while LPIs are enabled)."""
+        dom = self.state.domains[domid]
+        if dom.dying or not 0 <= vcpu < dom.vcpus:
+            return
+        redist = dom.redists[vcpu]
+        reg, part = _redist_register(offset, size)
+        if reg == 0x0:
+            enabling = bool(value & 1) and not redist.enable_lpis
+            redist.enable_lpis = bool(value & 1)
+            if enabling and not redist.ptz:
+                self._load_pending_table(domid, vcpu)
+        elif reg == 0x70 and not redist.enable_lpis:
+            dom.propbaser = _merge(dom.propbaser, part, value)
+        elif reg == 0x78 and not redist.enable_lpis:
+            written = _merge(redist.pendbaser, part, value)
+            redist.ptz = bool(written & const("GICR_PENDBASER_PTZ"))
+            redist.pendbaser = written & ~const("GICR_PENDBASER_PTZ")
+
+    def _load_pending_table(self, domid: int, vcpu: int) -> None:
+        """EnableLPIs 0 -> 1 with PTZ = 0: the vCPU's pending table sets or clears its LPIs."""
+        dom = self.state.domains[domid]
+        base = dom.redists[vcpu].pendbaser & CBASER_ADDR
+        for vits in dom.vits.values():
+            for key, ite in vits.ites.items():
+                if vits.target_vcpu(ite) != vcpu:
+                    continue
+                gpa = base + ite.vlpi // 8
+                try:
+                    byte = self.state.memory.read(domid, gpa, 1)[0]
+                except HypercallError:
+                    continue
+                if byte >> (ite.vlpi % 8) & 1:
+                    self.lpis.inject(vits, key, self.state.deliveries)
+                else:
+                    dom.again.discard((vcpu, ite.vlpi))
+
+    def redist_read(self, domid: int, vcpu: int, offset: int, size: int) -> int:
+        dom = self.state.domains[domid]
+        if not 0 <= vcpu < dom.vcpus:
+            return 0
+        redist = dom.redists[vcpu]
+        reg, part = _redist_register(offset, size)
+        typer = const("GICR_TYPER_PLPIS") | (vcpu << 8) | (const("GICR_TYPER_LAST") if vcpu == dom.vcpus - 1 else 0)
+        values = {
+            0x0: int(redist.enable_lpis),
+            0x8: typer | vcpu << 32,
+            0x70: dom.propbaser,
+            0x78: redist.pendbaser,
+            0xFFE8: const("GITS_PIDR2_VALUE"),
+        }
+        value = values.get(reg, 0) if reg is not None else 0
+        return (value >> 32) if part == "high" else (value & 0xFFFFFFFF if part == "low" else value)
+
+
+def _register(offset: int, size: int) -> tuple[int | None, str]:
+    """The register an access names and which part of it: ``full``, ``low`` or ``high``."""
+    wide = {0x8, 0x80, 0x88, 0x90} | set(range(0x100, 0x140, 8))
+    narrow = {0x0, 0x4, 0xFFE8}
+    if size == 4 and offset in narrow:
+        return offset, "full"
+    if size == 8 and offset in wide:
+        return offset, "full"
+    if size == 4 and offset in wide:
+        return offset, "low"
+    if size == 4 and offset - 4 in wide:
+        return offset - 4, "high"
+    return None, ""
+
+
+def _redist_register(offset: int, size: int) -> tuple[int | None, str]:
+    if size == 4 and offset in (0x0, 0xFFE8):
+        return offset, "full"
+    for reg in (0x8, 0x70, 0x78):
+        if size == 8 and offset == reg:
+            return reg, "full"
+        if size == 4 and offset in (reg, reg + 4):
+            return reg, "low" if offset == reg else "high"
+    return None, ""
+
+
+def _merge(old: int, part: str, value: int) -> int:
+    if part == "low":
+        return (old & ~0xFFFFFFFF) | (value & 0xFFFFFFFF)
+    if part == "high":
+        return (old & 0xFFFFFFFF) | ((value & 0xFFFFFFFF) << 32)
+    return value & U64
+
+
+def _typer() -> int:
+    """Physical LPIs, 8-byte ITT entries, 16 EventID and 16 DeviceID bits, PTA = 0, CIL = 0."""
+    return 1 | (7 << 4) | (15 << 8) | (15 << 13)

@@ -1,0 +1,150 @@
+"""Draft C's command-queue scheduling: passes, round-robin batches, completion, CREADR.
+
+A ``vits_cq`` with commands waiting is put on its pITS's schedule list and a pass is raised
+(``schedule``); raised passes run once, at the end of the request (``run_passes``, the softirq).
+A pass (``run_pass``):
+
+1. completes every command the pITS executed since the last pass, advancing each owner's
+   ``creadr`` in order (and reporting teardown commands to teardown.py);
+2. places Xen's own queued commands first, in the order queued;
+3. refills round-robin, starting after the ``vits_cq`` last given a batch, serving each at most
+   once: one with a batch still on the pITS is skipped, the others give
+   ``min(free slots, outstanding, VITS_BATCH_SIZE)`` commands, translated as they are taken;
+4. while no Xen completion ``INT`` is outstanding keeps a slot free for it and ends by placing
+   it if commands are left on the pITS, so completion never waits on a guest reading ``CREADR``.
+
+Xen never waits for a pITS. This room owns the slot shadow (``PitsState.owner``) and each
+vITS's ``taken`` list; what a command becomes is translate.py's business, and whether a SYNC
+counts as "directly after" is elision.py's.
+"""
+
+from __future__ import annotations
+
+from xenemu.abi import its_cmd as cmds
+from xenemu.core.its.elision import ElisionPolicy
+from xenemu.core.its.state import CMD_SIZE, XEN_DEVID, ItsState, PitsState, Taken, Vits
+from xenemu.core.its.teardown import Teardown
+from xenemu.core.its.translate import Translator
+
+#: How many rounds of raised passes one request runs at most.
+MAX_ROUNDS = 64
+
+
+class Scheduler:
+    """The schedule lists of every pITS and the passes that serve them."""
+
+    def __init__(self, state: ItsState, translator: Translator, elision: ElisionPolicy, teardown: Teardown) -> None:
+        self.state = state
+        self.translator = translator
+        self.elision = elision
+        self.teardown = teardown
+
+    def schedule(self, vits: Vits) -> None:
+        """A trigger: an enabled vITS's queue has commands waiting (CWRITER moved, or enabled)."""
+        state = self.state.pits[vits.pits]
+        if vits.outstanding() and vits not in state.schedule:
+            state.schedule.append(vits)
+        if vits.outstanding():
+            self.state.raised.add(vits.pits)
+
+    def run_passes(self) -> None:
+        """The softirq: every pass raised during the request, until none is raised again."""
+        s = self.state
+        for _ in range(MAX_ROUNDS):
+            if not s.raised:
+                return
+            raised, s.raised = s.raised, set()
+            for index in sorted(raised):
+                self.run_pass(index)
+
+    def run_pass_now(self, index: int) -> None:
+        """A ``CREADR`` or ``CTLR`` read with commands outstanding: a pass now, standing for any
+        pass already raised on that pITS in the same request."""
+        self.run_pass(index)
+        self.state.raised.discard(index)
+
+    def run_pass(self, index: int) -> None:
+        s = self.state
+        state = s.pits[index]
+        hw = state.hw
+        state.passes += 1
+        self._complete(state)
+        free = hw.free_slots() - (0 if state.xen_int_outstanding else 1)
+        while state.xen_queue and free > 0:
+            command, plpi, teardown = state.xen_queue.popleft()
+            if plpi is not None and plpi not in s.bindings:
+                continue
+            if teardown is not None:
+                state.teardown_slots[state.hw.cwriter] = teardown
+            state.place_xen(command)
+            free -= 1
+        schedule = state.schedule
+        if schedule:
+            start = (schedule.index(state.last_served) + 1) if state.last_served in schedule else 0
+            order = schedule[start:] + schedule[:start]
+            for vits in order:
+                if free <= 0:
+                    break
+                if vits.batch_in_flight() or not vits.enabled or s.domains[vits.domid].dying:
+                    continue
+                count = min(free, vits.outstanding(), s.options.batch_size)
+                placed = self._take_batch(state, vits, count)
+                free -= placed
+                state.last_served = vits
+                state.batches += 1
+                if not placed:
+                    s.raised.add(index)
+            state.schedule = [v for v in schedule if v.outstanding() or v.batch_in_flight()]
+            for vits in state.schedule:
+                waited = state.passes - (vits.waiting_since or state.passes)
+                vits.longest_wait = max(vits.longest_wait, waited)
+        if hw.queued() and not state.xen_int_outstanding:
+            state.place_xen(cmds.event_cmd(cmds.INT, XEN_DEVID, 0))
+            state.xen_int_outstanding = True
+            state.xen_ints += 1
+
+    def _complete(self, state: PitsState) -> None:
+        hw = state.hw
+        slot = state.last_creadr
+        while slot != hw.creadr:
+            owner = state.owner.pop(slot, None)
+            teardown = state.teardown_slots.pop(slot, None)
+            if teardown is not None:
+                self.teardown.slot_completed(teardown)
+            if owner is not None:
+                for taken in owner.taken:
+                    if taken.slot == slot:
+                        taken.done = True
+            slot = (slot + 1) % hw.slots
+        state.last_creadr = hw.creadr
+        self.teardown.progress()
+        for dom in self.state.domains.values():
+            for vits in dom.vits.values():
+                if vits.pits == hw.index:
+                    self._advance_creadr(vits)
+
+    @staticmethod
+    def _advance_creadr(vits: Vits) -> None:
+        while vits.taken and (vits.taken[0].slot is None or vits.taken[0].done):
+            vits.creadr = vits.taken.popleft().end
+
+    def _take_batch(self, state: PitsState, vits: Vits, count: int) -> int:
+        placed = 0
+        for _ in range(count):
+            offset = vits.progress
+            vits.progress = (offset + CMD_SIZE) % vits.queue_bytes
+            physical = self.translator.translate(vits, offset)
+            slot = None
+            for command in physical:
+                slot = state.hw.place(command)
+                state.owner[slot] = vits
+                state.physical[command.name] += 1
+                self.elision.forwarded(state, command)
+                placed += 1
+            vits.taken.append(Taken(vits.progress, slot))
+        self._advance_creadr(vits)
+        if vits.outstanding():
+            vits.waiting_since = vits.waiting_since or state.passes
+        else:
+            vits.waiting_since = None
+        return placed

@@ -1,0 +1,230 @@
+"""The state every room of the ITS shares: what Xen knows of each pITS and each guest's vITS.
+
+Nothing here decides anything. The dataclasses are the nouns of vits-semantics.md: a domain's
+vITS state (``DomainIts``: vCPUs and their pinning, the shared ``GICR_PROPBASER``, one
+``Redistributor`` per vCPU, one ``Vits`` per pITS its devices sit on, and the pending state of
+its LPIs), a vITS with its ``vits_cq`` (``creadr``/``cwriter``/``progress``), its devices and
+ITEs, and Xen's view of each pITS (``PitsState``: the schedule list, the shadow of its slots,
+Xen's own queue). ``ItsState`` holds all of it, plus the host-wide physical LPI configuration
+table, its dirty bitmap and the bindings from physical LPIs to guests' mappings.
+
+It is a room of its own so that the rooms that act on the state (registers, translation,
+scheduling, elision, delivery, teardown) can share one object without importing one another:
+each imports this module, and only the few neighbours it calls.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Literal
+
+from xenemu.abi import const
+from xenemu.abi.its_cmd import ItsCommand
+from xenemu.core.its.pits import PhysicalIts
+from xenemu.core.memory.frames import PAGE_SIZE
+from xenemu.core.memory.guest import GuestMemory
+
+Elision = Literal["lazy", "eager", "off"]
+
+LPI_BASE = const("LPI_INTID_BASE")
+ENABLED = const("LPI_PROP_ENABLED")
+#: Xen's own priority for every physical LPI; only the guest's enable bit reaches the table.
+XEN_PRIORITY = const("LPI_XEN_PRIORITY")
+CMD_SIZE = const("ITS_CMD_SIZE")
+#: The address field of CBASER, and of the LPI tables' base registers (bits 51:12).
+CBASER_ADDR = const("GITS_CBASER_ADDR_MASK")
+#: The top DeviceID, never assigned: Xen's own device, whose event 0 is its completion LPI.
+XEN_DEVID = (1 << 16) - 1
+
+
+@dataclass(frozen=True)
+class ItsOptions:
+    pits: int = 1
+    cpus: int = 4
+    queue_slots: int = 32768
+    rate: float = 2_000_000.0
+    batch_size: int = 8
+    elision: Elision = "lazy"
+    lpis: int = 1 << 16
+
+
+@dataclass
+class ItsDeviceInfo:
+    """A PCI device's ITS side: fixed at assignment."""
+
+    pdevid: int
+    pits: int
+    events: int
+    plpis: list[int]
+    vdevid: int
+
+
+@dataclass
+class Ite:
+    vlpi: int
+    icid: int
+    plpi: int
+    #: MOVALL's retarget, until a MOVI or MAPC routes it again.
+    vcpu_override: int | None = None
+
+
+@dataclass
+class VDevice:
+    info: ItsDeviceInfo
+    size: int | None = None  # None until the guest's MAPD maps it
+
+
+@dataclass
+class Taken:
+    """A guest command taken from its queue: done when its slot on the pITS has executed."""
+
+    end: int  # queue offset after it
+    slot: int | None  # pITS slot, or None if nothing was placed (elided, recorded, dropped)
+    done: bool = False
+
+
+@dataclass(eq=False)
+class Vits:
+    """One vITS of a domain (one per pITS its devices sit on), with its ``vits_cq``."""
+
+    domid: int
+    pits: int
+    enabled: bool = False
+    cbaser: int = 0
+    baser: list[int] = field(default_factory=lambda: [0] * 8)
+    creadr: int = 0
+    cwriter: int = 0
+    progress: int = 0
+    taken: deque[Taken] = field(default_factory=deque)
+    devices: dict[int, VDevice] = field(default_factory=dict)
+    ites: dict[tuple[int, int], Ite] = field(default_factory=dict)
+    collections: dict[int, int] = field(default_factory=dict)
+    received: Counter[str] = field(default_factory=Counter)
+    forwarded: Counter[str] = field(default_factory=Counter)
+    elided: Counter[str] = field(default_factory=Counter)
+    dropped: Counter[str] = field(default_factory=Counter)
+    longest_wait: int = 0
+    waiting_since: int | None = None
+
+    @property
+    def queue_bytes(self) -> int:
+        return ((self.cbaser & 0xFF) + 1) * PAGE_SIZE
+
+    def outstanding(self) -> int:
+        return (self.cwriter - self.progress) % self.queue_bytes // CMD_SIZE if self.queue_bytes else 0
+
+    def batch_in_flight(self) -> bool:
+        return any(t.slot is not None and not t.done for t in self.taken)
+
+    def target_vcpu(self, ite: Ite) -> int | None:
+        """The vCPU an ITE routes to: MOVALL's retarget, else its collection's (None: unmapped).
+
+        Registers (the pending table), translation (MOVALL) and delivery all ask this, so it
+        lives with the data rather than in any one of them."""
+        return ite.vcpu_override if ite.vcpu_override is not None else self.collections.get(ite.icid)
+
+
+@dataclass
+class Redistributor:
+    enable_lpis: bool = False
+    pendbaser: int = 0
+    #: The last PENDBASER write said the pending table is zero (PTZ), so it is not read.
+    ptz: bool = False
+
+
+@dataclass
+class DomainIts:
+    vcpus: int
+    pin: list[int]
+    propbaser: int = 0
+    redists: list[Redistributor] = field(default_factory=list)
+    vits: dict[int, Vits] = field(default_factory=dict)
+    #: vLPIs delivered and not yet ended, and those that became pending again meanwhile.
+    in_service: set[tuple[int, int]] = field(default_factory=set)
+    again: set[tuple[int, int]] = field(default_factory=set)
+    #: LPIs that fired while their collection was unmapped: (pITS, (vDeviceID, EventID)).
+    held: set[tuple[int, tuple[int, int]]] = field(default_factory=set)
+    dying: bool = False
+
+
+@dataclass
+class Delivery:
+    domid: int
+    vcpu: int
+    intid: int
+
+
+@dataclass
+class PitsState:
+    """Xen's side of one pITS: its schedule list and the shadow of what occupies its slots."""
+
+    hw: PhysicalIts
+    schedule: list[Vits] = field(default_factory=list)
+    last_served: Vits | None = None
+    last_creadr: int = 0
+    #: Slot -> who placed the command there (a Vits, or None for Xen).
+    owner: dict[int, Vits | None] = field(default_factory=dict)
+    #: Xen's own commands, with the physical LPI each concerns (skipped if unbound meanwhile)
+    #: and the dying domain whose teardown it is part of.
+    xen_queue: deque[tuple[ItsCommand, int | None, int | None]] = field(default_factory=deque)
+    #: Slots holding a teardown command -> the domain it tears down.
+    teardown_slots: dict[int, int] = field(default_factory=dict)
+    xen_int_outstanding: bool = False
+    #: The last forwarded guest SYNC's physical target, for eliding SYNC; SYNC.
+    last_forwarded_sync: int | None = None
+    passes: int = 0
+    batches: int = 0
+    xen_ints: int = 0
+    physical: Counter[str] = field(default_factory=Counter)
+
+    def place_xen(self, command: ItsCommand) -> None:
+        """Place one of Xen's own commands: its slot is owned by Xen (None), and it is counted."""
+        slot = self.hw.place(command)
+        self.owner[slot] = None
+        self.physical[command.name] += 1
+
+
+class ItsState:
+    """Every pITS and every domain's vITSs, redistributors and bindings: one object, shared.
+
+    Each room holds a reference to this and reads its fields afresh on every use (the shell
+    swaps ``deliveries`` and ``drops`` for new lists between requests)."""
+
+    def __init__(self, memory: GuestMemory, options: ItsOptions) -> None:
+        self.memory = memory
+        self.options = opts = options
+        self.prop = bytearray(opts.lpis)  # physical LPI configuration table, LPI - 8192
+        self.dirty: set[int] = set()
+        self.pits = [PitsState(PhysicalIts(i, opts.queue_slots, opts.rate, self.prop)) for i in range(opts.pits)]
+        self.next_lpi = LPI_BASE + opts.pits  # 8192 + index is each pITS's completion LPI
+        self.domains: dict[int, DomainIts] = {}
+        #: (domid, vLPI) -> the physical LPIs bound to it (two events may share a vLPI), so a
+        #: trapped configuration write finds them without scanning every binding.
+        self.by_vlpi: dict[tuple[int, int], set[int]] = {}
+        #: physical LPI -> (domid, vITS pits index, (vdevid, event)) of its current binding.
+        self.bindings: dict[int, tuple[int, int, tuple[int, int]]] = {}
+        #: pITSs on which a scheduling pass is raised, to run at the end of the request.
+        self.raised: set[int] = set()
+        self.deliveries: list[Delivery] = []
+        #: Dying domains: -1 while their commands drain, then how many teardown commands remain.
+        self.tearing_down: dict[int, int] = {}
+        #: Physical DeviceIDs of dying domains: not assignable until their teardown completes.
+        self.retired: set[int] = set()
+        #: Dropped guest commands not yet logged: (domid, pITS, queue offset, command, error).
+        self.drops: list[tuple[int, int, int, str, str]] = []
+
+    def bind(self, vits: Vits, key: tuple[int, int], vlpi: int, plpi: int) -> None:
+        """Record that physical LPI ``plpi`` now stands for ``vlpi`` of this mapping."""
+        self.bindings[plpi] = (vits.domid, vits.pits, key)
+        self.by_vlpi.setdefault((vits.domid, vlpi), set()).add(plpi)
+
+    def forget_binding(self, domid: int, ite: Ite) -> None:
+        """The ITE's physical LPI stands for nothing any more (unmapped, or its domain freed)."""
+        self.bindings.pop(ite.plpi, None)
+        self.dirty.discard(ite.plpi)
+        plpis = self.by_vlpi.get((domid, ite.vlpi))
+        if plpis is not None:
+            plpis.discard(ite.plpi)
+            if not plpis:
+                del self.by_vlpi[(domid, ite.vlpi)]
