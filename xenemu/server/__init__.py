@@ -2,8 +2,8 @@
 
 It owns no hypervisor semantics. A frame becomes a message (``wire``), a message becomes a
 typed action (``dispatch.parse``), and the action's generator is driven here: at each
-continuation point the shell yields to trio, so every other connection's requests run
-before a long batch resumes.
+continuation point the shell yields to trio, so every other connection with a request ready
+gets a turn before a long batch resumes.
 
 The rooms, each importing only those listed before it:
 

@@ -27,7 +27,7 @@ import trio
 
 from xenemu.core.actions.control import DestroyDomain
 from xenemu.core.actions.dispatch import Channel, dispatch, parse
-from xenemu.core.actions.memory import ReleaseIoreqServers
+from xenemu.core.actions.ioreq import ReleaseIoreqServers
 from xenemu.core.errors import EINVAL, EIO, EPROTO, ESRCH, HypercallError
 from xenemu.core.host import Host
 from xenemu.server.admission import Admission, Limits, listen

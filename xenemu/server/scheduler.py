@@ -2,8 +2,9 @@
 
 The core never blocks and never awaits: a long action is a generator that yields an effect at
 each continuation point and returns its result. Here each effect becomes a place where trio
-may run someone else: a plain continuation point is one checkpoint (every other connection's
-requests run before a long batch resumes); a ``WaitForIoreqs`` parks only the request that
+may run someone else: a plain continuation point is one checkpoint (each other task that is
+ready, every connection with a request waiting among them, gets a turn before a long batch
+resumes); a ``WaitForIoreqs`` parks only the request that
 yielded it until the host's state says the emulators have answered. Whoever owns the
 notifications (the daemon) is told after each step, and calls ``wake`` when the host changed.
 

@@ -1,4 +1,4 @@
-"""Hypercalls a guest or emulator makes: the PV IOMMU op, IOREQ servers, its memory, its devices."""
+"""Hypercalls a guest makes of its IOMMU, and what its devices do: the PV IOMMU op, device DMA."""
 
 from __future__ import annotations
 
@@ -28,68 +28,6 @@ def _iommu_op(host: Host, caller: int, action: IommuOp) -> Outcome:
     buf = bytearray(action.buf)
     ret = yield from do_iommu_op(host.iommu, caller, buf, action.count)
     return {"ret": ret, "buf": buf}  # packed as it is: the ops' statuses are written in place
-
-
-@dataclass(frozen=True)
-class CreateIoreqServer(Action):
-    name = "create_ioreq_server"
-    target: int
-
-
-@handles(CreateIoreqServer)
-def _create_ioreq_server(host: Host, caller: int, action: CreateIoreqServer) -> dict[str, Any]:
-    server = host.emulators.create_server(caller, action.target)
-    return {"ret": 0, "ioserver": server.id}
-
-
-@dataclass(frozen=True)
-class DestroyIoreqServer(Action):
-    name = "destroy_ioreq_server"
-    ioserver: int
-
-
-@handles(DestroyIoreqServer)
-def _destroy_ioreq_server(host: Host, caller: int, action: DestroyIoreqServer) -> dict[str, Any]:
-    host.emulators.destroy_server(caller, action.ioserver)
-    return {"ret": 0}
-
-
-@dataclass(frozen=True)
-class GuestWrite(Action):
-    """The guest's CPU writes its own memory at a GFN (what devices later read by DMA)."""
-
-    name = "guest_write"
-    gfn: int
-    offset: int
-    data: bytes
-
-
-@handles(GuestWrite)
-def _guest_write(host: Host, caller: int, action: GuestWrite) -> dict[str, Any]:
-    host.memory.access(caller, action.gfn, action.offset, action.data)
-    its = host.its
-    if caller in its.domains and its.domains[caller].propbaser:
-        # The LPI configuration table is trapped: each byte written there reaches the vITS.
-        start, end = its.config_range(caller)
-        gpa = (action.gfn << 12) + action.offset
-        for i, value in enumerate(action.data):
-            if start <= gpa + i < end:
-                its.config_written(caller, 8192 + gpa + i - start, value)
-        its.run_passes()
-    return {"ret": 0}
-
-
-@dataclass(frozen=True)
-class GuestRead(Action):
-    name = "guest_read"
-    gfn: int
-    offset: int
-    length: int
-
-
-@handles(GuestRead)
-def _guest_read(host: Host, caller: int, action: GuestRead) -> dict[str, Any]:
-    return {"ret": 0, "data": host.memory.access(caller, action.gfn, action.offset, None, action.length)}
 
 
 @dataclass(frozen=True)

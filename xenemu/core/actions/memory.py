@@ -1,4 +1,4 @@
-"""Ballooning hypercalls, and the emulator's side of its IOREQ server (ring, requests)."""
+"""A guest's memory: ballooning (decrease_reservation, populate_physmap) and its CPU's reads and writes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from xenemu.core.actions.base import Action, Outcome, handles
-from xenemu.core.errors import E2BIG, EINVAL, ENOENT, HypercallError
+from xenemu.core.errors import E2BIG, EINVAL, HypercallError
 from xenemu.core.host import Host
 
 #: Most GFNs one memory_op may name (Xen bounds extents per call too).
@@ -49,66 +49,38 @@ def _populate_physmap(host: Host, caller: int, action: PopulatePhysmap) -> dict[
 
 
 @dataclass(frozen=True)
-class IoreqFetch(Action):
-    """The emulator reads its shared pages: the buffered ring and the pending synchronous requests."""
+class GuestWrite(Action):
+    """The guest's CPU writes its own memory at a GFN (what devices later read by DMA)."""
 
-    name = "ioreq_fetch"
-    ioserver: int
-
-
-@handles(IoreqFetch)
-def _ioreq_fetch(host: Host, caller: int, action: IoreqFetch) -> dict[str, Any]:
-    server = host.emulators.own_server(caller, action.ioserver)
-    return {
-        "ret": 0,
-        "page": bytes(server.page),
-        "sync": [[req_id, bytes(req)] for req_id, req in sorted(server.pending.items())],
-    }
+    name = "guest_write"
+    gfn: int
+    offset: int
+    data: bytes
 
 
-@dataclass(frozen=True)
-class IoreqAck(Action):
-    """The emulator consumed its buffered ring up to ``read_pointer``."""
-
-    name = "ioreq_ack"
-    ioserver: int
-    read_pointer: int
-
-
-@handles(IoreqAck)
-def _ioreq_ack(host: Host, caller: int, action: IoreqAck) -> dict[str, Any]:
-    server = host.emulators.own_server(caller, action.ioserver)
-    if not server.acknowledge(action.read_pointer):
-        raise HypercallError(-EINVAL, "read_pointer beyond the write pointer")
+@handles(GuestWrite)
+def _guest_write(host: Host, caller: int, action: GuestWrite) -> dict[str, Any]:
+    host.memory.access(caller, action.gfn, action.offset, action.data)
+    its = host.its
+    if caller in its.domains and its.domains[caller].propbaser:
+        # The LPI configuration table is trapped: each byte written there reaches the vITS.
+        start, end = its.config_range(caller)
+        gpa = (action.gfn << 12) + action.offset
+        for i, value in enumerate(action.data):
+            if start <= gpa + i < end:
+                its.config_written(caller, 8192 + gpa + i - start, value)
+        its.run_passes()
     return {"ret": 0}
 
 
 @dataclass(frozen=True)
-class IoreqComplete(Action):
-    """The emulator answers a synchronous request (its state becomes STATE_IORESP_READY)."""
-
-    name = "ioreq_complete"
-    ioserver: int
-    id: int
-
-
-@handles(IoreqComplete)
-def _ioreq_complete(host: Host, caller: int, action: IoreqComplete) -> dict[str, Any]:
-    server = host.emulators.own_server(caller, action.ioserver)
-    if not server.complete(action.id):
-        raise HypercallError(-ENOENT, f"no pending request {action.id}")
-    return {"ret": 0}
+class GuestRead(Action):
+    name = "guest_read"
+    gfn: int
+    offset: int
+    length: int
 
 
-@dataclass(frozen=True)
-class ReleaseIoreqServers(Action):
-    """Raised by the shell when a domain's last connection closes: its emulator is gone."""
-
-    name = "release_ioreq_servers"
-    channel = "internal"
-    domid: int
-
-
-@handles(ReleaseIoreqServers)
-def _release_ioreq_servers(host: Host, caller: int, action: ReleaseIoreqServers) -> dict[str, Any]:
-    return {"ret": host.emulators.release_servers(action.domid)}
+@handles(GuestRead)
+def _guest_read(host: Host, caller: int, action: GuestRead) -> dict[str, Any]:
+    return {"ret": 0, "data": host.memory.access(caller, action.gfn, action.offset, None, action.length)}

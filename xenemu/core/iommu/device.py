@@ -1,4 +1,4 @@
-"""PCI devices and their DMA, which goes through the owning domain's IOMMU context."""
+"""PCI devices as assignment knows them: BDFs, reserved (RMRR) regions, and what a DMA returned."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@
  * would go, ...) and returns that op's index: Python then runs that one op with the full
  * semantics and calls back in.  So the fast path never decides a status other than 0 and
  * never has a rule of its own; it is a shortcut through the success path of
- * xenemu/core/iommu_op.py, and every test runs with it on and off.
+ * xenemu/core/iommu/subops.py, and every test runs with it on and off.
  *
  * It reads the same memory the Python core owns: page-table and p2m leaves are Python
  * arrays found through a directory of their addresses, and the frame table's counts are
@@ -17,7 +17,7 @@
 
 #include "pv_iommu.h"
 
-/* Must match xenemu/core/iommu.py (checked when the module is loaded). */
+/* Must match xenemu/core/iommu/fastpath.py (checked when the module is loaded). */
 #define FAST_KIND_DEFAULT 1
 #define FAST_KIND_MAP 2
 #define FAST_KIND_MAP_NOREF 3

@@ -139,7 +139,7 @@ def test_frontend_and_backend_programs(tmp_path: Path) -> None:
             front = ctl.create_domain("hvm", 64)
             back = ctl.create_domain("pv", 16)
             ctl.assign_device(back["domid"], "00:06.0")
-            clients = Path(__file__).resolve().parent.parent / "clients"
+            clients = Path(__file__).resolve().parents[2] / "clients"
             common = ["--socket", str(daemon.hypercall_path), "--exchange", str(tmp_path / "xs")]
             fe = subprocess.Popen(
                 [

@@ -10,7 +10,7 @@ from pathlib import Path
 from tests.conformance.beds import DaemonProcess
 from xenemu.client import SyncControlClient
 
-CLIENTS = Path(__file__).resolve().parent.parent / "clients"
+CLIENTS = Path(__file__).resolve().parents[2] / "clients"
 
 
 def test_driver_and_device_count_every_interrupt(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from xenemu.abi import pv_iommu as ops
 from xenemu.client import HypercallClient, SyncControlClient
 
 SLOTS = 511
-CLIENTS = Path(__file__).resolve().parent.parent / "clients"
+CLIENTS = Path(__file__).resolve().parents[2] / "clients"
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import pytest
 from tests.conformance.beds import DaemonProcess
 from xenemu.client import SyncControlClient, SyncHypercallClient
 
-C_DIR = Path(__file__).resolve().parent.parent / "clients" / "c"
+C_DIR = Path(__file__).resolve().parents[2] / "clients" / "c"
 pytestmark = pytest.mark.skipif(shutil.which("make") is None or shutil.which("gcc") is None, reason="no C toolchain")
 
 
