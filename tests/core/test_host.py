@@ -37,6 +37,21 @@ def test_ioreq_server_privilege_and_ids(bed: Bed) -> None:
     bed.check()
 
 
+def test_ioreq_server_for_a_target_that_is_not_a_live_domain_is_esrch(bed: Bed) -> None:
+    guest = bed.guest(device=None)
+    dm = bed.guest("pv", 8, None, target=guest.domid)
+    gone = bed.guest(device=None)
+    bed.host.destroy_domain(gone.domid)
+    for target in (555, gone.domid, 0x7FF1, 0x7FF2, 0x7FF4, 0xFFFF):  # unknown, destroyed, reserved
+        assert errno_of(bed.host.emulators.create_server, dm.domid, target) == -3
+        assert errno_of(bed.host.emulators.create_server, 0, target) == -3
+    assert errno_of(bed.host.emulators.create_server, dm.domid, dm.domid) == -1  # itself
+    assert errno_of(bed.host.emulators.create_server, dm.domid, ops.DOMID_SELF) == -1
+    assert errno_of(bed.host.emulators.create_server, dm.domid, 0) == -1  # live, not privileged
+    assert bed.host.ioreq.next_id == 1  # no failed creation consumed an id
+    bed.check()
+
+
 def test_ioreq_ids_run_out() -> None:
     bed = Bed()
     guest = bed.guest(device=None)
@@ -71,10 +86,17 @@ def test_rmrr_regions_are_identity_mapped(bed: Bed) -> None:
     assert bed.host.device_dma("00:03.0", beyond << 12, b"mmio").ok
 
 
-def test_rmrr_must_not_be_ram_of_a_domain(bed: Bed) -> None:
+def test_rmrr_must_not_be_ram_of_a_domain_nor_a_scratch_frame(bed: Bed) -> None:
     g = bed.guest(device=None)
+    _dm, server = bed.emulator(g)
+    scratch = bed.host.ioreq.servers[server].scratch_mfn
     assert errno_of(bed.host.assign_device, g.domid, "00:03.0", [(600, 1)]) == -22
-    assert errno_of(bed.host.assign_device, g.domid, "00:03.0", [(bed.host.options.scratch_mfn, 1)]) == -22
+    assert errno_of(bed.host.assign_device, g.domid, "00:03.0", [(scratch, 1)]) == -22
+    # The low Xen frames are all alike: an RMRR region may name any of them, the last included.
+    last_low = bed.host.options.xen_frames - 1
+    bed.host.assign_device(g.domid, "00:03.0", [(0, 1), (last_low, 1)])
+    assert bed.ctx(g).table.get(last_low) == make_entry(last_low, Kind.RMRR, ops.RW)
+    bed.check()
 
 
 def test_assignment_over_a_mapping_is_ebusy(bed: Bed) -> None:

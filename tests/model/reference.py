@@ -28,6 +28,9 @@ EPERM, ENOENT, ESRCH, EIO, ENXIO, E2BIG, ENOMEM, EACCES, EBUSY, EEXIST, ENODEV, 
     95,
 )
 DOMID_SELF, DOMID_XEN = 0x7FF0, 0x7FF2
+#: Slots of an IOREQ server's buffered ring; a BFN at or above 2^32 takes two.
+RING_SLOTS = 511
+MAX_IOSERVID = 65535
 R, W, NOREF, SWAP = 1, 2, 4, 4
 QUERY_CAPS, MAP, UNMAP, MAP_FOREIGN, LOOKUP, UNMAP_FOREIGN = 1, 2, 3, 4, 5, 6
 
@@ -92,7 +95,6 @@ class Reference:
         self.iommu, self.strict, self.passthrough = iommu, strict, passthrough
         self.max_order = max_order if iommu else 0
         self.nr_frames, self.xen_frames = nr_frames, xen_frames
-        self.scratch = xen_frames - 1
         self.frames = [Frame() for _ in range(nr_frames)]
         for mfn in range(xen_frames):
             self.frames[mfn] = Frame(owner=DOMID_XEN, populated=False, refs=1)
@@ -101,8 +103,13 @@ class Reference:
         self.servers: dict[int, dict[str, Any]] = {}
         self.next_server = 1
         self.faults: set[tuple[int, int]] = set()
-        self.invalidates: list[tuple[int, int]] = []  # (server, bfn) announced, in order
+        #: Per IOREQ server, the invalidates announced in order: ("buffered" | "sync", bfn).
+        self.invalidates: dict[int, list[tuple[str, int]]] = {}
         self.pending: list[tuple[int, int]] = []
+        #: Scratch frames whose 1:1 default entry of the non-strict hardware domain went when
+        #: they became scratch frames, and that no subop has written since: it comes back when
+        #: the frame is freed.
+        self.defaults_owed: set[int] = set()
         self.next_domid = 1
         dom0 = Dom(0, dom0_kind, hwdom=True)
         self.doms[0] = dom0
@@ -144,7 +151,7 @@ class Reference:
 
     def own_frames(self, dom: Dom) -> list[int]:
         if dom.kind == "hvm":
-            return list(dom.p2m.values())
+            return [m for _, m in sorted(dom.p2m.items())]
         return [m for m in range(self.nr_frames) if self.belongs(m, dom.domid)]
 
     def gfn_to_mfn(self, dom: Dom, gfn: int) -> int | None:
@@ -179,7 +186,11 @@ class Reference:
 
     def defaults(self, dom: Dom) -> dict[int, Entry]:
         if self.non_strict_hwdom(dom):
-            return {m: Entry(m, "default", R | W) for m in range(self.xen_frames, self.nr_frames)}
+            return {
+                m: Entry(m, "default", R | W)
+                for m in range(self.xen_frames, self.nr_frames)
+                if self.frames[m].owner != DOMID_XEN
+            }
         if dom.kind == "hvm":
             return {g: Entry(m, "default", R | W) for g, m in dom.p2m.items()}
         return {m: Entry(m, "default", R | W) for m in self.own_frames(dom)}
@@ -221,8 +232,22 @@ class Reference:
             self._release(mfn)
             self.frames[mfn].populated = False
             self._put(mfn, False)
-        self.invalidates.extend(sorted(p for p in self.pending if p[0] in self.servers))
+        self._announce()
         return 0
+
+    def _announce(self) -> None:
+        """Send the call's invalidates in the order they were owed; the test's emulators emptied
+        every ring before the call, so each has all its slots."""
+        free = {sid: RING_SLOTS for sid in self.servers}
+        for sid, bfn in self.pending:
+            if sid not in self.servers:
+                continue
+            need = 2 if bfn >= 1 << 32 else 1
+            how = "buffered" if free[sid] >= need else "sync"
+            if how == "buffered":
+                free[sid] -= need
+            self.invalidates.setdefault(sid, []).append((how, bfn))
+        self.pending = []
 
     # -- IOREQ servers ----------------------------------------------------------------------------
     def create_server(self, caller: int, target: int) -> int:
@@ -234,10 +259,32 @@ class Reference:
             return -ESRCH
         if not self.privileged(dom, guest):
             return -EPERM
+        if self.next_server > MAX_IOSERVID:
+            return -ENOSPC
+        scratch = self._lowest_free()
+        if scratch is None:
+            return -ENOMEM
+        self.frames[scratch] = Frame(owner=DOMID_XEN, populated=False, refs=1)
+        hwdom = self._hwdom_with_defaults()
+        if hwdom is None or hwdom.ctx is None or (hwdom.ctx.get(scratch) or Entry(0, "", 0)).kind == "default":
+            # The frame is Xen's now: the non-strict hardware domain's 1:1 default of it goes.
+            if hwdom is not None and hwdom.ctx is not None:
+                del hwdom.ctx[scratch]
+            self.defaults_owed.add(scratch)
         sid = self.next_server
         self.next_server += 1
-        self.servers[sid] = {"creator": caller, "target": target}
+        self.servers[sid] = {"creator": caller, "target": target, "scratch": scratch}
         return sid
+
+    def _hwdom_with_defaults(self) -> Dom | None:
+        """The hardware domain, if it is the non-strict one (its defaults are 1:1 of all RAM)."""
+        dom0 = self.doms.get(0)
+        return dom0 if dom0 is not None and self.non_strict_hwdom(dom0) else None
+
+    def _written(self, dom: Dom, bfn: int) -> None:
+        """A subop wrote ``bfn`` of ``dom``'s context: no default comes back there by itself."""
+        if dom.hwdom:
+            self.defaults_owed.discard(bfn)
 
     def destroy_server(self, caller: int, sid: int) -> int:
         server = self.servers.get(sid)
@@ -255,7 +302,13 @@ class Reference:
         if creator is not None and creator.ctx is not None:
             for bfn in [b for b, e in creator.ctx.items() if e.kind == "scratch" and e.ioserver == sid]:
                 del creator.ctx[bfn]
-        del self.servers[sid]
+        scratch = self.servers.pop(sid)["scratch"]
+        self.frames[scratch] = Frame()  # its permanent reference was its last
+        if scratch in self.defaults_owed:
+            self.defaults_owed.discard(scratch)
+            hwdom = self._hwdom_with_defaults()
+            if hwdom is not None and hwdom.ctx is not None and scratch not in hwdom.ctx:
+                hwdom.ctx[scratch] = Entry(scratch, "default", R | W)
 
     def _drop(self, entry: M2BEntry) -> None:
         self.m2b.remove(entry)
@@ -276,22 +329,23 @@ class Reference:
                 self.m2b.remove(e)
                 mapper = self.doms[e.mapper]
                 assert mapper.ctx is not None
-                mapper.ctx[e.bfn] = Entry(self.scratch, "scratch", e.flags & (R | W), e.ioserver)
+                scratch = self.servers[e.ioserver]["scratch"]
+                mapper.ctx[e.bfn] = Entry(scratch, "scratch", e.flags & (R | W), e.ioserver)
                 self._put(mfn, bool(e.flags & W))
             return
-        self.pending.extend((e.ioserver, e.bfn) for e in entries)
+        self.pending.extend(sorted((e.ioserver, e.bfn) for e in entries))  # within a frame: server, BFN
 
     def decrease(self, domid: int, gfns: list[int]) -> tuple[int, int]:
         dom = self.doms[domid]
         self.pending = []
         done, status = 0, 0
         for gfn in gfns:
-            if dom.kind == "pv" and 0 <= gfn < self.nr_frames and self.frames[gfn].owner == DOMID_XEN:
-                status = -EPERM
-                break
-            mfn = self.gfn_to_mfn(dom, gfn)
+            mfn = self.gfn_to_mfn(dom, gfn)  # a PV GFN it does not own and populate, Xen's too: none
             if mfn is None:
                 status = -ENOENT
+                break
+            if self.frames[mfn].owner == DOMID_XEN:  # an HVM GFN backed by one of Xen's frames
+                status = -EPERM
                 break
             bfn = gfn if dom.kind == "hvm" else mfn
             if dom.ctx is not None and not self.non_strict_hwdom(dom):
@@ -304,14 +358,14 @@ class Reference:
             self.frames[mfn].populated = False
             self._put(mfn, False)
             done += 1
-        self.invalidates.extend(sorted(p for p in self.pending if p[0] in self.servers))
+        self._announce()
         return done, status
 
     def populate(self, domid: int, gfns: list[int]) -> tuple[int, int]:
         dom = self.doms[domid]
         done, status = 0, 0
-        for gfn in gfns:
-            if (dom.kind == "hvm" and gfn in dom.p2m) or (dom.kind == "pv" and self.belongs(gfn, domid)):
+        for gfn in gfns:  # a PV guest's list is output only: just its length counts
+            if dom.kind == "hvm" and gfn in dom.p2m:
                 status = -EEXIST
                 break
             mfn = self._alloc(domid)
@@ -398,6 +452,7 @@ class Reference:
             if not noref:
                 self._get(mfn, bool(flags & W))
             dom.ctx[bfn] = Entry(mfn, "noref" if noref else "map", flags & (R | W))
+            self._written(dom, bfn)
         return 0
 
     def _unmap(self, dom: Dom, op: dict[str, int], result: dict[str, int]) -> int:
@@ -440,14 +495,10 @@ class Reference:
         return guest
 
     def _foreign_mfn(self, guest: Dom, gfn: int) -> int:
-        if guest.kind == "hvm":
-            mfn = guest.p2m.get(gfn)
-            return -ENXIO if mfn is None else mfn
-        if not 0 <= gfn < self.nr_frames:
+        mfn = self.gfn_to_mfn(guest, gfn)  # a PV GFN it does not own and populate, Xen's too: none
+        if mfn is None:
             return -ENXIO
-        if self.frames[gfn].owner == DOMID_XEN:
-            return -EPERM
-        return gfn if self.belongs(gfn, guest.domid) else -ENXIO
+        return -EPERM if self.frames[mfn].owner == DOMID_XEN else mfn
 
     def _find(self, mapper: int, ioserver: int, bfn: int) -> M2BEntry | None:
         for e in self.m2b:
@@ -501,6 +552,7 @@ class Reference:
             self._get(mfn, bool(eflags & W))
             if dom.ctx is not None:
                 dom.ctx[bfn] = Entry(mfn, "foreign", flags & (R | W))
+                self._written(dom, bfn)
         if dom.ctx is None:
             result["bfn"] = self._foreign_mfn(guest, op["gfn"])
         return 0
@@ -642,6 +694,7 @@ class Reference:
         granter.pins[op["ref"]] = granter.pins.get(op["ref"], 0) + 1
         if bfn is not None and mapper.ctx is not None:
             mapper.ctx[bfn] = Entry(mfn, "grant", R if readonly else R | W)
+            self._written(mapper, bfn)
         elif dev:
             out["dev_bus_addr"] = dev
         out["handle"] = handle

@@ -88,7 +88,8 @@ class PvIommuModel(RuleBasedStateMachine):
             iommu, mode == "strict", mode == "passthrough", max_order, NR_FRAMES, XEN_FRAMES, DOM0_MEMORY, dom0_kind
         )
         self.next_bus = 1
-        self.announced: list[tuple[int, int]] = []
+        #: Per IOREQ server, what its emulator saw in order: ("buffered" | "sync", bfn).
+        self.announced: dict[int, list[tuple[str, int]]] = {}
 
     def pick(self, index: int) -> int:
         domids = sorted(self.host.domains)
@@ -228,6 +229,8 @@ class PvIommuModel(RuleBasedStateMachine):
                 if guest.is_hvm
                 else [m for m in range(NR_FRAMES) if host.frames.belongs_to(m, guest.domid)]
             )
+            if not guest.is_hvm:  # a PV GFN is an MFN: Xen's frames and free ones are "not populated"
+                theirs += [0, XEN_FRAMES - 1, NR_FRAMES - 1]
             if theirs:
                 gfn = st.sampled_from(theirs)
                 choices.append(
@@ -341,6 +344,20 @@ class PvIommuModel(RuleBasedStateMachine):
         self.collect_invalidates()
         assert (result["ret"], result["status"]) == self.ref.decrease(c, gfns)
 
+    @rule(data=st.data())
+    def balloon_mapped_frames(self, data: st.DataObject) -> None:
+        """A guest gives back frames that emulators hold, in an order of its choosing: the order
+        of a call's invalidates (GFN by GFN, then server and BFN within a frame) shows."""
+        held = {e.domid for e in self.host.iommu.m2b} & set(self.host.domains)
+        if not held:
+            return
+        guest = self.host.domains[data.draw(st.sampled_from(sorted(held)))]
+        frames = {e.mfn for e in self.host.iommu.m2b if e.domid == guest.domid}
+        gfns = [g for g, m in guest.p2m.items() if m in frames] if guest.is_hvm else sorted(frames)
+        if gfns:
+            chosen = data.draw(st.permutations(gfns))[: data.draw(st.integers(1, len(gfns)))]
+            self.balloon(sorted(self.host.domains).index(guest.domid), list(chosen))
+
     @rule(caller=st.integers(0, 8), gfns=st.lists(st.integers(0, NR_FRAMES), max_size=8))
     def populate(self, caller: int, gfns: list[int]) -> None:
         c = self.pick(caller)
@@ -369,9 +386,10 @@ class PvIommuModel(RuleBasedStateMachine):
         for server in self.host.ioreq.servers.values():
             entries, read_pointer = read_ring(bytes(server.page))
             server.acknowledge(read_pointer)
-            self.announced += [(server.id, e.data) for e in entries]
-            for req_id, raw in list(server.pending.items()):
-                self.announced.append((server.id, read_sync(req_id, bytes(raw)).data))
+            seen = self.announced.setdefault(server.id, [])
+            seen += [("buffered", e.data) for e in entries]
+            for req_id, raw in sorted(server.pending.items()):  # ids rise in the order sent
+                seen.append(("sync", read_sync(req_id, bytes(raw)).data))
                 server.complete(req_id)
         self.host.ioreq.notify.clear()
 
@@ -415,7 +433,19 @@ class PvIommuModel(RuleBasedStateMachine):
         assert {s.id: (s.creator, s.target) for s in host.ioreq.servers.values()} == {
             k: (v["creator"], v["target"]) for k, v in ref.servers.items()
         }
-        assert sorted(self.announced) == sorted(ref.invalidates)
+
+        # Per server: the buffered ones in ring order, the synchronous ones in the order sent.
+        def split(seen: dict[int, list[tuple[str, int]]]) -> dict[int, tuple[list[int], list[int]]]:
+            return {
+                sid: ([b for how, b in items if how == "buffered"], [b for how, b in items if how == "sync"])
+                for sid, items in seen.items()
+                if items
+            }
+
+        assert split(self.announced) == split(ref.invalidates)
+        assert {s.id: s.scratch_mfn for s in host.ioreq.servers.values()} == {
+            k: v["scratch"] for k, v in ref.servers.items()
+        }
 
 
 class PythonPathModel(PvIommuModel):

@@ -153,8 +153,9 @@ def _check_context(
             seen_rmrr.add(bfn)
         elif kind == Kind.SCRATCH:
             seen_scratch.add(bfn)
-            if mfn != host.options.scratch_mfn:
-                problems.append(f"{where}: scratch entry at BFN {bfn:#x} -> {mfn:#x}, not the scratch frame")
+            server = host.ioreq.get(ctx.scratch.get(bfn, -1))
+            if server is None or mfn != server.scratch_mfn:
+                problems.append(f"{where}: scratch entry at BFN {bfn:#x} -> {mfn:#x}, not its server's scratch frame")
         elif kind == Kind.FOREIGN:
             seen_foreign.add(bfn)
             owner = owning.get((ctx.domid, bfn))

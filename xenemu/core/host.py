@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from xenemu.core.errors import EBUSY, EINVAL, ENOENT, ENOMEM, ENOSPC, EPERM, HypercallError
 from xenemu.core.grants.ops import Grants
-from xenemu.core.iommu.context import DmaFault, IommuContext
+from xenemu.core.iommu import xen_changes
+from xenemu.core.iommu.context import DmaFault
 from xenemu.core.iommu.device import DmaResult, PciDevice, normalise_bdf
-from xenemu.core.iommu.entries import PERM_W, RW, FlushType, Kind, entry_kind, make_entry
 from xenemu.core.iommu.state import Iommu
 from xenemu.core.ioreq.balloon import Balloon, Invalidations
 from xenemu.core.ioreq.emulators import Emulators
@@ -160,47 +160,21 @@ class Host:
         for start, count in regions:
             if start < 0 or count <= 0:
                 raise HypercallError(-EINVAL, "bad RMRR region")
-        for mfn in frames:
-            if self.frames.exists(mfn) and not (self.frames.is_xen(mfn) and mfn != self.options.scratch_mfn):
-                raise HypercallError(-EINVAL, f"RMRR frame {mfn:#x} is RAM that is not Xen's")
-        ctx = iommu.contexts.get(domid)
-        if iommu.wants_context(dom):
-            if ctx is None and any(True for _ in iommu.m2b.held_by(domid)):
-                raise HypercallError(-EBUSY, "the domain holds M2B entries made without a context")
-            table = ctx.table if ctx is not None else iommu.new_table(dom)
-            for mfn in frames:
-                entry = table.get(mfn)
-                if entry and entry_kind(entry) != Kind.DEFAULT and entry != make_entry(mfn, Kind.RMRR, RW):
-                    raise HypercallError(-EBUSY, f"BFN {mfn:#x} is already mapped")
-            if ctx is None:
-                ctx = iommu.contexts[domid] = IommuContext(domid, table)
-            for mfn in frames:
-                before = ctx.table.get(mfn)
-                ctx.rmrr[mfn] = ctx.rmrr.get(mfn, 0) + 1
-                entry = make_entry(mfn, Kind.RMRR, RW)
-                if before != entry:
-                    ctx.table.set(mfn, entry)
-                    iommu.note_flush(ctx, FlushType.MODIFIED if before else FlushType.ADDED)
+        scratch = {s.scratch_mfn for s in self.ioreq.servers.values()}
+        for mfn in frames:  # Xen's frames (any of them alike), never a scratch frame, or beyond RAM
+            if self.frames.exists(mfn) and (not self.frames.is_xen(mfn) or mfn in scratch):
+                raise HypercallError(-EINVAL, f"RMRR frame {mfn:#x} is RAM that is not Xen's, or a scratch frame")
+        ctx = xen_changes.attach_device(iommu, dom, frames)
         self.devices[bdf] = device
         dom.devices.add(bdf)
         if its_devid is not None:
             vdevid = sum(1 for d in self.devices.values() if d.domid == domid and d.its is not None)
             device.its = self.its.assign(domid, its_devid, pits, its_events, vdevid)
             if ctx is not None:
-                self._map_doorbell(ctx, pits)
+                bfn = self.its.translation_gpa(domid, pits) >> PAGE_SHIFT
+                xen_changes.map_doorbell(iommu, ctx, bfn, pits, DOORBELL_MFN + pits)
         iommu.flush_touched()
         return device
-
-    def _map_doorbell(self, ctx: IommuContext, pits: int) -> None:
-        """The pITS's GITS_TRANSLATER, at the guest's vITS translation frame, write-only."""
-        bfn = self.its.translation_gpa(ctx.domid, pits) >> PAGE_SHIFT
-        if bfn in ctx.doorbells:
-            return
-        before = ctx.table.get(bfn)
-        ctx.doorbells[bfn] = pits
-        ctx.rmrr[bfn] = ctx.rmrr.get(bfn, 0) + 1
-        ctx.table.set(bfn, make_entry(DOORBELL_MFN + pits, Kind.DOORBELL, PERM_W))
-        self.iommu.note_flush(ctx, FlushType.MODIFIED if before else FlushType.ADDED)
 
     def device_dma(self, bdf: str, addr: int, data: bytes | None = None, length: int = 0) -> DmaResult:
         """A device reads (``data`` None) or writes at bus address ``addr``, page by page."""

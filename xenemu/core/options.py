@@ -20,7 +20,8 @@ class HostOptions:
     max_order: int = IOMMU_MAX_ORDER
     #: Machine RAM in 4 KiB frames.
     nr_frames: int = 1 << 16
-    #: Low frames that belong to Xen (the last of them is the scratch frame).
+    #: Low frames that belong to Xen, all alike (each IOREQ server gets a scratch frame of its
+    #: own from the free pool).
     xen_frames: int = 16
     dom0_memory: int = 4096
     dom0_kind: DomainKind = "pv"
@@ -49,7 +50,7 @@ class HostOptions:
         if not 0 <= self.max_order <= 63:
             raise ValueError("max_order must be within 0..63 (six bits)")
         if self.xen_frames < 1:
-            raise ValueError("xen_frames must be at least 1 (the scratch frame)")
+            raise ValueError("xen_frames must be at least 1")
         if self.nr_frames < self.xen_frames + self.dom0_memory:
             raise ValueError("nr_frames too small for Xen's frames and dom0's memory")
         if self.continuation_every < 1 or self.max_ops_per_call < 1:
@@ -64,10 +65,6 @@ class HostOptions:
     @property
     def largest_order(self) -> int:
         return self.max_order if self.iommu else 0
-
-    @property
-    def scratch_mfn(self) -> int:
-        return self.xen_frames - 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

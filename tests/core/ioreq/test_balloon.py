@@ -56,7 +56,9 @@ def test_balloon_stops_at_first_bad_gfn(bed: Bed) -> None:
     assert balloon(bed, g.domid, [1, 2, 100, 3]) == {"ret": 2, "status": -2, "waited": 0}
     assert 3 in g.p2m
     pv = bed.guest("pv", 8, None)
-    assert balloon(bed, pv.domid, [2])["status"] == -1  # Xen's frame
+    # A PV GFN is an MFN: Xen's frame is one the guest does not own and populate (-ENOENT).
+    assert balloon(bed, pv.domid, [2])["status"] == -2
+    assert balloon(bed, pv.domid, [bed.host.options.xen_frames - 1])["status"] == -2
 
 
 def test_emulator_is_told_and_keeps_the_frame(bed: Bed) -> None:
@@ -285,3 +287,59 @@ def test_destroy_invalidates_without_waiting(bed: Bed) -> None:
     bed.host.emulators.destroy_server(dm.domid, server)
     bed.check()
     assert len(bed.host.iommu.m2b) == 0
+
+
+# -- issue 17: the page's readings ---------------------------------------------------------------
+def test_a_calls_invalidates_go_out_gfn_by_gfn(bed: Bed) -> None:
+    """In the call's order of GFNs; only within one frame by server then BFN."""
+    guest = bed.guest(memory=16)
+    dm, server = bed.emulator(guest)
+    bed.call(
+        dm.domid,
+        [
+            ops.map_foreign_page(0x901, 5, guest.domid, server),
+            ops.map_foreign_page(0x900, 5, guest.domid, server),
+            ops.map_foreign_page(0x800, 6, guest.domid, server),
+        ],
+    )
+    assert balloon(bed, guest.domid, [5, 6])["ret"] == 2
+    assert ring(bed, server) == [0x900, 0x901, 0x800]  # not sorted across frames
+
+
+def test_the_order_decides_which_invalidates_find_the_ring_full(bed: Bed) -> None:
+    guest = bed.guest(memory=SLOTS + 8)
+    dm, server = bed.emulator(guest)
+    fill_ring(bed, guest, dm, server, range(SLOTS - 1))  # GFNs 0..509 at BFN 0x1000 + gfn
+    bed.call(
+        dm.domid,
+        [
+            ops.map_foreign_page(0x900, SLOTS + 1, guest.domid, server),
+            ops.map_foreign_page(0x800, SLOTS + 2, guest.domid, server),
+        ],
+    )
+    gen = bed.host.balloon.decrease_reservation(guest.domid, [*range(SLOTS - 1), SLOTS + 1, SLOTS + 2])
+    effect = next(gen)
+    assert isinstance(effect, WaitForIoreqs) and len(effect.requests) == 1
+    srv = bed.host.ioreq.servers[server]
+    # 510 slots went to the first GFNs; GFN SLOTS+1's BFN took the last one; SLOTS+2's waits.
+    assert ring(bed, server)[-1] == 0x900
+    (raw,) = srv.pending.values()
+    assert read_sync(1, bytes(raw)).data == 0x800
+    srv.complete(next(iter(srv.pending)))
+    with pytest.raises(StopIteration):
+        next(gen)
+    bed.check()
+
+
+def test_a_pv_guests_populate_ignores_the_values_it_names(bed: Bed) -> None:
+    pv = bed.guest("pv", 8, None)
+    owned = [m for m in range(bed.host.frames.nr_frames) if bed.host.frames.belongs_to(m, pv.domid)]
+    # Values it already owns, Xen's, repeated, beyond RAM: only their count matters.
+    result = bed.host.balloon.populate_physmap(pv.domid, [owned[0], 2, 2, 1 << 40])
+    assert (result["ret"], result["status"]) == (4, 0)
+    assert len(set(result["mfns"])) == 4 and not set(result["mfns"]) & set(owned)
+    assert all(bed.host.frames.belongs_to(m, pv.domid) for m in result["mfns"])
+    assert pv.pages == 12
+    bed.check()
+    hvm = bed.guest(memory=8, device=None)  # an HVM guest's p2m still refuses a populated GFN
+    assert bed.host.balloon.populate_physmap(hvm.domid, [3])["status"] == -17

@@ -207,7 +207,6 @@ def _host_info(host: Host, caller: int, action: HostInfo) -> dict[str, Any]:
     return {
         "ret": 0,
         "options": host.options.to_dict(),
-        "scratch_mfn": host.options.scratch_mfn,
         "fast_path": host.iommu.fast is not None,
     }
 

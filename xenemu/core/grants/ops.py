@@ -37,7 +37,7 @@ from xenemu.core.grants.table import (
     GTF_type_mask,
     Maptrack,
 )
-from xenemu.core.iommu.entries import PERM_R, RW, FlushType, Kind, entry_kind, make_entry
+from xenemu.core.iommu import xen_changes
 from xenemu.core.iommu.state import Iommu
 from xenemu.core.memory.domain import Domain
 from xenemu.core.memory.frames import PAGE_SHIFT
@@ -136,19 +136,14 @@ class Grants:
         if flags & GNTMAP_host_map and (not op.host_addr or op.host_addr & PAGE_MASK):
             return GNTST_bad_virt_addr
         bfn = None
-        ctx = self.iommu.contexts.get(mapper.domid)
         if flags & GNTMAP_device_map and flags & GNTMAP_request_bfn_map:
             addr = op.dev_bus_addr
             if addr & PAGE_MASK:
                 return GNTST_bad_dev_addr
-            if ctx is None or not self.iommu.map_cap(mapper):
-                return GNTST_general_error
             bfn = addr >> PAGE_SHIFT
-            present = ctx.table.get(bfn)
-            if bfn in ctx.rmrr or (present and entry_kind(present) != Kind.DEFAULT):
-                return GNTST_bad_dev_addr
-            if (mapper.domid, bfn) in self.iommu.injected_faults:
-                return GNTST_general_error
+            check = xen_changes.check_grant_bfn(self.iommu, mapper, bfn)
+            if check != "ok":
+                return GNTST_bad_dev_addr if check in ("reserved", "mapped") else GNTST_general_error
         handle = self.maptracks[mapper.domid].allocate()
         if handle is None or not self.iommu.quota_allows(mapper, 1):
             return GNTST_no_space
@@ -159,9 +154,8 @@ class Grants:
         self.iommu.frames.get(mfn, not readonly)
         self.iommu.count_mappings(mapper.domid, 1)
         self.tables[granter.domid].pin(ref, readonly)
-        if bfn is not None and ctx is not None:
-            self.iommu.note_flush(ctx, FlushType.MODIFIED if ctx.table.get(bfn) else FlushType.ADDED)
-            ctx.table.set(bfn, make_entry(mfn, Kind.GRANT, PERM_R if readonly else RW))
+        if bfn is not None:
+            xen_changes.map_grant(self.iommu, mapper, bfn, mfn, readonly)
         elif dev_bus_addr:
             op.dev_bus_addr = dev_bus_addr
         op.handle = handle
@@ -191,10 +185,8 @@ class Grants:
     def release_mapping(self, mapper: Domain, mapping: GrantMapping) -> None:
         """Drop a grant mapping: its IOMMU entry, its references, the granter's pin (no flush)."""
         del self.maptracks[mapper.domid].mappings[mapping.handle]
-        ctx = self.iommu.contexts.get(mapper.domid)
-        if mapping.bfn is not None and ctx is not None:
-            ctx.table.clear(mapping.bfn)
-            self.iommu.note_flush(ctx, FlushType.MODIFIED)
+        if mapping.bfn is not None:
+            xen_changes.unmap_grant(self.iommu, mapper.domid, mapping.bfn)
         self.iommu.frames.put(mapping.mfn, not mapping.readonly)
         self.iommu.count_mappings(mapper.domid, -1)
         granter = self.tables.get(mapping.granter)

@@ -33,15 +33,12 @@ def _foreign_target(iommu: Iommu, dom: Domain, domid: int, ioserver: int) -> Dom
 
 def _foreign_frame(iommu: Iommu, guest: Domain, gfn: int) -> int:
     """Step 6's GFN checks for a foreign GFN: its MFN, or ``-ENXIO``/``-EPERM``."""
-    frames = iommu.frames
-    if guest.is_hvm:
-        mfn = guest.p2m.get(gfn)
-        return -ENXIO if mfn is None else mfn
-    if not frames.exists(gfn):
+    # For a PV guest a GFN is an MFN: one it does not own and populate, Xen's included, is
+    # "not populated".  "Xen's frame" is an HVM GFN backed by one of Xen's frames.
+    mfn = iommu.memory.gfn_to_mfn(guest, gfn)
+    if mfn is None:
         return -ENXIO
-    if frames.is_xen(gfn):
-        return -EPERM
-    return gfn if frames.belongs_to(gfn, guest.domid) else -ENXIO
+    return -EPERM if iommu.frames.is_xen(mfn) else mfn
 
 
 def map_foreign_page(iommu: Iommu, dom: Domain, op: Op) -> int:
@@ -104,6 +101,7 @@ def map_foreign_page(iommu: Iommu, dom: Domain, op: Op) -> int:
             elif flush is FlushType.NONE:
                 flush = FlushType.ADDED
             ctx.table.set(b, make_entry(mfn, Kind.FOREIGN, perms))
+            iommu.note_written(dom, b, 1)
     if ctx is not None:
         iommu.note_flush(ctx, flush)
     else:

@@ -19,6 +19,7 @@ from xenemu.core.iommu.fastpath import FastIommu, available
 from xenemu.core.iommu.m2b import M2B, M2BEntry
 from xenemu.core.iommu.pagetable import BlankLeaf, DefaultRule, PageTable
 from xenemu.core.memory.domain import Domain
+from xenemu.core.memory.frames import DOMID_XEN
 from xenemu.core.memory.guest import GuestMemory
 from xenemu.core.memory.leaves import LEAF_SHIFT
 from xenemu.core.options import HostOptions
@@ -38,7 +39,6 @@ class Iommu:
         self.memory = memory
         self.frames = memory.frames
         self.servers = servers
-        self.scratch_mfn = options.scratch_mfn
         #: domid -> its context; a domain gets one with its first device.
         self.contexts: dict[int, IommuContext] = {}
         self.m2b = M2B()
@@ -50,6 +50,10 @@ class Iommu:
         self.mappings_held: Counter[int] = Counter()
         #: DMA faults of devices that see machine addresses (no context).
         self.machine_dma_faults = 0
+        #: Scratch frames whose 1:1 default entry of the non-strict hardware domain went when
+        #: they became scratch frames; it comes back when they are freed, unless a subop has
+        #: written that BFN meanwhile (``note_written``).
+        self.defaults_owed: set[int] = set()
         #: The compiled shortcut for map_page/unmap_page, when enabled and built.
         self.fast = FastIommu(self.frames, options.largest_order) if options.fast_path and available() else None
 
@@ -87,6 +91,12 @@ class Iommu:
             ctx.flush()
         self.touched.clear()
 
+    def note_written(self, dom: Domain, bfn: int, count: int) -> None:
+        """A subop (or a grant map) wrote ``count`` BFNs of ``dom``'s context from ``bfn``: a
+        default owed there by a scratch frame no longer comes back by itself."""
+        if self.defaults_owed and dom.is_hwdom:
+            self.defaults_owed.difference_update(range(bfn, bfn + count))
+
     # -- fault injection ------------------------------------------------------------------------
     def inject_fault(self, domid: int, bfn: int) -> None:
         if not self.options.fault_injection:
@@ -112,10 +122,10 @@ class Iommu:
         frames = self.frames
         domid = dom.domid
         if self.is_non_strict_hwdom(dom):
-            first, last = self.options.xen_frames, frames.nr_frames
+            last, owner, xen = frames.nr_frames, frames.owner, DOMID_XEN
 
-            def identity(bfn: int) -> int:
-                return make_entry(bfn, Kind.DEFAULT, RW) if first <= bfn < last else 0
+            def identity(bfn: int) -> int:  # every RAM frame that is not Xen's, 1:1
+                return make_entry(bfn, Kind.DEFAULT, RW) if 0 <= bfn < last and owner[bfn] != xen else 0
 
             return identity
         if dom.is_hvm:
@@ -144,7 +154,7 @@ class Iommu:
         table = ctx.table
         present = dict(table.materialized())
         if self.is_non_strict_hwdom(dom):
-            candidates: Iterable[int] = range(self.options.xen_frames, self.frames.nr_frames)
+            candidates: Iterable[int] = range(self.frames.nr_frames)
         elif dom.is_hvm:
             candidates = dom.p2m.keys()
         else:

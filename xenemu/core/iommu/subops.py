@@ -193,6 +193,7 @@ def map_page(iommu: Iommu, dom: Domain, op: Op) -> int:
             frames.get(mfn, writable)
         leaf[b & LEAF_MASK] = mfn << 8 | kind_bits
     iommu.count_mappings(domid, len(mfns))
+    iommu.note_written(dom, bfn, len(mfns))
     iommu.note_flush(ctx, FlushType.MODIFIED if replaced else FlushType.ADDED)
     return 0
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from xenemu.abi import pv_iommu as pv
 from xenemu.core.errors import EEXIST, ENOENT, ENOMEM, EPERM
-from xenemu.core.iommu.entries import RW, FlushType, Kind, make_entry
+from xenemu.core.iommu import xen_changes
 from xenemu.core.iommu.state import Iommu
 from xenemu.core.ioreq.servers import IoreqRegistry
 from xenemu.core.memory.domain import Domain
@@ -33,14 +33,16 @@ class WaitForIoreqs:
 
 @dataclass
 class Invalidations:
-    """The invalidates one operation owes, sent together, ordered by server then BFN."""
+    """The invalidates one operation owes, sent together in the order they were owed: frame by
+    frame as the call gave them up, and within one frame by server then BFN.  That order
+    decides which ones find a ring full and go synchronous."""
 
     targets: list[tuple[int, int]] = field(default_factory=list)
 
     def send(self, registry: IoreqRegistry) -> list[tuple[int, int]]:
         """Put each on its server's ring (or make it synchronous); returns the synchronous ones."""
         waits = []
-        for server_id, bfn in sorted(self.targets):
+        for server_id, bfn in self.targets:
             server = registry.get(server_id)
             if server is None:
                 continue
@@ -67,43 +69,14 @@ class Balloon:
             return
         if self.iommu.options.iommu and all(e.flags & pv.SWAP_MFN and e.owns_iommu_entry for e in entries):
             for entry in entries:
-                ctx = self.iommu.contexts.get(entry.mapper)
-                assert ctx is not None
-                self.iommu.m2b.remove(entry)
-                self.iommu.count_mappings(entry.mapper, -1)
-                ctx.table.set(entry.bfn, make_entry(self.iommu.scratch_mfn, Kind.SCRATCH, entry.flags & RW))
-                ctx.scratch[entry.bfn] = entry.ioserver
-                self.iommu.note_flush(ctx, FlushType.MODIFIED)
-                self.iommu.frames.put(mfn, entry.writable)
+                xen_changes.swap_to_scratch(self.iommu, entry, self.registry.servers[entry.ioserver].scratch_mfn)
             return
-        owed.targets.extend((entry.ioserver, entry.bfn) for entry in entries)
-
-    def _drop_default(self, dom: Domain, bfn: int, mfn: int) -> None:
-        """Balloon-out removes the frame's default entry (not the non-strict hwdom's 1:1 ones)."""
-        ctx = self.iommu.contexts.get(dom.domid)
-        if ctx is None or self.iommu.is_non_strict_hwdom(dom):
-            return
-        default = make_entry(mfn, Kind.DEFAULT, RW)
-        if ctx.table.get(bfn) != default:
-            return
-        if ctx.table.is_materialized(bfn):
-            ctx.table.clear(bfn)
-        self.iommu.note_flush(ctx, FlushType.MODIFIED)
-
-    def _add_default(self, dom: Domain, bfn: int, mfn: int) -> None:
-        """Populate adds a default entry wherever that BFN is unmapped."""
-        ctx = self.iommu.contexts.get(dom.domid)
-        if ctx is None or self.iommu.is_non_strict_hwdom(dom):
-            return
-        if ctx.table.is_materialized(bfn):
-            if ctx.table.get(bfn):
-                return
-            ctx.table.set(bfn, make_entry(mfn, Kind.DEFAULT, RW))
-        self.iommu.note_flush(ctx, FlushType.ADDED)
+        # One frame's invalidates go out by server then BFN; frames go in the call's order.
+        owed.targets.extend(sorted((entry.ioserver, entry.bfn) for entry in entries))
 
     def take_frame_away(self, dom: Domain, gfn: int, mfn: int, owed: Invalidations) -> None:
         """Remove one GFN from its domain: p2m, default entry, allocation reference, emulators."""
-        self._drop_default(dom, gfn if dom.is_hvm else mfn, mfn)
+        xen_changes.drop_default(self.iommu, dom, gfn if dom.is_hvm else mfn, mfn)
         if dom.is_hvm:
             dom.p2m.pop(gfn)
         dom.pages -= 1
@@ -117,12 +90,12 @@ class Balloon:
         owed = Invalidations()
         done, status = 0, 0
         for gfn in gfns:
-            if not dom.is_hvm and self.iommu.frames.exists(gfn) and self.iommu.frames.is_xen(gfn):
-                status = -EPERM
-                break
-            mfn = self.memory.gfn_to_mfn(dom, gfn)
+            mfn = self.memory.gfn_to_mfn(dom, gfn)  # a PV GFN it does not own and populate: none
             if mfn is None:
                 status = -ENOENT
+                break
+            if self.iommu.frames.is_xen(mfn):  # an HVM GFN backed by one of Xen's frames
+                status = -EPERM
                 break
             self.take_frame_away(dom, gfn, mfn, owed)
             done += 1
@@ -133,11 +106,14 @@ class Balloon:
         return {"ret": done, "status": status, "waited": len(waits)}
 
     def populate_physmap(self, domid: int, gfns: list[int]) -> dict[str, Any]:
-        """Back ``gfns`` with fresh frames (lowest free first); a PV guest learns their MFNs."""
+        """Back ``gfns`` with fresh frames (lowest free first); a PV guest learns their MFNs.
+
+        A PV guest has no p2m: as in Xen its list is output only, so only its length counts
+        (no ``-EEXIST``); Xen writes the chosen frames' numbers back."""
         dom = self.memory.domain(domid)
         done, status, mfns = 0, 0, []
         for gfn in gfns:
-            if (dom.is_hvm and gfn in dom.p2m) or (not dom.is_hvm and self.iommu.frames.belongs_to(gfn, domid)):
+            if dom.is_hvm and gfn in dom.p2m:
                 status = -EEXIST
                 break
             mfn = self.iommu.frames.allocate(domid)
@@ -147,7 +123,7 @@ class Balloon:
             if dom.is_hvm:
                 dom.p2m[gfn] = mfn
             dom.pages += 1
-            self._add_default(dom, gfn if dom.is_hvm else mfn, mfn)
+            xen_changes.add_default(self.iommu, dom, gfn if dom.is_hvm else mfn, mfn)
             mfns.append(mfn)
             done += 1
         self.iommu.flush_touched()

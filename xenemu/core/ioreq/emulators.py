@@ -8,8 +8,8 @@ is handed, leaving ``servers`` a plain registry.
 
 from __future__ import annotations
 
-from xenemu.core.errors import ENOENT, ENOSPC, EPERM, HypercallError
-from xenemu.core.iommu.entries import FlushType
+from xenemu.core.errors import ENOENT, ENOMEM, ENOSPC, EPERM, HypercallError
+from xenemu.core.iommu import xen_changes
 from xenemu.core.iommu.state import Iommu
 from xenemu.core.ioreq.servers import IoreqRegistry, IoreqServer
 from xenemu.core.memory.domain import DOMID_SELF
@@ -33,7 +33,12 @@ class Emulators:
             raise HypercallError(-EPERM, f"d{caller} is not privileged over d{target}")
         if self.registry.exhausted():
             raise HypercallError(-ENOSPC, "IOREQ server ids are exhausted")
-        return self.registry.create(caller, target)
+        scratch = self.iommu.frames.allocate_for_xen()
+        if scratch is None:
+            raise HypercallError(-ENOMEM, "no free frame for the IOREQ server's scratch frame")
+        xen_changes.scratch_taken(self.iommu, scratch)
+        self.iommu.flush_touched()
+        return self.registry.create(caller, target, scratch)
 
     def own_server(self, caller: int, ioserver: int) -> IoreqServer:
         """The caller's own server, or -ENOENT / -EPERM."""
@@ -63,15 +68,10 @@ class Emulators:
                 server.target = None
 
     def end(self, server: IoreqServer) -> None:
-        """Remove a server with its M2B entries and scratch entries (no flush)."""
-        iommu = self.iommu
-        ctx = iommu.contexts.get(server.creator)
-        for entry in iommu.m2b.for_server(server.id):
-            iommu.drop_m2b_entry(entry)
-        if ctx is not None:
-            for bfn in [b for b, s in ctx.scratch.items() if s == server.id]:
-                del ctx.scratch[bfn]
-                ctx.table.clear(bfn)
-                iommu.note_flush(ctx, FlushType.MODIFIED)
+        """Remove a server with its M2B entries and scratch entries, then free its scratch
+        frame (no flush: the caller flushes once)."""
+        xen_changes.end_server(self.iommu, server.creator, server.id)
         del self.registry.servers[server.id]
         self.registry.notify.discard(server.id)
+        self.iommu.frames.put(server.scratch_mfn, writable=False)
+        xen_changes.scratch_freed(self.iommu, server.scratch_mfn)

@@ -33,6 +33,9 @@ class IoreqServer:
     creator: int
     #: The guest it serves; None once that guest is destroyed.
     target: int | None
+    #: Its own scratch frame (Xen's), where its swapped mappings point: no two servers share
+    #: one, so no data passes between emulators through scratch entries.
+    scratch_mfn: int
     page: bytearray = field(default_factory=lambda: bytearray(PAGE_BYTES))
     #: Synchronous requests the emulator has not completed yet, by request id.
     pending: dict[int, bytearray] = field(default_factory=dict)
@@ -111,9 +114,9 @@ class IoreqRegistry:
     def exhausted(self) -> bool:
         return self.next_id > MAX_IOSERVID
 
-    def create(self, creator: int, target: int) -> IoreqServer:
+    def create(self, creator: int, target: int, scratch_mfn: int) -> IoreqServer:
         assert not self.exhausted()
-        server = IoreqServer(self.next_id, creator, target)
+        server = IoreqServer(self.next_id, creator, target, scratch_mfn)
         self.servers[server.id] = server
         self.next_id += 1
         return server

@@ -64,6 +64,14 @@ class FrameTable:
         self._take(mfn, DOMID_XEN)
         self.populated[mfn] = 0
 
+    def allocate_for_xen(self) -> int | None:
+        """The lowest free frame (as ``allocate`` picks), made Xen's with one permanent
+        reference and never populated; its ``put`` of that reference frees it again."""
+        mfn = self.allocate(DOMID_XEN)
+        if mfn is not None:
+            self.populated[mfn] = 0
+        return mfn
+
     def allocate(self, domid: int) -> int | None:
         """The lowest free frame, now owned and populated by ``domid`` (one allocation ref)."""
         mfn = self._free_map.find(1, self._lowest_hint)
