@@ -90,3 +90,10 @@ def test_every_package_says_what_it_owns() -> None:
     for init in sorted(PACKAGE.rglob("__init__.py")):
         doc = ast.get_docstring(ast.parse(init.read_text())) or ""
         assert len(doc) > 80 and "TODO" not in doc, f"{init.relative_to(ROOT)} has no real docstring"
+
+
+def test_a_toolstack_verb_does_not_load_the_server_or_the_hypervisor() -> None:
+    """``xenemu list`` and friends import the client; ``serve`` and ``demo`` load the rest."""
+    loaded = loaded_by("import xenemu.cli")
+    assert {m for m in loaded if m.startswith("xenemu.core")} <= {"xenemu.core", "xenemu.core.options"}
+    assert {m for m in loaded if m.startswith("xenemu.server")} <= {"xenemu.server", "xenemu.server.limits"}

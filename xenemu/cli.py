@@ -21,10 +21,9 @@ from rich.table import Table
 
 from xenemu import __version__
 from xenemu.client import ConnectionLost, SyncControlClient, XenError
-from xenemu.core.host import Host
 from xenemu.core.options import HostOptions
 from xenemu.logs import configure
-from xenemu.server import Limits, run_daemon
+from xenemu.server.limits import Limits
 
 
 def console() -> Console:
@@ -174,6 +173,9 @@ def serve(
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     limits = Limits(max_connections, max_connections_per_domain, hello_timeout)
+    from xenemu.core.host import Host
+    from xenemu.server.daemon import run_daemon
+
     trio.run(lambda: run_daemon(Host(options), directory, limits=limits))
 
 
@@ -439,6 +441,8 @@ def demo(memory: int, log_level: str) -> None:
 
     async def scenario(directory: Path) -> int:
         from xenemu.client import ControlClient
+        from xenemu.core.host import Host
+        from xenemu.server.daemon import run_daemon
 
         status = 1
 

@@ -10,7 +10,7 @@ from xenemu.abi import pv_iommu as ops
 from xenemu.client import ControlClient, HypercallClient
 from xenemu.core.host import Host
 from xenemu.core.options import HostOptions
-from xenemu.server import Daemon
+from xenemu.server.daemon import Daemon
 
 
 async def test_async_clients_end_to_end(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from xenemu.client import HypercallClient
 from xenemu.core.audit import audit
 from xenemu.core.host import Host
 from xenemu.core.options import HostOptions
-from xenemu.server import Daemon
+from xenemu.server.daemon import Daemon
 
 BIG = 65536
 

@@ -16,20 +16,8 @@ The rooms, each importing only those listed before it:
   yielding to trio at continuation points, parking a request on ``WaitForIoreqs``.
 - ``daemon``: the daemon composing them: startup and shutdown, signals, answering a request,
   the pITS ticker, notifications after state changes, ``run_daemon``.
+- ``limits``: what a peer may consume (no trio: the CLI reads its defaults cheaply).
+
+Import the room you need (``from xenemu.server.daemon import run_daemon``): this package's
+``__init__`` loads nothing, so ``xenemu.server.limits`` costs no trio and no hypervisor.
 """
-
-from xenemu.server.admission import Admission, Limits
-from xenemu.server.daemon import Daemon, keep_frame_buffers_warm, run_daemon
-from xenemu.server.scheduler import Scheduler
-from xenemu.server.session import Session, error_reply
-
-__all__ = [
-    "Admission",
-    "Daemon",
-    "Limits",
-    "Scheduler",
-    "Session",
-    "error_reply",
-    "keep_frame_buffers_warm",
-    "run_daemon",
-]

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hmac
 import os
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from xenemu.core.actions.dispatch import Channel
 from xenemu.core.errors import EACCES, EMFILE, EPROTO, EPROTONOSUPPORT
 from xenemu.core.host import Host
 from xenemu.core.memory.domain import Domain
+from xenemu.server.limits import Limits
 from xenemu.server.session import Session, error_reply
 from xenemu.wire import MAX_FRAME, PROTOCOL_VERSION
 
@@ -36,15 +36,6 @@ log = structlog.get_logger("xenemu")
 
 #: Runs one accepted connection for as long as it lasts.
 ConnectionHandler = Callable[[trio.SocketStream, Channel], Awaitable[None]]
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one peer may consume: connections, and time to say hello."""
-
-    max_connections: int = 256
-    max_connections_per_domain: int = 16
-    hello_timeout: float = 10.0
 
 
 async def listen(path: Path, mode: int) -> trio.SocketListener:

@@ -30,7 +30,8 @@ from xenemu.core.actions.dispatch import Channel, dispatch, parse
 from xenemu.core.actions.ioreq import ReleaseIoreqServers
 from xenemu.core.errors import EINVAL, EIO, EPROTO, ESRCH, HypercallError
 from xenemu.core.host import Host
-from xenemu.server.admission import Admission, Limits, listen
+from xenemu.server.admission import Admission, listen
+from xenemu.server.limits import Limits
 from xenemu.server.scheduler import Scheduler
 from xenemu.server.session import Session, error_reply
 from xenemu.wire import MAX_FRAME, Message
