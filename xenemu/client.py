@@ -166,8 +166,10 @@ class ControlApi(_Api):
         max_mappings: int | None = None,
         vcpus: int = 1,
         pin: Sequence[int] | None = None,
+        max_pages: int | None = None,
     ) -> Any:
-        """``xl create``: the reply map with ``domid`` and ``token``."""
+        """``xl create``: the reply map with ``domid`` and ``token``; ``max_pages`` is xl's
+        ``maxmem`` in frames (default: ``memory``)."""
         args: dict[str, Any] = {"type": type, "memory": memory, "domain_name": name, "vcpus": vcpus}
         if pin is not None:
             args["pin"] = list(pin)
@@ -175,7 +177,13 @@ class ControlApi(_Api):
             args["target"] = target
         if max_mappings is not None:
             args["max_mappings"] = max_mappings
+        if max_pages is not None:
+            args["max_pages"] = max_pages
         return self._request("create_domain", args, _checked("create_domain"))
+
+    def set_max_pages(self, domid: int, max_pages: int) -> Any:
+        """``xl mem-set``: the most the domain may populate, in frames."""
+        return self._request("set_max_pages", {"domid": domid, "max_pages": max_pages}, _checked("set_max_pages"))
 
     def destroy_domain(self, domid: int) -> Any:
         return self._request("destroy_domain", {"domid": domid}, _checked("destroy_domain"))

@@ -49,7 +49,7 @@ def test_query_caps_passthrough_hwdom(cbed: Bed) -> None:
 
 @pytest.mark.host(iommu=False)
 def test_query_caps_no_iommu(cbed: Bed) -> None:
-    g = cbed.guest()
+    g = cbed.guest("pv")
     assert one(cbed, g, ops.query_caps()).flags == 0
     assert st(cbed, g, ops.map_page(0x1000, 1)) == "-EOPNOTSUPP"
 
@@ -255,7 +255,7 @@ def test_map_foreign_rmrr(cbed: Bed) -> None:
 
 @pytest.mark.host(iommu=False)
 def test_foreign_without_iommu(cbed: Bed) -> None:
-    guest = cbed.guest()
+    guest = cbed.guest(device=None)
     dm, server = cbed.emulator(guest)
     mfn = cbed.mfn(guest, 4)
     got = one(cbed, dm, ops.map_foreign_page(0x12345, 4, guest, server))

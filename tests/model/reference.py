@@ -67,6 +67,8 @@ class Dom:
     #: Grants of others it mapped: handle -> mapping.
     maptrack: dict[int, dict[str, Any]] = field(default_factory=dict)
     next_handle: int = 0
+    #: The most frames it may populate (xl's maxmem: its memory at creation; dom0: all RAM).
+    max_pages: int = 1 << 30
 
 
 @dataclass
@@ -102,6 +104,7 @@ class Reference:
         self.m2b: list[M2BEntry] = []
         self.servers: dict[int, dict[str, Any]] = {}
         self.next_server = 1
+        self.created_by: dict[int, int] = {}
         self.faults: set[tuple[int, int]] = set()
         #: Per IOREQ server, the invalidates announced in order: ("buffered" | "sync", bfn).
         self.invalidates: dict[int, list[tuple[str, int]]] = {}
@@ -179,7 +182,7 @@ class Reference:
             self.next_domid = domid + 1 if domid + 1 < 0x7FF0 else 1
             if domid not in self.doms and domid not in held:
                 break
-        dom = Dom(domid, kind, target=target)
+        dom = Dom(domid, kind, target=target, max_pages=memory)
         self.doms[domid] = dom
         self._give_memory(dom, memory)
         return domid
@@ -198,6 +201,8 @@ class Reference:
     def assign(self, domid: int, bdf: str) -> int:
         """A device with no RMRR region (the model test's devices)."""
         dom = self.doms[domid]
+        if dom.kind == "hvm" and not self.iommu:  # Xen refuses: its DMA would reach any frame
+            return -EOPNOTSUPP
         if self.iommu and not (dom.hwdom and self.passthrough) and dom.ctx is None:
             if any(e.mapper == domid for e in self.m2b):
                 return -EBUSY
@@ -226,6 +231,7 @@ class Reference:
         for other in self.doms.values():
             if other.target == domid:
                 other.target = None
+        self.created_by.pop(domid, None)
         self.faults = {f for f in self.faults if f[0] != domid}
         del self.doms[domid]
         for mfn in self.own_frames(dom):
@@ -261,6 +267,9 @@ class Reference:
             return -EPERM
         if self.next_server > MAX_IOSERVID:
             return -ENOSPC
+        live = sum(1 for v in self.servers.values() if v["creator"] == caller)
+        if live >= 8 or self.created_by.get(caller, 0) >= 256:
+            return -ENOSPC
         scratch = self._lowest_free()
         if scratch is None:
             return -ENOMEM
@@ -273,6 +282,7 @@ class Reference:
             self.defaults_owed.add(scratch)
         sid = self.next_server
         self.next_server += 1
+        self.created_by[caller] = self.created_by.get(caller, 0) + 1
         self.servers[sid] = {"creator": caller, "target": target, "scratch": scratch}
         return sid
 
@@ -367,6 +377,9 @@ class Reference:
         for gfn in gfns:  # a PV guest's list is output only: just its length counts
             if dom.kind == "hvm" and gfn in dom.p2m:
                 status = -EEXIST
+                break
+            if len(self.own_frames(dom)) >= dom.max_pages:
+                status = -ENOMEM
                 break
             mfn = self._alloc(domid)
             if mfn is None:

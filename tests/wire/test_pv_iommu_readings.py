@@ -45,7 +45,7 @@ async def test_invalidates_go_out_gfn_by_gfn(daemon: DaemonProcess) -> None:
 
 async def test_a_pv_guests_populate_counts_only(daemon: DaemonProcess) -> None:
     ctl = SyncControlClient.connect(daemon.control_path)
-    pv = ctl.create_domain("pv", 8)
+    pv = ctl.create_domain("pv", 8, max_pages=16)
     scene = Scene(daemon)
     guest = await scene.connect(pv["token"])
     (mine,) = (await guest.populate_physmap([0]))["mfns"]  # a frame it now owns and populates

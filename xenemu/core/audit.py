@@ -36,7 +36,8 @@ def audit(host: Host) -> list[str]:
         for mapping in maptrack.mappings.values():
             general[mapping.mfn] += 1
             writable[mapping.mfn] += not mapping.readonly
-            pins[(mapping.granter, mapping.ref, mapping.readonly)] += 1
+            if host.grants.tables.get(mapping.granter) is mapping.granter_table:
+                pins[(mapping.granter, mapping.ref, mapping.readonly)] += 1
             if mapping.bfn is not None:
                 grant_bfns[(mapper, mapping.bfn)] = mapping.mfn
     problems += _check_grant_pins(host, pins)

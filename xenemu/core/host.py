@@ -12,7 +12,7 @@ they never block or do I/O, so the core can be driven directly by tests.
 
 from __future__ import annotations
 
-from xenemu.core.errors import EBUSY, EINVAL, ENOENT, ENOMEM, ENOSPC, EPERM, HypercallError
+from xenemu.core.errors import EBUSY, EINVAL, ENOENT, ENOMEM, ENOSPC, EOPNOTSUPP, EPERM, HypercallError
 from xenemu.core.grants.ops import Grants
 from xenemu.core.iommu import xen_changes
 from xenemu.core.iommu.context import DmaFault
@@ -26,6 +26,15 @@ from xenemu.core.memory.domain import DOMID_FIRST_RESERVED, HWDOM_ID, Domain
 from xenemu.core.memory.frames import PAGE_SHIFT, PAGE_SIZE, FrameTable
 from xenemu.core.memory.guest import GuestMemory
 from xenemu.core.options import DomainKind, HostOptions
+
+#: Reserved frames one device may name (a real RMRR is a few pages to a few MiB), and the
+#: bound on the bus frames they may name (2^40 frames: 52-bit bus addresses).
+MAX_RMRR_FRAMES = 4096
+#: The largest mapping quota the toolstack may give (the fast path counts it in 64 bits).
+MAX_QUOTA = 1 << 32
+#: Longest domain name (Xen's toolstack keeps names short; replies and logs carry it).
+MAX_NAME = 64
+MAX_BFN = 1 << 40
 
 
 class Host:
@@ -60,6 +69,7 @@ class Host:
         self.hwdom = self.memory.populate(HWDOM_ID, opts.dom0_kind, opts.dom0_memory, "Domain-0")
         self.hwdom.is_hwdom = True
         self.hwdom.max_mappings = opts.max_mappings
+        self.hwdom.max_pages = opts.nr_frames  # the hardware domain is trusted with all of RAM
         self.grants.add_domain(HWDOM_ID)
         self.its.add_domain(HWDOM_ID)
 
@@ -85,11 +95,19 @@ class Host:
         max_mappings: int | None = None,
         vcpus: int = 1,
         pin: list[int] | None = None,
+        max_pages: int | None = None,
     ) -> Domain:
+        """A new domain; every argument is checked before anything is allocated."""
         if kind not in ("pv", "hvm"):
             raise HypercallError(-EINVAL, f"bad domain type {kind!r}")
-        if memory < 0 or (max_mappings is not None and max_mappings < 0):
-            raise HypercallError(-EINVAL, "negative memory or quota")
+        if not 0 <= memory <= self.frames.nr_frames or (
+            max_mappings is not None and not 0 <= max_mappings <= MAX_QUOTA
+        ):
+            raise HypercallError(-EINVAL, f"memory or mapping quota out of range (0..{MAX_QUOTA})")
+        if max_pages is not None and not 0 <= max_pages <= self.frames.nr_frames:
+            raise HypercallError(-EINVAL, f"max_pages out of range (0..{self.frames.nr_frames})")
+        if len(name) > MAX_NAME:
+            raise HypercallError(-EINVAL, f"domain name longer than {MAX_NAME} characters")
         if target is not None:
             self.domain(target)
         if not 1 <= vcpus <= 64 or (
@@ -102,9 +120,17 @@ class Host:
         dom = self.memory.populate(domid, kind, memory, name)
         dom.target = target
         dom.max_mappings = self.options.max_mappings if max_mappings is None else max_mappings
+        dom.max_pages = memory if max_pages is None else max(memory, max_pages)  # xl: maxmem >= memory
         self.grants.add_domain(domid)
         self.its.add_domain(domid, vcpus, pin)
         return dom
+
+    def set_max_pages(self, domid: int, max_pages: int) -> None:
+        """``xl mem-set``: the most the domain may populate from now on (it keeps what it has)."""
+        dom = self.domain(domid)
+        if not 0 <= max_pages <= self.frames.nr_frames:
+            raise HypercallError(-EINVAL, f"max_pages out of range (0..{self.frames.nr_frames})")
+        dom.max_pages = max_pages
 
     def destroy_domain(self, domid: int) -> None:
         """Release everything the domain holds; frames others still hold stay until let go."""
@@ -118,7 +144,7 @@ class Host:
         for bdf in list(dom.devices):
             del self.devices[bdf]
         dom.devices.clear()
-        self.emulators.forget_target(domid)
+        self.emulators.forget_domain(domid)
         for other in self.domains.values():
             if other.target == domid:
                 other.target = None
@@ -154,22 +180,32 @@ class Host:
             raise HypercallError(-EINVAL, str(exc)) from None
         if bdf in self.devices:
             raise HypercallError(-EBUSY, f"{bdf} is already assigned to d{self.devices[bdf].domid}")
+        if dom.is_hvm and not self.options.iommu:
+            # As Xen refuses: without an IOMMU an HVM guest's device would DMA to any frame.
+            raise HypercallError(-EOPNOTSUPP, "no IOMMU: an HVM domain cannot be given a device")
         regions = list(rmrr or [])
+        if sum(max(count, 0) for _, count in regions) > MAX_RMRR_FRAMES or any(
+            start < 0 or count <= 0 or start + count > MAX_BFN for start, count in regions
+        ):  # checked before any list of frames is built from them
+            raise HypercallError(-EINVAL, f"bad RMRR region (at most {MAX_RMRR_FRAMES} frames, below frame 2^40)")
         device = PciDevice(bdf, domid, regions)
         frames = device.rmrr_frames()
-        for start, count in regions:
-            if start < 0 or count <= 0:
-                raise HypercallError(-EINVAL, "bad RMRR region")
         scratch = {s.scratch_mfn for s in self.ioreq.servers.values()}
         for mfn in frames:  # Xen's frames (any of them alike), never a scratch frame, or beyond RAM
             if self.frames.exists(mfn) and (not self.frames.is_xen(mfn) or mfn in scratch):
                 raise HypercallError(-EINVAL, f"RMRR frame {mfn:#x} is RAM that is not Xen's, or a scratch frame")
+        # Everything that can refuse is asked before anything is allocated: a failed assignment
+        # leaves no device, context, RMRR entry or physical LPI behind.
+        xen_changes.check_attach(iommu, dom, frames)
+        its_info = None
+        if its_devid is not None:
+            vdevid = sum(1 for d in self.devices.values() if d.domid == domid and d.its is not None)
+            its_info = self.its.assign(domid, its_devid, pits, its_events, vdevid)
         ctx = xen_changes.attach_device(iommu, dom, frames)
         self.devices[bdf] = device
         dom.devices.add(bdf)
-        if its_devid is not None:
-            vdevid = sum(1 for d in self.devices.values() if d.domid == domid and d.its is not None)
-            device.its = self.its.assign(domid, its_devid, pits, its_events, vdevid)
+        if its_info is not None:
+            device.its = its_info
             if ctx is not None:
                 bfn = self.its.translation_gpa(domid, pits) >> PAGE_SHIFT
                 xen_changes.map_doorbell(iommu, ctx, bfn, pits, DOORBELL_MFN + pits)

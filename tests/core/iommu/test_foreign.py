@@ -155,7 +155,7 @@ def test_check_order_capability_before_target(bed: Bed) -> None:
 
 def test_map_foreign_without_iommu_returns_the_mfn() -> None:
     bed = Bed(iommu=False)
-    guest = bed.guest()
+    guest = bed.guest(device=None)  # without an IOMMU an HVM guest gets no device
     dm, server = bed.emulator(guest)
     mfn = bed.mfn(guest, 4)
     op = bed.one(dm.domid, ops.map_foreign_page(0x12345, 4, guest.domid, server))
@@ -173,7 +173,7 @@ def test_map_foreign_without_iommu_returns_the_mfn() -> None:
 
 def test_no_iommu_other_server_same_frame_is_a_new_entry() -> None:
     bed = Bed(iommu=False)
-    guest = bed.guest()
+    guest = bed.guest(device=None)  # without an IOMMU an HVM guest gets no device
     dm, server = bed.emulator(guest)
     second = bed.host.emulators.create_server(dm.domid, guest.domid).id
     assert bed.status(dm.domid, ops.map_foreign_page(0, 4, guest.domid, server)) == "OK"
@@ -251,7 +251,7 @@ def test_lookup_target_and_gfn_checks(scene: tuple[Bed, Domain, Domain, int]) ->
 
 def test_lookup_without_iommu() -> None:
     bed = Bed(iommu=False)
-    guest = bed.guest()
+    guest = bed.guest(device=None)  # without an IOMMU an HVM guest gets no device
     dm, server = bed.emulator(guest)
     op = bed.one(dm.domid, ops.lookup_foreign_page(3, guest.domid, server))
     assert op.bfn == bed.mfn(guest, 3) and op.flags == RW

@@ -257,9 +257,23 @@ def test_populate_adds_default_only_where_unmapped(bed: Bed) -> None:
 def test_populate_out_of_memory() -> None:
     bed = Bed(nr_frames=1024, dom0_memory=512)
     g = bed.guest(memory=8, device=None)
+    bed.host.set_max_pages(g.domid, 1024)  # the host runs out first
     free = bed.host.frames.nr_free
     result = bed.host.balloon.populate_physmap(g.domid, list(range(100, 100 + free + 1)))
     assert result == {"ret": free, "status": -12}
+    bed.check()
+
+
+def test_populate_stops_at_max_pages(bed: Bed) -> None:
+    """A guest cannot take every free frame: it populates up to its max_pages (xl's maxmem)."""
+    g = bed.guest(memory=8, device=None)
+    assert g.max_pages == 8
+    assert bed.host.balloon.populate_physmap(g.domid, [100]) == {"ret": 0, "status": -12}
+    assert balloon(bed, g.domid, [0, 1])["ret"] == 2  # what it gives back it may take again
+    assert bed.host.balloon.populate_physmap(g.domid, [100, 101, 102]) == {"ret": 2, "status": -12}
+    bed.host.set_max_pages(g.domid, 12)  # xl mem-set
+    assert bed.host.balloon.populate_physmap(g.domid, [200, 201, 202, 203, 204]) == {"ret": 4, "status": -12}
+    assert g.pages == 12
     bed.check()
 
 
@@ -333,6 +347,7 @@ def test_the_order_decides_which_invalidates_find_the_ring_full(bed: Bed) -> Non
 
 def test_a_pv_guests_populate_ignores_the_values_it_names(bed: Bed) -> None:
     pv = bed.guest("pv", 8, None)
+    bed.host.set_max_pages(pv.domid, 12)
     owned = [m for m in range(bed.host.frames.nr_frames) if bed.host.frames.belongs_to(m, pv.domid)]
     # Values it already owns, Xen's, repeated, beyond RAM: only their count matters.
     result = bed.host.balloon.populate_physmap(pv.domid, [owned[0], 2, 2, 1 << 40])

@@ -26,12 +26,21 @@ class CreateDomain(ControlAction):
     vcpus: int = 1
     #: The physical CPU each vCPU runs on (default: vCPU i on CPU i mod CPUs).
     pin: list[int] | None = None
+    #: The most it may populate (default: ``memory``, as xl's maxmem).
+    max_pages: int | None = None
 
 
 @handles(CreateDomain)
 def _create_domain(host: Host, caller: int, action: CreateDomain) -> dict[str, Any]:
     dom = host.create_domain(
-        action.type, action.memory, action.target, action.domain_name, action.max_mappings, action.vcpus, action.pin
+        action.type,
+        action.memory,
+        action.target,
+        action.domain_name,
+        action.max_mappings,
+        action.vcpus,
+        action.pin,
+        action.max_pages,
     )
     return {"ret": 0, "domid": dom.domid, "token": dom.token}
 
@@ -78,7 +87,23 @@ def describe(host: Host, dom: Domain) -> dict[str, Any]:
         "m2b_entries": sum(1 for _ in host.iommu.m2b.held_by(dom.domid)),
         "mappings": host.iommu.mappings_held[dom.domid],
         "max_mappings": dom.max_mappings,
+        "max_pages": dom.max_pages,
     }
+
+
+@dataclass(frozen=True)
+class SetMaxPages(ControlAction):
+    """``xl mem-set``: the most a domain may populate (``populate_physmap`` beyond is -ENOMEM)."""
+
+    name = "set_max_pages"
+    domid: int
+    max_pages: int
+
+
+@handles(SetMaxPages)
+def _set_max_pages(host: Host, caller: int, action: SetMaxPages) -> dict[str, Any]:
+    host.set_max_pages(action.domid, action.max_pages)
+    return {"ret": 0}
 
 
 @dataclass(frozen=True)

@@ -149,7 +149,7 @@ class Grants:
             return GNTST_no_space
         dev_bus_addr = mfn << PAGE_SHIFT if flags & GNTMAP_device_map and bfn is None else 0
         self.maptracks[mapper.domid].mappings[handle] = GrantMapping(
-            handle, granter.domid, ref, mfn, readonly, op.host_addr, bfn, dev_bus_addr
+            handle, granter.domid, self.tables[granter.domid], ref, mfn, readonly, op.host_addr, bfn, dev_bus_addr
         )
         self.iommu.frames.get(mfn, not readonly)
         self.iommu.count_mappings(mapper.domid, 1)
@@ -189,6 +189,5 @@ class Grants:
             xen_changes.unmap_grant(self.iommu, mapper.domid, mapping.bfn)
         self.iommu.frames.put(mapping.mfn, not mapping.readonly)
         self.iommu.count_mappings(mapper.domid, -1)
-        granter = self.tables.get(mapping.granter)
-        if granter is not None:
-            granter.unpin(mapping.ref, mapping.readonly)
+        if self.tables.get(mapping.granter) is mapping.granter_table:  # the same granter, still alive
+            mapping.granter_table.unpin(mapping.ref, mapping.readonly)

@@ -51,6 +51,9 @@ class GrantMapping:
 
     handle: int
     granter: int
+    #: The granter's table itself: a mapping outliving its granter must never unpin the table
+    #: of a later domain that was given the same id.
+    granter_table: GrantTable
     ref: int
     mfn: int
     readonly: bool

@@ -71,9 +71,12 @@ def do_iommu_op(iommu: Iommu, caller: int, buf: bytearray, count: int) -> Genera
     raw = fast.buffer(buf) if fast is not None else None
     every = iommu.options.continuation_every
     done = 0
+    caller_dom = iommu.memory.domains.get(caller)
     while done < count:
+        # The batch belongs to the domain instance that made it: if that domain was destroyed
+        # while it was preempted, the rest never runs, even if its id now names a new domain.
         dom = iommu.memory.domains.get(caller)
-        if dom is None:  # destroyed while preempted: the rest of the batch never runs
+        if dom is None or dom is not caller_dom:
             return -ESRCH
         stop = min(count, done - done % every + every)
         if fast is not None and buf[done * OP_SIZE] in FAST_SUBOPS and not buf[done * OP_SIZE + 1]:

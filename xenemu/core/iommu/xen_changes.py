@@ -113,22 +113,31 @@ def end_server(iommu: Iommu, creator: int, ioserver: int) -> None:
 # -- devices ----------------------------------------------------------------------------------
 
 
-def attach_device(iommu: Iommu, dom: Domain, rmrr_frames: list[int]) -> IommuContext | None:
-    """A device is assigned: the domain's context (created with its defaults at the first
-    device) gets the device's RMRR entries.  None when the domain gets no context."""
-    domid = dom.domid
-    ctx = iommu.contexts.get(domid)
+def check_attach(iommu: Iommu, dom: Domain, rmrr_frames: list[int]) -> None:
+    """Whether ``attach_device`` would succeed (``-EBUSY`` otherwise); it changes nothing, so
+    the host can check every subsystem before any of them allocates."""
     if not iommu.wants_context(dom):
-        return ctx
-    if ctx is None and any(True for _ in iommu.m2b.held_by(domid)):
+        return
+    ctx = iommu.contexts.get(dom.domid)
+    if ctx is None and any(True for _ in iommu.m2b.held_by(dom.domid)):
         raise HypercallError(-EBUSY, "the domain holds M2B entries made without a context")
     table = ctx.table if ctx is not None else iommu.new_table(dom)
     for mfn in rmrr_frames:
         entry = table.get(mfn)
         if entry and entry_kind(entry) != Kind.DEFAULT and entry != make_entry(mfn, Kind.RMRR, RW):
             raise HypercallError(-EBUSY, f"BFN {mfn:#x} is already mapped")
+
+
+def attach_device(iommu: Iommu, dom: Domain, rmrr_frames: list[int]) -> IommuContext | None:
+    """A device is assigned: the domain's context (created with its defaults at the first
+    device) gets the device's RMRR entries.  None when the domain gets no context."""
+    check_attach(iommu, dom, rmrr_frames)
+    domid = dom.domid
+    ctx = iommu.contexts.get(domid)
+    if not iommu.wants_context(dom):
+        return ctx
     if ctx is None:
-        ctx = iommu.contexts[domid] = IommuContext(domid, table)
+        ctx = iommu.contexts[domid] = IommuContext(domid, iommu.new_table(dom))
     for mfn in rmrr_frames:
         before = ctx.table.get(mfn)
         ctx.rmrr[mfn] = ctx.rmrr.get(mfn, 0) + 1

@@ -116,6 +116,9 @@ class Balloon:
             if dom.is_hvm and gfn in dom.p2m:
                 status = -EEXIST
                 break
+            if dom.pages >= dom.max_pages:  # every allocation a guest drives is bounded
+                status = -ENOMEM
+                break
             mfn = self.iommu.frames.allocate(domid)
             if mfn is None:
                 status = -ENOMEM

@@ -33,6 +33,8 @@ class Emulators:
             raise HypercallError(-EPERM, f"d{caller} is not privileged over d{target}")
         if self.registry.exhausted():
             raise HypercallError(-ENOSPC, "IOREQ server ids are exhausted")
+        if not self.registry.quota_left(caller):
+            raise HypercallError(-ENOSPC, f"d{caller} holds or has used up its IOREQ servers")
         scratch = self.iommu.frames.allocate_for_xen()
         if scratch is None:
             raise HypercallError(-ENOMEM, "no free frame for the IOREQ server's scratch frame")
@@ -60,6 +62,12 @@ class Emulators:
             self.end(server)
         self.iommu.flush_touched()
         return len(servers)
+
+    def forget_domain(self, domid: int) -> None:
+        """The domain ``domid`` is gone: servers that served it serve nobody now, and the ids it
+        consumed no longer count against a later domain given its number."""
+        self.registry.created_by.pop(domid, None)
+        self.forget_target(domid)
 
     def forget_target(self, domid: int) -> None:
         """The guest ``domid`` is gone: servers that served it serve nobody now."""

@@ -14,6 +14,11 @@ from typing import Any
 from xenemu.abi import const, ffi
 
 MAX_IOSERVID = 65535
+#: Live servers one emulator's domain may hold at once (Xen's MAX_NR_IOREQ_SERVERS), and ids it
+#: may consume over its life: ids are never reused, so without the second bound one emulator
+#: creating and destroying servers would use up the host's 65,535.
+MAX_SERVERS_PER_DOMAIN = 8
+MAX_SERVER_IDS_PER_DOMAIN = 256
 SLOTS = const("IOREQ_BUFFER_SLOT_NUM")
 PAGE_BYTES = ffi.sizeof("buffered_iopage_t")
 IOREQ_BYTES = ffi.sizeof("ioreq_t")
@@ -110,6 +115,13 @@ class IoreqRegistry:
         self.next_id = 1
         #: Servers with new requests their emulator has not been told of yet.
         self.notify: set[int] = set()
+        #: Ids each live domain has consumed (forgotten when the domain is destroyed).
+        self.created_by: dict[int, int] = {}
+
+    def quota_left(self, creator: int) -> bool:
+        """Whether ``creator`` may make one more server (live and lifetime bounds)."""
+        live = sum(1 for s in self.servers.values() if s.creator == creator)
+        return live < MAX_SERVERS_PER_DOMAIN and self.created_by.get(creator, 0) < MAX_SERVER_IDS_PER_DOMAIN
 
     def exhausted(self) -> bool:
         return self.next_id > MAX_IOSERVID
@@ -117,6 +129,7 @@ class IoreqRegistry:
     def create(self, creator: int, target: int, scratch_mfn: int) -> IoreqServer:
         assert not self.exhausted()
         server = IoreqServer(self.next_id, creator, target, scratch_mfn)
+        self.created_by[creator] = self.created_by.get(creator, 0) + 1
         self.servers[server.id] = server
         self.next_id += 1
         return server

@@ -30,6 +30,9 @@ class Domain:
     p2m: P2M = field(default_factory=P2M)
     #: Frames populated for this domain (HVM: len(p2m)).
     pages: int = 0
+    #: The most it may populate (Xen's ``max_pages``): set at creation, changed by the toolstack
+    #: (``set_max_pages``, ``xl mem-set``); ``populate_physmap`` beyond it is ``-ENOMEM``.
+    max_pages: int = 0
     devices: set[str] = field(default_factory=set)
     name: str = ""
     #: Quota of mappings it may hold (map_page, M2B entries as mapper, grant mappings).
