@@ -15,7 +15,7 @@ from xenemu.abi.its_cmd import ItsCommand
 from xenemu.client import SyncControlClient, SyncHypercallClient
 
 LPI = 8192
-QUEUE_GFN, PROP_GFN, ITT_GFN = 10, 20, 30
+QUEUE_GFN, PROP_GFN, ITT_GFN = 16, 20, 30  # the queue 64 KiB aligned: CBASER clears bits 15:12
 
 
 def test_guest_brings_up_its_vits_and_takes_msis(tmp_path: Path) -> None:

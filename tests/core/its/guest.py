@@ -9,7 +9,7 @@ from xenemu.core.its import Delivery, ItsHost, audit_its
 from xenemu.core.options import HostOptions
 
 LPI = 8192
-QUEUE_GFN, PROP_GFN, ITT_GFN = 10, 20, 30
+QUEUE_GFN, PROP_GFN, ITT_GFN = 16, 20, 30  # the queue 64 KiB aligned: CBASER clears bits 15:12
 CBASER = 1 << 63 | QUEUE_GFN << 12 | 0  # one 4 KiB page: 128 commands
 BASER = 1 << 63
 

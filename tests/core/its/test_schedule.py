@@ -36,13 +36,13 @@ def test_victim_completes_within_one_round_while_another_keeps_32767_queued() ->
     host, its = its_host("off", slots=32768, batch=8)
     flood_dom = host.create_domain("hvm", 300, vcpus=2)
     its.assign(flood_dom.domid, 0x30, 0, 8, 0)
-    big_queue = 1 << 63 | 10 << 12 | 255  # 256 pages: 32,768 slots
+    big_queue = 1 << 63 | 16 << 12 | 255  # 256 pages: 32,768 slots
     for reg, value in ((0x80, big_queue), (0x100, BASER), (0x108, BASER)):
         its.mmio_write(flood_dom.domid, 0, reg, 8, value)
     its.mmio_write(flood_dom.domid, 0, 0x0, 4, 1)
     sync = c.sync(0).encode()
     for i in range(32767):
-        host.memory.access(flood_dom.domid, 10 + i * 32 // 4096, i * 32 % 4096, sync)
+        host.memory.access(flood_dom.domid, 16 + i * 32 // 4096, i * 32 % 4096, sync)
     its.mmio_write(flood_dom.domid, 0, 0x88, 8, 32767 * 32)
     its.run_passes()
     victim = Guest(its, host, devid=0x11)

@@ -25,7 +25,29 @@ from xenemu.core.its.state import CBASER_ADDR, LPI_BASE, ItsState
 
 OFFSET_MASK = const("GITS_CMDQ_OFFSET_MASK")
 CBASER_VALID = const("GITS_CBASER_VALID")
+#: What a CBASER write keeps: Valid, the address with bits 15:12 cleared, Size.
+CBASER_KEPT = CBASER_VALID | const("GITS_CBASER_ADDR_64K_MASK") | const("GITS_CBASER_SIZE_MASK")
 BASER_VALID = const("GITS_BASER_VALID")
+#: BASER fields a write cannot change (Type, Entry_Size, Page_Size) or set (Indirect).
+BASER_FIXED = (
+    const("GITS_BASER_TYPE_MASK")
+    | const("GITS_BASER_ESZ_MASK")
+    | const("GITS_BASER_PAGE_SIZE_MASK")
+    | const("GITS_BASER_INDIRECT")
+)
+#: The fixed part of BASER0 (device table) and BASER1 (collection table): Type, 8-byte entries,
+#: 64 KiB pages.
+BASER_FIXED_VALUES = tuple(
+    kind << const("GITS_BASER_TYPE_SHIFT")
+    | const("GITS_BASER_ESZ_VALUE") << const("GITS_BASER_ESZ_SHIFT")
+    | const("GITS_BASER_PAGE_SIZE_64K") << const("GITS_BASER_PAGE_SIZE_SHIFT")
+    for kind in (const("GITS_BASER_TYPE_DEVICE"), const("GITS_BASER_TYPE_COLLECTION"))
+)
+#: The ID registers, 32-bit and read-only, with KVM's values.
+ID_REGISTERS = {
+    const(f"GITS_{name}"): const(f"GITS_{name}_VALUE")
+    for name in ("PIDR4", "PIDR0", "PIDR1", "PIDR2", "PIDR3", "CIDR0", "CIDR1", "CIDR2", "CIDR3")
+}
 U64 = (1 << 64) - 1
 #: Machine frame of each pITS's translation frame (beyond any RAM): the doorbell page.
 DOORBELL_MFN = 1 << 36
@@ -79,8 +101,7 @@ class Registers:
             elif not want:
                 vits.enabled = False
         elif reg == 0x80 and not vits.enabled:
-            new = _merge(vits.cbaser, part, value)
-            vits.cbaser = new & (CBASER_VALID | CBASER_ADDR | 0xFF)
+            vits.cbaser = _merge(vits.cbaser, part, value) & CBASER_KEPT
             vits.cwriter = vits.creadr = vits.progress = 0
             vits.taken = deque()  # a batch of the old queue still on the pITS completes unseen
         elif reg == 0x88:
@@ -96,8 +117,9 @@ class Registers:
                 self.scheduler.schedule(vits)
         elif 0x100 <= reg <= 0x138 and not vits.enabled:
             index = (reg - 0x100) // 8
-            if index < 2:
-                vits.baser[index] = _merge(vits.baser[index], part, value) & ~(1 << 62) & U64
+            if index < 2:  # the others are RAZ/WI
+                written = _merge(vits.baser[index], part, value) & ~BASER_FIXED
+                vits.baser[index] = written | BASER_FIXED_VALUES[index]
 
     def mmio_read(self, domid: int, vits_pits: int, offset: int, size: int) -> int:
         dom = self.state.domains[domid]
@@ -116,11 +138,10 @@ class Registers:
             0x80: vits.cbaser,
             0x88: vits.cwriter,
             0x90: vits.creadr,
-            0x100: vits.baser[0] | 1 << 56 | 7 << 48 | 2 << 8,
-            0x108: vits.baser[1] | 4 << 56 | 7 << 48 | 2 << 8,
-            0xFFE8: const("GITS_PIDR2_VALUE"),
+            0x100: vits.baser[0] | BASER_FIXED_VALUES[0],
+            0x108: vits.baser[1] | BASER_FIXED_VALUES[1],
         }
-        value = values.get(reg, 0)
+        value = values.get(reg, ID_REGISTERS.get(reg, 0))
         return (value >> 32) if part == "high" else (value & 0xFFFFFFFF if part == "low" else value)
 
     # -- GICR_* ---------------------------------------------------------------------------------
@@ -182,7 +203,7 @@ class Registers:
 def _register(offset: int, size: int) -> tuple[int | None, str]:
     """The register an access names and which part of it: ``full``, ``low`` or ``high``."""
     wide = {0x8, 0x80, 0x88, 0x90} | set(range(0x100, 0x140, 8))
-    narrow = {0x0, 0x4, 0xFFE8}
+    narrow = {0x0, 0x4} | set(ID_REGISTERS)
     if size == 4 and offset in narrow:
         return offset, "full"
     if size == 8 and offset in wide:
