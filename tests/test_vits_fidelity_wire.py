@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from tests.conformance.beds import DaemonProcess
+from xenemu.abi import its_cmd as c
 from xenemu.abi.its_cmd import ItsCommand
 from xenemu.client import SyncControlClient, SyncHypercallClient
 
@@ -119,3 +120,128 @@ def test_registers_keep_their_fixed_fields(driver: Driver) -> None:
     driver.its(0x80, 8, 1 << 63 | QUEUE_GFN * PAGE)
     driver.its(0x0, 4, 1)
     assert driver.its(0x0, 4) == 1 | 1 << 31
+
+
+def bring_up(d: Driver, events: int = 2, size: int = 2) -> list[int]:
+    """Linux's order: a collection per vCPU, MAPD, then MAPTI of each event into collection 0
+    (its LPI enabled in the configuration table first, so MAPTI takes it): the vLPIs."""
+    vlpis = [LPI + 32 + e for e in range(events)]
+    for vlpi in vlpis:
+        d.enable(vlpi)
+    d.run(c.mapc(0, 0), c.sync(0), c.mapc(1, 1), c.sync(1), c.mapd(d.vdev, size, ITT_GFN * PAGE))
+    d.run(*[c.mapti(d.vdev, e, vlpi, 0) for e, vlpi in enumerate(vlpis)], c.sync(0))
+    return vlpis
+
+
+def in_service_and_pending(d: Driver, vlpi: int) -> None:
+    d.msi(vlpi - LPI - 32)
+    assert d.lpi() == (0, vlpi)
+    d.msi(vlpi - LPI - 32)  # again, before the guest ends it: pending
+    assert d.lpi(timeout=0.3) is None
+
+
+# -- 1. a pending LPI's state lives with its mapping ---------------------------------------------
+def test_movi_moves_a_pending_lpi_to_the_new_vcpu(driver: Driver) -> None:
+    (vlpi, _) = bring_up(driver)
+    in_service_and_pending(driver, vlpi)
+    driver.run(c.event_cmd(c.MOVI, driver.vdev, 0, 1), c.sync(1))
+    assert driver.lpi() == (1, vlpi)  # once, on the new vCPU
+    driver.xc.its_end(0, vlpi)
+    driver.xc.its_end(1, vlpi)
+    assert driver.lpi(timeout=0.3) is None
+
+
+@pytest.mark.parametrize("command", [c.CLEAR, c.DISCARD])
+def test_clear_and_discard_end_a_pending_lpi(driver: Driver, command: int) -> None:
+    (vlpi, _) = bring_up(driver)
+    in_service_and_pending(driver, vlpi)
+    driver.run(c.event_cmd(command, driver.vdev, 0), c.sync(0))
+    driver.xc.its_end(0, vlpi)
+    assert driver.lpi(timeout=0.3) is None  # not delivered again, on either vCPU
+    assert driver.dropped() == {}
+
+
+# -- 2. the pending table sets or clears pending state; it does not deliver -----------------------
+def reenable(d: Driver, vcpu: int, bits: dict[int, bool]) -> None:
+    d.redist(vcpu, 0x0, 4, 0)
+    table = bytearray(PAGE)
+    for vlpi, on in bits.items():
+        table[vlpi // 8] |= on << vlpi % 8
+    d.xc.guest_write(PEND_GFN + 4 * vcpu, bytes(table))
+    d.redist(vcpu, 0x78, 8, (PEND_GFN + 4 * vcpu) * PAGE)  # PTZ = 0: the table is read
+    d.redist(vcpu, 0x0, 4, 1)
+
+
+def test_pending_table_set_bits_are_pending_and_delivered_once(driver: Driver) -> None:
+    first, second = bring_up(driver)
+    driver.enable(second, False)
+    driver.run(c.event_cmd(c.INV, driver.vdev, 1), c.sync(0))
+    reenable(driver, 0, {first: True, second: True})
+    assert driver.lpi() == (0, first)
+    assert driver.lpi(timeout=0.3) is None  # the disabled one stays pending
+    driver.xc.its_end(0, first)
+    driver.enable(second)
+    assert driver.lpi(timeout=0.3) is None  # not seen until invalidated
+    driver.run(c.event_cmd(c.INV, driver.vdev, 1), c.sync(0))
+    assert driver.lpi() == (0, second)
+    driver.xc.its_end(0, second)
+    assert driver.lpi(timeout=0.3) is None  # once each
+
+
+def test_pending_table_clear_bits_clear_pending_state(driver: Driver) -> None:
+    (_, vlpi) = bring_up(driver)
+    driver.enable(vlpi, False)
+    driver.run(c.event_cmd(c.INV, driver.vdev, 1), c.event_cmd(c.INT, driver.vdev, 1), c.sync(0))
+    reenable(driver, 0, {vlpi: False})
+    driver.enable(vlpi)
+    driver.run(c.event_cmd(c.INV, driver.vdev, 1), c.sync(0))
+    assert driver.lpi(timeout=0.3) is None  # the table said: not pending
+
+
+# -- 3. a dropped command has no effect -----------------------------------------------------------
+def test_a_refused_mapd_leaves_the_device_mapped(driver: Driver) -> None:
+    (vlpi, _) = bring_up(driver)
+    driver.run(c.mapd(driver.vdev, 16, ITT_GFN * PAGE), c.sync(0))  # Size + 1 = 17 > 16: refused
+    assert driver.dropped() == {"MAPD_ITTSIZE_OOR": 1}
+    driver.msi(0)
+    assert driver.lpi() == (0, vlpi)  # its mappings, Xen's and the pITS's, are as they were
+
+
+# -- 4. Linux's first device gets its MSIs --------------------------------------------------------
+def test_linux_sized_itt_for_a_4_event_device(daemon: tuple[DaemonProcess, SyncControlClient]) -> None:
+    proc, ctl = daemon
+    d = Driver(ctl, proc, next(DEVIDS), events=4)
+    try:
+        vlpis = bring_up(d, events=4, size=4)  # Linux: at least 32 events, Size = ilog2(32) - 1
+        d.run(c.mapti(d.vdev, 4, LPI + 40, 0), c.sync(0))  # beyond the device's events
+        assert d.dropped() == {"MAPTI_ID_OOR": 1}
+        d.msi(3)
+        assert d.lpi() == (0, vlpis[3])
+    finally:
+        d.close()
+
+
+# -- 5. an LPI fired while its collection is unmapped is dropped -----------------------------------
+def test_an_lpi_of_an_unmapped_collection_is_dropped(driver: Driver) -> None:
+    driver.enable(LPI + 50)
+    driver.run(c.mapd(driver.vdev, 2, ITT_GFN * PAGE), c.mapti(driver.vdev, 0, LPI + 50, 1), c.sync(0))
+    driver.run(c.event_cmd(c.INT, driver.vdev, 0), c.sync(0))
+    assert driver.dropped() == {"INT_UNMAPPED_INTERRUPT": 1}
+    driver.msi(0)
+    assert driver.lpi(timeout=0.3) is None
+    driver.run(c.mapc(1, 1), c.sync(1))
+    assert driver.lpi(timeout=0.3) is None  # not held: nothing comes when the collection is mapped
+    driver.msi(0)
+    assert driver.lpi() == (1, LPI + 50)
+
+
+# -- 7. KVM's checks ----------------------------------------------------------------------------
+def test_kvms_movi_and_mapti_checks(driver: Driver) -> None:
+    for vcpu in range(2):
+        driver.redist(vcpu, 0x0, 4, 0)
+        driver.redist(vcpu, 0x70, 8, PROP_GFN * PAGE | 16)  # IDbits field 16: still 16 bits
+        driver.redist(vcpu, 0x0, 4, 1)
+    driver.run(c.mapc(0, 0), c.mapd(driver.vdev, 2, ITT_GFN * PAGE))
+    driver.run(c.mapti(driver.vdev, 0, 70_000, 0), c.mapti(driver.vdev, 1, LPI + 60, 1), c.sync(0))
+    driver.run(c.event_cmd(c.MOVI, driver.vdev, 1, 0), c.sync(0))  # its collection 1 is unmapped
+    assert driver.dropped() == {"MAPTI_PHYSICALID_OOR": 1, "MOVI_UNMAPPED_COLLECTION": 1}

@@ -9,8 +9,6 @@ command is translated; keeping every allocation in this room makes that rule vis
 
 from __future__ import annotations
 
-import math
-
 from xenemu.abi import its_cmd as cmds
 from xenemu.core.errors import HypercallError
 from xenemu.core.its.state import (
@@ -80,8 +78,6 @@ class Assignment:
         if vits is None:
             vits = dom.vits[pits] = Vits(domid, pits)
         vits.devices[vdevid] = VDevice(info)
-        state = s.pits[pits]
-        size = max(0, math.ceil(math.log2(max(events, 2))) - 1)
-        state.xen_queue.append((cmds.mapd(pdevid, size, 0x1000 * pdevid), None, None))
+        s.pits[pits].xen_queue.append((info.xen_mapd(), None, None))
         s.raised.add(pits)
         return info

@@ -5,6 +5,9 @@
   in ring order; at most one Xen completion ``INT`` is outstanding per pITS.
 - Each mapped ``(device, event)`` has exactly one physical LPI, bound to exactly one vLPI of the
   device's domain, and the vLPI index agrees with the bindings.
+- Pending state exists only on a live mapping (it is a field of the ITE), and only while the vCPU
+  it is on has that LPI in service (else it would have been delivered); a mapping waiting for its
+  physical MAPTI names a slot that waits for it.
 - Once every command on a pITS has completed, its cache equals the physical configuration
   table for every LPI it caches whose dirty bit is clear.
 
@@ -46,6 +49,8 @@ def audit_its(its: ItsHost) -> list[str]:
                     problems.append(f"pITS {hw.index}: idle, yet LPI {lpi} cached {cached:#x} is not the table's")
     seen: dict[int, tuple[int, int, tuple[int, int]]] = {}
     for domid, dom in its.domains.items():
+        if any(not 0 <= vcpu < dom.vcpus for vcpu, _ in dom.in_service):
+            problems.append(f"d{domid}: an LPI in service on a vCPU it does not have")
         for pits, vits in dom.vits.items():
             size = vits.queue_bytes
             if size:
@@ -57,6 +62,10 @@ def audit_its(its: ItsHost) -> list[str]:
             if not in_flight <= owners:
                 problems.append(f"d{domid} vITS {pits}: commands in flight on slots it does not own")
             for key, ite in vits.ites.items():
+                if ite.pending is not None and (ite.pending, ite.vlpi) not in dom.in_service:
+                    problems.append(f"d{domid}: {key} pending on vCPU {ite.pending} that has it not in service")
+                if ite.mapti_slot is not None and its.pits[pits].mapti_slots.get(ite.mapti_slot) is not ite:
+                    problems.append(f"d{domid}: {key} waits on a MAPTI slot that is not its own")
                 if ite.plpi in seen:
                     problems.append(f"d{domid}: physical LPI {ite.plpi} bound twice")
                 seen[ite.plpi] = (domid, pits, key)

@@ -41,7 +41,7 @@ class ElisionPolicy:
             if s.options.elision == "eager":
                 state = s.pits[pits]
                 pdevid = vits.devices[key[0]].info.pdevid
-                inv = (cmds.event_cmd(cmds.INV, pdevid, key[1]), plpi, None)
+                inv = (cmds.event_cmd(cmds.INV, pdevid, key[1]), vits.ites[key], None)
                 if inv not in state.xen_queue:
                     state.xen_queue.append(inv)
                 s.dirty.discard(plpi)

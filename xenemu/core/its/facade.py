@@ -33,7 +33,7 @@ class ItsHost:
         self.translator = Translator(self.state, self.lpis, self.elision)
         self.teardown = Teardown(self.state)
         self.scheduler = Scheduler(self.state, self.translator, self.elision, self.teardown)
-        self.registers = Registers(self.state, self.scheduler, self.lpis)
+        self.registers = Registers(self.state, self.scheduler)
         self.assignment.boot()
 
     # -- the shared state, as attributes -----------------------------------------------------------

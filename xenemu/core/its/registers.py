@@ -18,10 +18,10 @@ from __future__ import annotations
 from collections import deque
 
 from xenemu.abi import const
+from xenemu.abi import its_cmd as cmds
 from xenemu.core.errors import HypercallError
-from xenemu.core.its.lpis import Lpis
 from xenemu.core.its.schedule import Scheduler
-from xenemu.core.its.state import CBASER_ADDR, LPI_BASE, ItsState
+from xenemu.core.its.state import CBASER_ADDR, LPI_BASE, ItsState, lpi_limit
 
 OFFSET_MASK = const("GITS_CMDQ_OFFSET_MASK")
 CBASER_VALID = const("GITS_CBASER_VALID")
@@ -60,10 +60,9 @@ GICR_BASE_GPA = 0x080A0000
 class Registers:
     """Trapped accesses to a domain's ITS and redistributor frames."""
 
-    def __init__(self, state: ItsState, scheduler: Scheduler, lpis: Lpis) -> None:
+    def __init__(self, state: ItsState, scheduler: Scheduler) -> None:
         self.state = state
         self.scheduler = scheduler
-        self.lpis = lpis
 
     # -- where the frames and tables are --------------------------------------------------------
     def translation_gpa(self, domid: int, pits: int) -> int:
@@ -73,9 +72,8 @@ class Registers:
     def config_range(self, domid: int) -> tuple[int, int]:
         """The guest-physical range of its LPI configuration table (trapped)."""
         dom = self.state.domains[domid]
-        idbits = (dom.propbaser & 0x1F) + 1
         base = dom.propbaser & CBASER_ADDR
-        return base, base + max(0, (1 << idbits) - LPI_BASE)
+        return base, base + max(0, lpi_limit(dom.propbaser) - LPI_BASE)
 
     def frames(self, domid: int) -> tuple[dict[int, int], int]:
         """Guest-physical base of each vITS (by pITS), and of the first redistributor."""
@@ -165,22 +163,37 @@ class Registers:
             redist.pendbaser = written & ~const("GICR_PENDBASER_PTZ")
 
     def _load_pending_table(self, domid: int, vcpu: int) -> None:
-        """EnableLPIs 0 -> 1 with PTZ = 0: the vCPU's pending table sets or clears its LPIs."""
-        dom = self.state.domains[domid]
+        """EnableLPIs 0 -> 1 with PTZ = 0: the vCPU's pending table sets or clears the pending
+        state of its mapped LPIs; it does not deliver (KVM's pending_latch, set or cleared).
+
+        A set bit makes the LPI pending where its enable bit and priority are seen, on the pITS:
+        Xen queues its own ``INT`` for one mapping of that vLPI (one INTID, one pending bit), so a
+        disabled LPI is delivered once after it is enabled and invalidated, as after a guest's
+        ``INT``. A clear bit clears the pending state: Xen's for the mapping now, the pITS's by a
+        ``CLEAR`` of Xen's (an LPI disabled in the pITS's cache may be pending there unseen)."""
+        s = self.state
+        dom = s.domains[domid]
         base = dom.redists[vcpu].pendbaser & CBASER_ADDR
+        raised: set[int] = set()
         for vits in dom.vits.values():
-            for key, ite in vits.ites.items():
+            queue = s.pits[vits.pits].xen_queue
+            for (vdevid, event), ite in sorted(vits.ites.items()):
                 if vits.target_vcpu(ite) != vcpu:
                     continue
-                gpa = base + ite.vlpi // 8
                 try:
-                    byte = self.state.memory.read(domid, gpa, 1)[0]
+                    byte = s.memory.read(domid, base + ite.vlpi // 8, 1)[0]
                 except HypercallError:
                     continue
+                pdevid = vits.devices[vdevid].info.pdevid
                 if byte >> (ite.vlpi % 8) & 1:
-                    self.lpis.inject(vits, key, self.state.deliveries)
+                    if ite.vlpi in raised:
+                        continue
+                    raised.add(ite.vlpi)
+                    queue.append((cmds.event_cmd(cmds.INT, pdevid, event), ite, None))
                 else:
-                    dom.again.discard((vcpu, ite.vlpi))
+                    ite.pending = None
+                    queue.append((cmds.event_cmd(cmds.CLEAR, pdevid, event), ite, None))
+                s.raised.add(vits.pits)
 
     def redist_read(self, domid: int, vcpu: int, offset: int, size: int) -> int:
         dom = self.state.domains[domid]

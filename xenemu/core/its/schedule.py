@@ -71,9 +71,9 @@ class Scheduler:
         self._complete(state)
         free = hw.free_slots() - (0 if state.xen_int_outstanding else 1)
         while state.xen_queue and free > 0:
-            command, plpi, teardown = state.xen_queue.popleft()
-            if plpi is not None and plpi not in s.bindings:
-                continue
+            command, ite, teardown = state.xen_queue.popleft()
+            if ite is not None and not s.current(ite):
+                continue  # the mapping it was queued for is gone (perhaps remapped since)
             if teardown is not None:
                 state.teardown_slots[state.hw.cwriter] = teardown
             state.place_xen(command)
@@ -109,6 +109,9 @@ class Scheduler:
         while slot != hw.creadr:
             owner = state.owner.pop(slot, None)
             teardown = state.teardown_slots.pop(slot, None)
+            mapped = state.mapti_slots.pop(slot, None)
+            if mapped is not None and mapped.mapti_slot == slot:
+                mapped.mapti_slot = None  # from now on its physical LPI fires for this mapping
             if teardown is not None:
                 self.teardown.slot_completed(teardown)
             if owner is not None:
@@ -139,6 +142,11 @@ class Scheduler:
                 slot = state.hw.place(command)
                 state.owner[slot] = vits
                 state.physical[command.name] += 1
+                if command.cmd == cmds.MAPTI:
+                    found = self.state.mapping(command.pintid)
+                    if found is not None:
+                        found[2].mapti_slot = slot
+                        state.mapti_slots[slot] = found[2]
                 self.elision.forwarded(state, command)
                 placed += 1
             vits.taken.append(Taken(vits.progress, slot))
