@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -245,3 +246,51 @@ def test_kvms_movi_and_mapti_checks(driver: Driver) -> None:
     driver.run(c.mapti(driver.vdev, 0, 70_000, 0), c.mapti(driver.vdev, 1, LPI + 60, 1), c.sync(0))
     driver.run(c.event_cmd(c.MOVI, driver.vdev, 1, 0), c.sync(0))  # its collection 1 is unmapped
     assert driver.dropped() == {"MAPTI_PHYSICALID_OOR": 1, "MOVI_UNMAPPED_COLLECTION": 1}
+
+
+# -- 8. the reported address map has no overlaps --------------------------------------------------
+def test_the_reported_map_has_no_overlaps_and_does_not_move(tmp_path: Path) -> None:
+    proc = DaemonProcess(tmp_path, "--frames", "16384", "--dom0-memory", "512", "--its-pits", "3")
+    try:
+        with SyncControlClient.connect(proc.control_path) as ctl:
+            reply = ctl.create_domain("hvm", 4096, vcpus=64)
+            domid = reply["domid"]
+            ctl.assign_device(domid, "00:01.0", its_devid=0x31, its_events=4, pits=2)
+            with SyncHypercallClient.connect(proc.hypercall_path, reply["token"]) as xc:
+                first = xc.domain_info()["its"]
+                ctl.assign_device(domid, "00:02.0", its_devid=0x30, its_events=4, pits=0)
+                info = xc.domain_info()
+                its = info["its"]
+                assert its["frames"]["2"] == first["frames"]["2"] and its["redist_base"] == first["redist_base"]
+                spans = [(0, info["pages"] * PAGE, "RAM")]
+                spans += [(gpa, gpa + 0x20000, f"vITS {p}") for p, gpa in its["frames"].items()]
+                spans += [
+                    (its["redist_base"] + v * 0x20000, its["redist_base"] + (v + 1) * 0x20000, f"GICR {v}")
+                    for v in range(its["vcpus"])
+                ]
+                spans.sort()
+                for (_, end, name), (start, _, other) in itertools.pairwise(spans):
+                    assert end <= start, f"{name} overlaps {other}"
+                assert ctl.its_info(domid)["its_frames"] == its["frames"]
+                # the device behind pITS 2 reaches the guest through the frame reported for it
+                its_frame = its["frames"]["2"]
+                xc.its_mmio("its", 2, 0x80, 8, 1 << 63 | QUEUE_GFN * PAGE)
+                for reg in (0x100, 0x108):
+                    xc.its_mmio("its", 2, reg, 8, 1 << 63)
+                xc.its_mmio("redist", 5, 0x70, 8, PROP_GFN * PAGE | 15)
+                xc.its_mmio("redist", 5, 0x0, 4, 1)
+                xc.its_mmio("its", 2, 0x0, 4, 1)
+                xc.guest_write(PROP_GFN, bytes([0xA3]), 40)
+                vdev = ctl.its_info(domid)["devices"][0]["vdevid"]
+                commands = [c.mapc(0, 5), c.mapd(vdev, 1, ITT_GFN * PAGE), c.mapti(vdev, 3, LPI + 40, 0), c.sync(5)]
+                for i, command in enumerate(commands):
+                    xc.guest_write(QUEUE_GFN, command.encode(), i * 32)
+                xc.its_mmio("its", 2, 0x88, 8, len(commands) * 32)
+                deadline = time.monotonic() + 10
+                while xc.its_mmio("its", 2, 0x90, 8) != len(commands) * 32:
+                    assert time.monotonic() < deadline
+                assert xc.device_dma("00:01.0", its_frame + 0x10040, (3).to_bytes(4, "little"))["ok"]
+                assert xc.next_event(timeout=10) == {"event": "lpi", "vcpu": 5, "intid": LPI + 40}
+            assert ctl.audit() == []
+    finally:
+        proc.stop()

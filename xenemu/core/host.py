@@ -52,6 +52,7 @@ class Host:
                 rate=opts.its_rate,
                 batch_size=opts.vits_batch_size,
                 elision=opts.its_elision,  # type: ignore[arg-type]
+                ram_frames=opts.nr_frames,
             ),
         )
         #: Assigned PCI devices by BDF.

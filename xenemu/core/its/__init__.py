@@ -45,7 +45,7 @@ The rooms, in dependency order (each imports only rooms above it in this list):
 
 from xenemu.core.its.audit import audit_its
 from xenemu.core.its.facade import ItsHost
-from xenemu.core.its.registers import DOORBELL_MFN, DOORBELL_OFFSET, GICR_BASE_GPA, ITS_BASE_GPA
+from xenemu.core.its.registers import DOORBELL_MFN, DOORBELL_OFFSET, FRAME_SIZE
 from xenemu.core.its.state import (
     Delivery,
     DomainIts,
@@ -60,8 +60,7 @@ from xenemu.core.its.state import (
 __all__ = [
     "DOORBELL_MFN",
     "DOORBELL_OFFSET",
-    "GICR_BASE_GPA",
-    "ITS_BASE_GPA",
+    "FRAME_SIZE",
     "Delivery",
     "DomainIts",
     "Elision",

@@ -22,6 +22,7 @@ from xenemu.abi import its_cmd as cmds
 from xenemu.core.errors import HypercallError
 from xenemu.core.its.schedule import Scheduler
 from xenemu.core.its.state import CBASER_ADDR, LPI_BASE, ItsState, lpi_limit
+from xenemu.core.memory.frames import PAGE_SIZE
 
 OFFSET_MASK = const("GITS_CMDQ_OFFSET_MASK")
 CBASER_VALID = const("GITS_CBASER_VALID")
@@ -52,9 +53,11 @@ U64 = (1 << 64) - 1
 #: Machine frame of each pITS's translation frame (beyond any RAM): the doorbell page.
 DOORBELL_MFN = 1 << 36
 DOORBELL_OFFSET = const("GITS_TRANSLATER") & 0xFFF
-#: Guest-physical base of a domain's first vITS (128 KiB each) and first redistributor.
-ITS_BASE_GPA = 0x08080000
-GICR_BASE_GPA = 0x080A0000
+#: An ITS frame (control, then translation) and a redistributor frame (RD_base, SGI_base).
+FRAME_SIZE = const("GITS_FRAME_SIZE")
+#: The interrupt controller's window starts on the first 1 GiB boundary at or above the host's
+#: RAM: no guest's RAM (GFNs below its memory, itself below the host's frames) can reach it.
+GIC_WINDOW_ALIGN = 1 << 30
 
 
 class Registers:
@@ -67,7 +70,7 @@ class Registers:
     # -- where the frames and tables are --------------------------------------------------------
     def translation_gpa(self, domid: int, pits: int) -> int:
         """Where the guest sees the translation frame of its vITS for ``pits`` (doorbell page)."""
-        return self.frames(domid)[0][pits] + 0x10000
+        return self.frames(domid)[0][pits] + FRAME_SIZE // 2
 
     def config_range(self, domid: int) -> tuple[int, int]:
         """The guest-physical range of its LPI configuration table (trapped)."""
@@ -75,10 +78,19 @@ class Registers:
         base = dom.propbaser & CBASER_ADDR
         return base, base + max(0, lpi_limit(dom.propbaser) - LPI_BASE)
 
+    def window(self) -> int:
+        """The guest-physical base of every domain's interrupt controller frames."""
+        ram = self.state.options.ram_frames * PAGE_SIZE
+        return max(GIC_WINDOW_ALIGN, -(-ram // GIC_WINDOW_ALIGN) * GIC_WINDOW_ALIGN)
+
     def frames(self, domid: int) -> tuple[dict[int, int], int]:
-        """Guest-physical base of each vITS (by pITS), and of the first redistributor."""
+        """Guest-physical base of each vITS the domain has (by pITS), and of its first
+        redistributor. One slot per pITS of the host, by index, then one per vCPU: the same for
+        the domain's whole life whatever order its devices come in, and no two overlap."""
         dom = self.state.domains[domid]
-        return {p: ITS_BASE_GPA + i * 0x20000 for i, p in enumerate(sorted(dom.vits))}, GICR_BASE_GPA
+        base = self.window()
+        gicr = base + len(self.state.pits) * FRAME_SIZE
+        return {p: base + p * FRAME_SIZE for p in sorted(dom.vits)}, gicr
 
     # -- GITS_* ---------------------------------------------------------------------------------
     def mmio_write(self, domid: int, vits_pits: int, offset: int, size: int, value: int) -> None:

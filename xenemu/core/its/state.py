@@ -56,6 +56,8 @@ class ItsOptions:
     batch_size: int = 8
     elision: Elision = "lazy"
     lpis: int = 1 << 16
+    #: The host's RAM in 4 KiB frames: the interrupt controller's frames go above it.
+    ram_frames: int = 1 << 16
 
 
 @dataclass
