@@ -294,3 +294,22 @@ def test_the_reported_map_has_no_overlaps_and_does_not_move(tmp_path: Path) -> N
             assert ctl.audit() == []
     finally:
         proc.stop()
+
+
+# -- extras: what a reviewer found ---------------------------------------------------------------
+def test_physical_lpis_come_back_when_a_domain_is_destroyed(daemon: tuple[DaemonProcess, SyncControlClient]) -> None:
+    """Fifteen assign + destroy cycles of a 4,096-event device used to exhaust the LPIs."""
+    _, ctl = daemon
+    devid = next(DEVIDS)
+    for cycle in range(20):
+        domid = ctl.create_domain("hvm", 8)["domid"]
+        deadline = time.monotonic() + 10
+        while True:  # its DeviceID is assignable again once the last teardown has completed
+            try:
+                ctl.assign_device(domid, "00:1e.0", its_devid=devid, its_events=4096)
+                break
+            except Exception as exc:
+                assert "torn down" in str(exc) and time.monotonic() < deadline, (cycle, exc)
+                time.sleep(0.01)
+        ctl.destroy_domain(domid)
+    assert ctl.audit() == []

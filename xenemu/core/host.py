@@ -155,6 +155,8 @@ class Host:
             raise HypercallError(-EINVAL, str(exc)) from None
         if bdf in self.devices:
             raise HypercallError(-EBUSY, f"{bdf} is already assigned to d{self.devices[bdf].domid}")
+        if its_devid is not None:
+            self.its.check_assign(its_devid, pits, its_events)  # before anything changes
         regions = list(rmrr or [])
         device = PciDevice(bdf, domid, regions)
         frames = device.rmrr_frames()

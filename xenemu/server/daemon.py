@@ -103,10 +103,11 @@ class Daemon:
 
     async def _run_its_hardware(self) -> None:
         """The pITSs run on their own: let their time pass, take their interrupts, run passes.
-        A request that gives a pITS work wakes this task at once."""
+        A request that gives a pITS work wakes this task at once. Passes a request left raised
+        (it runs at most ``MAX_ROUNDS`` rounds of them) run here, at the busy tick."""
         its = self.host.its
         while True:
-            busy = any(s.hw.queued() or s.hw.pending for s in its.pits)
+            busy = bool(its.raised) or any(s.hw.queued() or s.hw.pending for s in its.pits)
             with trio.move_on_after(ITS_TICK if busy else ITS_IDLE_TICK):
                 await self._its_kick.wait()
             self._its_kick = trio.Event()

@@ -80,3 +80,35 @@ def test_round_robin_resumes_after_the_last_queue_served() -> None:
         rounds.append(served())
     assert rounds == [[0, 1], [0, 2], [1, 2], [0, 1]]  # each pass starts after the last one served
     assert all(len([s for s, o in state.owner.items() if o is g.vits()]) <= 4 for g in guests)  # batch limit
+
+
+def test_rewriting_cbaser_with_a_batch_in_flight_gives_no_second_batch(setup: tuple[Host, ItsHost]) -> None:
+    """The old queue's batch still on the pITS completes without moving CREADR; until it has,
+    the queue gets no other batch (one batch in flight per vits_cq)."""
+    host, its = setup
+    g = Guest(its, host)
+    g.queue(*[c.sync(i % 2) for i in range(3)])
+    state = its.pits[0]
+    old = {s for s, o in state.owner.items() if o is g.vits()}
+    assert old and g.vits().batch_in_flight()
+    its.mmio_write(g.domid, 0, 0x0, 4, 0)
+    its.mmio_write(g.domid, 0, 0x80, 8, 1 << 63 | 16 << 12)  # the queue again: CREADR and CWRITER reset
+    its.mmio_write(g.domid, 0, 0x0, 4, 1)
+    assert its.mmio_read(g.domid, 0, 0x90, 8) == 0 and g.vits().batch_in_flight()
+    for i in range(2):
+        host.memory.access(g.domid, 16, i * 32, c.sync(i).encode())
+    its.mmio_write(g.domid, 0, 0x88, 8, 64)
+    its.run_passes()
+    assert not audit_its(its)
+    assert {s for s, o in state.owner.items() if o is g.vits()} == old  # still only the old batch
+    settle(its)
+    assert its.mmio_read(g.domid, 0, 0x90, 8) == 64  # the new queue's two, not the old three
+
+
+def test_the_audit_sees_a_second_batch_in_flight(setup: tuple[Host, ItsHost]) -> None:
+    host, its = setup
+    g = Guest(its, host)
+    g.queue(*[c.sync(i % 2) for i in range(3)])
+    vits = g.vits()
+    vits.orphans, vits.taken = [], type(vits.taken)()  # forget the batch, as CBASER writes did
+    assert any("not in flight for it" in p for p in audit_its(its))

@@ -57,20 +57,26 @@ class Assignment:
         self.state.domains[domid] = dom
         return dom
 
-    def assign(self, domid: int, pdevid: int, pits: int, events: int, vdevid: int) -> ItsDeviceInfo:
-        """At assignment Xen allocates the device's physical LPIs and maps it (nothing later)."""
+    def check(self, pdevid: int, pits: int, events: int) -> None:
+        """Whether ``assign`` would succeed: the toolstack asks before it changes anything else,
+        so a refused assignment leaves no trace (a failing call changes nothing)."""
         s = self.state
-        dom = s.domains[domid]
         if not 0 <= pits < len(s.pits) or not 0 < events <= 1 << 16 or pdevid == XEN_DEVID:
             raise HypercallError(-22, "bad ITS device")
         if pdevid in s.retired or any(
             d.info.pdevid == pdevid for o in s.domains.values() for v in o.vits.values() for d in v.devices.values()
         ):
             raise HypercallError(-16, f"DeviceID {pdevid:#x} is in use or still being torn down")
-        plpis = list(range(s.next_lpi, s.next_lpi + events))
-        if plpis[-1] - LPI_BASE >= len(s.prop):
+        if all(count < events for _, count in s.free_lpis):
             raise HypercallError(-28, "no physical LPIs left")
-        s.next_lpi += events
+
+    def assign(self, domid: int, pdevid: int, pits: int, events: int, vdevid: int) -> ItsDeviceInfo:
+        """At assignment Xen allocates the device's physical LPIs and maps it (nothing later)."""
+        s = self.state
+        dom = s.domains[domid]
+        self.check(pdevid, pits, events)
+        plpis = s.allocate_lpis(events)  # returned by teardown once the domain is freed
+        assert plpis is not None  # check() found a run that fits
         for lpi in plpis:
             s.prop[lpi - LPI_BASE] = XEN_PRIORITY
         info = ItsDeviceInfo(pdevid, pits, events, plpis, vdevid)

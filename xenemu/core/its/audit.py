@@ -1,8 +1,9 @@
 """The ITS invariants (the end of vits-semantics.md), recomputed from the state after a request.
 
 - Every slot between a pITS's ``CREADR`` and ``CWRITER`` is owned by exactly one ``vits_cq`` or by
-  Xen; a ``vits_cq``'s commands in flight sit on slots it owns; ``creadr <= progress <= cwriter``
-  in ring order; at most one Xen completion ``INT`` is outstanding per pITS.
+  Xen; the slots a ``vits_cq`` owns are exactly its commands in flight (a queue replaced by a
+  CBASER write included), and they are one batch; ``creadr <= progress <= cwriter`` in ring
+  order; at most one Xen completion ``INT`` is outstanding per pITS.
 - Each mapped ``(device, event)`` has exactly one physical LPI, bound to exactly one vLPI of the
   device's domain, and the vLPI index agrees with the bindings.
 - Pending state exists only on a live mapping (it is a field of the ITE), and only while the vCPU
@@ -57,10 +58,14 @@ def audit_its(its: ItsHost) -> list[str]:
                 ring = ((vits.progress - vits.creadr) % size, (vits.cwriter - vits.creadr) % size)
                 if ring[0] > ring[1]:
                     problems.append(f"d{domid} vITS {pits}: creadr <= progress <= cwriter broken")
-            in_flight = {t.slot for t in vits.taken if t.slot is not None and not t.done}
+            in_flight = {t.slot for t in vits.in_flight()}
             owners = {s for s, o in its.pits[pits].owner.items() if o is vits}
             if not in_flight <= owners:
                 problems.append(f"d{domid} vITS {pits}: commands in flight on slots it does not own")
+            if not owners <= in_flight:
+                problems.append(f"d{domid} vITS {pits}: slots it owns hold commands not in flight for it")
+            if len({t.batch for t in vits.in_flight()}) > 1:
+                problems.append(f"d{domid} vITS {pits}: more than one batch in flight")
             for key, ite in vits.ites.items():
                 if ite.pending is not None and (ite.pending, ite.vlpi) not in dom.in_service:
                     problems.append(f"d{domid}: {key} pending on vCPU {ite.pending} that has it not in service")

@@ -104,6 +104,9 @@ class ItsHost:
     def add_domain(self, domid: int, vcpus: int = 1, pin: list[int] | None = None) -> DomainIts:
         return self.assignment.add_domain(domid, vcpus, pin)
 
+    def check_assign(self, pdevid: int, pits: int, events: int) -> None:
+        self.assignment.check(pdevid, pits, events)
+
     def assign(self, domid: int, pdevid: int, pits: int, events: int, vdevid: int) -> ItsDeviceInfo:
         return self.assignment.assign(domid, pdevid, pits, events, vdevid)
 

@@ -78,9 +78,11 @@ class Lpis:
         """The guest ended an LPI: one that became pending meanwhile on that vCPU (under any of
         the mappings of that vLPI: one INTID has one pending bit) is delivered now."""
         dom = self.state.domains[domid]
+        if dom.dying:
+            return None  # its deliveries are dropped, and its state is about to be freed
         dom.in_service.discard((vcpu, intid))
         pending = self._pending_on(domid, vcpu, intid)
-        if dom.dying or not pending:
+        if not pending:
             return None
         for ite in pending:
             ite.pending = None

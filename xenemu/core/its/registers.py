@@ -113,7 +113,10 @@ class Registers:
         elif reg == 0x80 and not vits.enabled:
             vits.cbaser = _merge(vits.cbaser, part, value) & CBASER_KEPT
             vits.cwriter = vits.creadr = vits.progress = 0
-            vits.taken = deque()  # a batch of the old queue still on the pITS completes unseen
+            # a batch of the old queue still on the pITS completes without moving CREADR, and
+            # is this queue's one batch in flight until it has
+            vits.orphans = vits.in_flight()
+            vits.taken = deque()
         elif reg == 0x88:
             offset_value = _merge(vits.cwriter, part, value) & OFFSET_MASK
             if offset_value >= vits.queue_bytes:
@@ -134,7 +137,7 @@ class Registers:
     def mmio_read(self, domid: int, vits_pits: int, offset: int, size: int) -> int:
         dom = self.state.domains[domid]
         vits = dom.vits.get(vits_pits)
-        if vits is None:
+        if vits is None or dom.dying:  # a dying domain's MMIO is ignored: no pass runs for it
             return 0
         reg, part = _register(offset, size)
         if reg is None:
@@ -209,7 +212,7 @@ class Registers:
 
     def redist_read(self, domid: int, vcpu: int, offset: int, size: int) -> int:
         dom = self.state.domains[domid]
-        if not 0 <= vcpu < dom.vcpus:
+        if dom.dying or not 0 <= vcpu < dom.vcpus:
             return 0
         redist = dom.redists[vcpu]
         reg, part = _redist_register(offset, size)

@@ -26,7 +26,9 @@ from xenemu.core.its.state import CMD_SIZE, XEN_DEVID, ItsState, PitsState, Take
 from xenemu.core.its.teardown import Teardown
 from xenemu.core.its.translate import Translator
 
-#: How many rounds of raised passes one request runs at most.
+#: How many rounds of raised passes one request runs at most. A queue whose batches place
+#: nothing (all elided or recorded) raises a pass per batch; the rounds left raised run at the
+#: shell's next pITS tick, so one request never translates a whole flooded queue.
 MAX_ROUNDS = 64
 
 
@@ -48,7 +50,8 @@ class Scheduler:
             self.state.raised.add(vits.pits)
 
     def run_passes(self) -> None:
-        """The softirq: every pass raised during the request, until none is raised again."""
+        """The softirq: every pass raised during the request, until none is raised again or
+        ``MAX_ROUNDS`` rounds have run (what is still raised stays in ``raised``)."""
         s = self.state
         for _ in range(MAX_ROUNDS):
             if not s.raised:
@@ -115,9 +118,10 @@ class Scheduler:
             if teardown is not None:
                 self.teardown.slot_completed(teardown)
             if owner is not None:
-                for taken in owner.taken:
+                for taken in (*owner.taken, *owner.orphans):
                     if taken.slot == slot:
                         taken.done = True
+                owner.orphans = [t for t in owner.orphans if not t.done]
             slot = (slot + 1) % hw.slots
         state.last_creadr = hw.creadr
         self.teardown.progress()
@@ -149,7 +153,7 @@ class Scheduler:
                         state.mapti_slots[slot] = found[2]
                 self.elision.forwarded(state, command)
                 placed += 1
-            vits.taken.append(Taken(vits.progress, slot))
+            vits.taken.append(Taken(vits.progress, slot, batch=state.batches))
         self._advance_creadr(vits)
         if vits.outstanding():
             vits.waiting_since = vits.waiting_since or state.passes

@@ -111,6 +111,7 @@ class Taken:
     end: int  # queue offset after it
     slot: int | None  # pITS slot, or None if nothing was placed (elided, recorded, dropped)
     done: bool = False
+    batch: int = 0  # which batch of its pITS it went with (PitsState.batches when taken)
 
 
 @dataclass(eq=False)
@@ -126,6 +127,9 @@ class Vits:
     cwriter: int = 0
     progress: int = 0
     taken: deque[Taken] = field(default_factory=deque)
+    #: Commands of a queue that a CBASER write replaced, still on the pITS: they complete
+    #: without moving CREADR, and until they have, this queue has a batch in flight.
+    orphans: list[Taken] = field(default_factory=list)
     devices: dict[int, VDevice] = field(default_factory=dict)
     ites: dict[tuple[int, int], Ite] = field(default_factory=dict)
     collections: dict[int, int] = field(default_factory=dict)
@@ -143,8 +147,12 @@ class Vits:
     def outstanding(self) -> int:
         return (self.cwriter - self.progress) % self.queue_bytes // CMD_SIZE if self.queue_bytes else 0
 
+    def in_flight(self) -> list[Taken]:
+        """Its commands on the pITS, not yet executed: the current queue's and orphans."""
+        return [t for t in (*self.taken, *self.orphans) if t.slot is not None and not t.done]
+
     def batch_in_flight(self) -> bool:
-        return any(t.slot is not None and not t.done for t in self.taken)
+        return bool(self.in_flight())
 
     def target_vcpu(self, ite: Ite) -> int | None:
         """The vCPU an ITE routes to: MOVALL's retarget, else its collection's (None: unmapped).
@@ -226,7 +234,9 @@ class ItsState:
         self.prop = bytearray(opts.lpis)  # physical LPI configuration table, LPI - 8192
         self.dirty: set[int] = set()
         self.pits = [PitsState(PhysicalIts(i, opts.queue_slots, opts.rate, self.prop)) for i in range(opts.pits)]
-        self.next_lpi = LPI_BASE + opts.pits  # 8192 + index is each pITS's completion LPI
+        #: Free physical LPIs as (first, count) runs, by address: 8192 + index is each pITS's
+        #: completion LPI, the rest is handed to devices at assignment and back at teardown.
+        self.free_lpis: list[tuple[int, int]] = [(LPI_BASE + opts.pits, opts.lpis - opts.pits)]
         self.domains: dict[int, DomainIts] = {}
         #: (domid, vLPI) -> the physical LPIs bound to it (two events may share a vLPI), so a
         #: trapped configuration write finds them without scanning every binding.
@@ -242,6 +252,30 @@ class ItsState:
         self.retired: set[int] = set()
         #: Dropped guest commands not yet logged: (domid, pITS, queue offset, command, error).
         self.drops: list[tuple[int, int, int, str, str]] = []
+
+    def allocate_lpis(self, count: int) -> list[int] | None:
+        """``count`` contiguous physical LPIs, the lowest run that fits (None if none does)."""
+        for i, (first, free) in enumerate(self.free_lpis):
+            if free >= count:
+                self.free_lpis[i : i + 1] = [(first + count, free - count)] if free > count else []
+                return list(range(first, first + count))
+        return None
+
+    def release_lpis(self, plpis: list[int]) -> None:
+        """A device's LPIs (one run, from ``allocate_lpis``) are free again; runs coalesce."""
+        if not plpis:
+            return
+        runs = sorted([*self.free_lpis, (plpis[0], len(plpis))])
+        merged: list[tuple[int, int]] = []
+        for first, count in runs:
+            if merged and merged[-1][0] + merged[-1][1] == first:
+                merged[-1] = (merged[-1][0], merged[-1][1] + count)
+            else:
+                merged.append((first, count))
+        self.free_lpis = merged
+
+    def free_lpis_count(self) -> int:
+        return sum(count for _, count in self.free_lpis)
 
     def bind(self, vits: Vits, key: tuple[int, int], vlpi: int, plpi: int) -> None:
         """Record that physical LPI ``plpi`` now stands for ``vlpi`` of this mapping."""
