@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from xenemu.abi import its_cmd as cmds
 from xenemu.core.its.facade import ItsHost
-from xenemu.core.its.state import LPI_BASE
+from xenemu.core.its.state import LPI_BASE, XEN_DEVID
 
 
 def audit_its(its: ItsHost) -> list[str]:
@@ -40,7 +40,7 @@ def audit_its(its: ItsHost) -> list[str]:
         xen_ints = sum(
             1
             for s, o in state.owner.items()
-            if o is None and (placed := hw.ring[s]) is not None and placed.cmd == cmds.INT
+            if o is None and (placed := hw.ring[s]) is not None and placed.cmd == cmds.INT and placed.devid == XEN_DEVID
         )
         if xen_ints > 1:
             problems.append(f"pITS {hw.index}: {xen_ints} Xen completion INTs outstanding")
