@@ -6,6 +6,7 @@ from tests.core.its.guest import BASER, Guest, its_host, settle
 from xenemu.abi import its_cmd as c
 from xenemu.core.host import Host
 from xenemu.core.its import ItsHost, audit_its
+from xenemu.core.its.schedule import MAX_ROUNDS
 
 
 def test_round_robin_and_one_batch_in_flight(setup: tuple[Host, ItsHost]) -> None:
@@ -112,3 +113,17 @@ def test_the_audit_sees_a_second_batch_in_flight(setup: tuple[Host, ItsHost]) ->
     vits = g.vits()
     vits.orphans, vits.taken = [], type(vits.taken)()  # forget the batch, as CBASER writes did
     assert any("not in flight for it" in p for p in audit_its(its))
+
+
+def test_a_request_runs_a_bounded_number_of_rounds(setup: tuple[Host, ItsHost]) -> None:
+    """Batches that place nothing (here: MAPCs, recorded) raise a pass each; one request runs
+    MAX_ROUNDS rounds of them and leaves the rest raised, for the shell to run next."""
+    host, its = setup
+    g = Guest(its, host)
+    g.queue(*[c.mapc(0, i % 2) for i in range(100)])
+    taken = g.vits().progress // 32
+    assert taken == MAX_ROUNDS * 4 and its.raised == {0}  # batches of four
+    its.run_passes()
+    assert g.vits().progress // 32 == 2 * taken
+    settle(its)
+    assert g.creadr() == g.offset and not its.raised

@@ -27,9 +27,10 @@ from xenemu.core.its.teardown import Teardown
 from xenemu.core.its.translate import Translator
 
 #: How many rounds of raised passes one request runs at most. A queue whose batches place
-#: nothing (all elided or recorded) raises a pass per batch; the rounds left raised run at the
-#: shell's next pITS tick, so one request never translates a whole flooded queue.
-MAX_ROUNDS = 64
+#: nothing (all elided or recorded) raises a pass per batch; the rounds left raised run next in
+#: the shell's pITS task (in pieces of the same size), so no request translates a whole flooded
+#: queue while another guest's request waits behind it.
+MAX_ROUNDS = 4
 
 
 class Scheduler:
