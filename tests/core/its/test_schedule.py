@@ -127,3 +127,16 @@ def test_a_request_runs_a_bounded_number_of_rounds(setup: tuple[Host, ItsHost]) 
     assert g.vits().progress // 32 == 2 * taken
     settle(its)
     assert g.creadr() == g.offset and not its.raised
+
+
+def test_a_creadr_read_keeps_the_pass_its_own_pass_raises(setup: tuple[Host, ItsHost]) -> None:
+    """The read's pass stands for passes raised before it; if its batch placed nothing, the
+    pass that raises is another one, run at the end of the request."""
+    host, its = setup
+    g = Guest(its, host)
+    for i in range(40):
+        host.memory.access(g.domid, 16, i * 32, c.mapc(0, i % 2).encode())  # recorded: places nothing
+    its.mmio_write(g.domid, 0, 0x88, 8, 40 * 32)  # raises a pass (not run: same request)
+    assert its.raised == {0}
+    its.mmio_read(g.domid, 0, 0x90, 8)  # runs it now: one batch of four, nothing placed
+    assert g.vits().progress == 4 * 32 and its.raised == {0}

@@ -26,11 +26,12 @@ from xenemu.core.its.state import CMD_SIZE, XEN_DEVID, ItsState, PitsState, Take
 from xenemu.core.its.teardown import Teardown
 from xenemu.core.its.translate import Translator
 
-#: How many rounds of raised passes one request runs at most. A queue whose batches place
-#: nothing (all elided or recorded) raises a pass per batch; the rounds left raised run next in
-#: the shell's pITS task (in pieces of the same size), so no request translates a whole flooded
-#: queue while another guest's request waits behind it.
-MAX_ROUNDS = 4
+#: How many rounds of raised passes one request (or one wake of the shell's pITS task) runs:
+#: the passes raised during it, once each. A queue whose batches place nothing (all elided or
+#: recorded) raises a pass per batch; that pass runs next in the shell's pITS task, one round at
+#: a time with every ready request in between, so no request translates a whole flooded queue
+#: while another guest's request waits behind it.
+MAX_ROUNDS = 1
 
 
 class Scheduler:
@@ -63,9 +64,10 @@ class Scheduler:
 
     def run_pass_now(self, index: int) -> None:
         """A ``CREADR`` or ``CTLR`` read with commands outstanding: a pass now, standing for any
-        pass already raised on that pITS in the same request."""
-        self.run_pass(index)
+        pass already raised on that pITS in the same request. One this pass raises itself (its
+        batch placed nothing) is another pass, and stays raised."""
         self.state.raised.discard(index)
+        self.run_pass(index)
 
     def run_pass(self, index: int) -> None:
         s = self.state
