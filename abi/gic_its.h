@@ -19,18 +19,38 @@
 #define GITS_CREADR             0x0090
 #define GITS_BASER0             0x0100
 #define GITS_BASER7             0x0138
-#define GITS_PIDR2              0xFFE8
 #define GITS_TRANSLATER         0x10040
+/* The ID registers (32-bit, read-only), with KVM's values: PIDR4 says a 64 KiB frame, PIDR2's
+ * ArchRev (bits 7:4) says GICv3, which Linux checks; the CIDRs are any GIC's. */
+#define GITS_PIDR4              0xFFD0
+#define GITS_PIDR0              0xFFE0
+#define GITS_PIDR1              0xFFE4
+#define GITS_PIDR2              0xFFE8
+#define GITS_PIDR3              0xFFEC
+#define GITS_CIDR0              0xFFF0
+#define GITS_CIDR1              0xFFF4
+#define GITS_CIDR2              0xFFF8
+#define GITS_CIDR3              0xFFFC
+#define GITS_PIDR4_VALUE        0x40
+#define GITS_PIDR0_VALUE        0x92
+#define GITS_PIDR1_VALUE        0xB4
+#define GITS_PIDR2_VALUE        0x3B
+#define GITS_PIDR3_VALUE        0x00
+#define GITS_CIDR0_VALUE        0x0D
+#define GITS_CIDR1_VALUE        0xF0
+#define GITS_CIDR2_VALUE        0x05
+#define GITS_CIDR3_VALUE        0xB1
 
 #define GITS_CTLR_ENABLED       0x00000001
 #define GITS_CTLR_QUIESCENT     0x80000000
 #define GITS_IIDR_VALUE         0x5800043B
-#define GITS_PIDR2_VALUE        0x3B
 
 /* GITS_CBASER: Valid bit 63, physical address bits 51:12, Size (4 KiB pages - 1) bits 7:0. */
 #define GITS_CBASER_VALID       0x8000000000000000
 #define GITS_CBASER_ADDR_MASK   0x000FFFFFFFFFF000
 #define GITS_CBASER_SIZE_MASK   0xFF
+/* A CBASER write clears address bits 15:12: the queue is 64 KiB aligned (as KVM sanitises it). */
+#define GITS_CBASER_ADDR_64K_MASK 0x000FFFFFFFFF0000
 /* GITS_CWRITER / GITS_CREADR: the offset in the queue, bits 19:5. */
 #define GITS_CMDQ_OFFSET_MASK   0xFFFE0
 /* GITS_BASERn: Valid bit 63, Type bits 58:56, Entry_Size - 1 bits 52:48, address 47:12. */
@@ -38,6 +58,16 @@
 #define GITS_BASER_TYPE_SHIFT   56
 #define GITS_BASER_TYPE_DEVICE  1
 #define GITS_BASER_TYPE_COLLECTION 4
+/* Read-only fields, whatever is written: Type, Entry_Size - 1 (7: 8-byte entries), Page_Size
+ * bits 9:8 (2: 64 KiB); Indirect bit 62 is RAZ/WI. */
+#define GITS_BASER_TYPE_MASK    0x0700000000000000
+#define GITS_BASER_ESZ_SHIFT    48
+#define GITS_BASER_ESZ_MASK     0x001F000000000000
+#define GITS_BASER_ESZ_VALUE    7
+#define GITS_BASER_PAGE_SIZE_SHIFT 8
+#define GITS_BASER_PAGE_SIZE_MASK 0x300
+#define GITS_BASER_PAGE_SIZE_64K 2
+#define GITS_BASER_INDIRECT     0x4000000000000000
 
 /* Redistributor frames: 128 KiB per vCPU (RD_base, then SGI_base). */
 #define GICR_FRAME_SIZE         0x20000

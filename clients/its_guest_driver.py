@@ -3,10 +3,11 @@
 
 In its own RAM: a device table and a collection table (GITS_BASER0/1), a 64 KiB command queue,
 an LPI configuration table and one pending table per vCPU. Then one collection per vCPU (MAPC,
-then INVALL), MAPD per device and MAPTI per event, every command but MAPD followed by a SYNC,
-CREADR polled with a 1 s timeout; LPIs are enabled in the configuration table and each
-collection invalidated. Afterwards it takes interrupts, ending each, and counts them per vCPU
-and per INTID, until ``--until-file`` appears (plus ``--grace`` seconds) or ``--duration``.
+then INVALL), MAPD per device (its ITT sized for at least 32 events, as Linux does) and MAPTI
+per event, every command but MAPD followed by a SYNC, CREADR polled with a 1 s timeout; LPIs
+are enabled in the configuration table and each collection invalidated. Afterwards it takes
+interrupts, ending each, and counts them per vCPU and per INTID, until ``--until-file`` appears
+(plus ``--grace`` seconds) or ``--duration``.
 
 With ``--flood N`` it is a misbehaving guest instead: after bring-up it keeps its queue full with
 N commands, INVALLs and SYNCs, toggling LPI configuration bytes between them.
@@ -101,8 +102,9 @@ class Driver:
             await self.send(c.mapc(vcpu, vcpu), c.sync(vcpu))
             await self.send(c.invall(vcpu), c.sync(vcpu))
         for n, device in enumerate(self.devices):
-            size = max(1, (device["events"] - 1).bit_length()) - 1
-            await self.send(c.mapd(device["vdevid"], size, (ITT_GFN + n) * PAGE))
+            # as Linux sizes a PCI device's ITT: at least 32 events, a power of two
+            nr_ites = max(32, 1 << (device["events"] - 1).bit_length())
+            await self.send(c.mapd(device["vdevid"], nr_ites.bit_length() - 2, (ITT_GFN + n) * PAGE))
             for event in range(device["events"]):
                 vcpu = event % self.vcpus
                 await self.send(c.mapti(device["vdevid"], event, self.lpi(n, event), vcpu), c.sync(vcpu))

@@ -15,7 +15,7 @@ from xenemu.abi.its_cmd import ItsCommand
 from xenemu.client import SyncControlClient, SyncHypercallClient
 
 LPI = 8192
-QUEUE_GFN, PROP_GFN, ITT_GFN = 10, 20, 30
+QUEUE_GFN, PROP_GFN, ITT_GFN = 16, 20, 30  # the queue 64 KiB aligned: CBASER clears bits 15:12
 
 
 def test_guest_brings_up_its_vits_and_takes_msis(tmp_path: Path) -> None:
@@ -106,7 +106,7 @@ def its_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemo
 
 WIRE_ERRORS = [
     (lambda v: c.mapd(v + 9, 1, ITT_GFN << 12), "MAPD_DEVICE_OOR"),
-    (lambda v: c.mapd(v, 5, ITT_GFN << 12), "MAPD_ITTSIZE_OOR"),
+    (lambda v: c.mapd(v, 16, ITT_GFN << 12), "MAPD_ITTSIZE_OOR"),  # Size + 1 > 16 EventID bits
     (lambda v: c.mapc(0, 2), "MAPC_PROCNUM_OOR"),
     (lambda v: c.mapc(3, 1), "MAPC_COLLECTION_OOR"),
     (lambda v: c.mapti(v, 0, LPI, 0), "MAPTI_UNMAPPED_DEVICE"),

@@ -61,9 +61,19 @@ ITT_MASK = const("ITS_CMD_ITT_ADDR_MASK")
 TARGET_SHIFT, TARGET_MASK = const("ITS_CMD_TARGET_SHIFT"), const("ITS_CMD_TARGET_MASK")
 
 
+#: (doubleword, shift, mask) of each shifted field, looked up once: a guest's queue is decoded
+#: command by command on the scheduling path.
+_FIELDS = {
+    name: (const(f"ITS_CMD_{name}_DW"), const(f"ITS_CMD_{name}_SHIFT"), const(f"ITS_CMD_{name}_MASK"))
+    for name in ("ID", "DEVID", "EVENTID", "PINTID", "SIZE", "ICID")
+}
+ITT_DW, TARGET_DW, TARGET2_DW = const("ITS_CMD_ITT_DW"), const("ITS_CMD_TARGET_DW"), const("ITS_CMD_TARGET2_DW")
+VALID_DW, VALID_SHIFT = const("ITS_CMD_VALID_DW"), const("ITS_CMD_VALID_SHIFT")
+
+
 def _field(raw: tuple[int, ...], name: str) -> int:
-    dw = const(f"ITS_CMD_{name}_DW")
-    return (raw[dw] >> const(f"ITS_CMD_{name}_SHIFT")) & const(f"ITS_CMD_{name}_MASK")
+    dw, shift, mask = _FIELDS[name]
+    return (raw[dw] >> shift) & mask
 
 
 @dataclass(frozen=True)
@@ -101,15 +111,15 @@ class ItsCommand:
         if "size" in names:
             fields["size"] = _field(raw, "SIZE")
         if "itt" in names:
-            fields["itt"] = raw[const("ITS_CMD_ITT_DW")] & ITT_MASK
+            fields["itt"] = raw[ITT_DW] & ITT_MASK
         if "icid" in names:
             fields["icid"] = _field(raw, "ICID")
         if "target" in names:
-            fields["target"] = (raw[const("ITS_CMD_TARGET_DW")] >> TARGET_SHIFT) & TARGET_MASK
+            fields["target"] = (raw[TARGET_DW] >> TARGET_SHIFT) & TARGET_MASK
         if "target2" in names:
-            fields["target2"] = (raw[const("ITS_CMD_TARGET2_DW")] >> TARGET_SHIFT) & TARGET_MASK
+            fields["target2"] = (raw[TARGET2_DW] >> TARGET_SHIFT) & TARGET_MASK
         if "valid" in names:
-            fields["valid"] = bool(raw[const("ITS_CMD_VALID_DW")] >> const("ITS_CMD_VALID_SHIFT") & 1)
+            fields["valid"] = bool(raw[VALID_DW] >> VALID_SHIFT & 1)
         return cls(cmd, **fields)  # type: ignore[arg-type]
 
     def encode(self) -> bytes:

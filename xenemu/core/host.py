@@ -61,6 +61,7 @@ class Host:
                 rate=opts.its_rate,
                 batch_size=opts.vits_batch_size,
                 elision=opts.its_elision,  # type: ignore[arg-type]
+                ram_frames=opts.nr_frames,
             ),
         )
         #: Assigned PCI devices by BDF.
@@ -183,6 +184,8 @@ class Host:
         if dom.is_hvm and not self.options.iommu:
             # As Xen refuses: without an IOMMU an HVM guest's device would DMA to any frame.
             raise HypercallError(-EOPNOTSUPP, "no IOMMU: an HVM domain cannot be given a device")
+        if its_devid is not None:
+            self.its.check_assign(its_devid, pits, its_events)  # before anything changes
         regions = list(rmrr or [])
         if sum(max(count, 0) for _, count in regions) > MAX_RMRR_FRAMES or any(
             start < 0 or count <= 0 or start + count > MAX_BFN for start, count in regions

@@ -104,12 +104,18 @@ class Daemon:
 
     async def _run_its_hardware(self) -> None:
         """The pITSs run on their own: let their time pass, take their interrupts, run passes.
-        A request that gives a pITS work wakes this task at once."""
+        A request that gives a pITS work wakes this task at once. Passes still raised (a request,
+        like this task, runs at most ``MAX_ROUNDS`` rounds of them) run here next, after every
+        other task ready to run has had its turn: a flooded queue's translation is cut into
+        small pieces that other guests' requests go between."""
         its = self.host.its
         while True:
-            busy = any(s.hw.queued() or s.hw.pending for s in its.pits)
-            with trio.move_on_after(ITS_TICK if busy else ITS_IDLE_TICK):
-                await self._its_kick.wait()
+            if its.raised:
+                await trio.sleep(0)  # every request ready to run goes first, then the next piece
+            else:
+                busy = any(s.hw.queued() or s.hw.pending for s in its.pits)
+                with trio.move_on_after(ITS_TICK if busy else ITS_IDLE_TICK):
+                    await self._its_kick.wait()
             self._its_kick = trio.Event()
             self._its_catch_up()
             its.run_passes()

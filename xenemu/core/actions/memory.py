@@ -66,9 +66,9 @@ def _guest_write(host: Host, caller: int, action: GuestWrite) -> dict[str, Any]:
         # The LPI configuration table is trapped: each byte written there reaches the vITS.
         start, end = its.config_range(caller)
         gpa = (action.gfn << 12) + action.offset
-        for i, value in enumerate(action.data):
-            if start <= gpa + i < end:
-                its.config_written(caller, 8192 + gpa + i - start, value)
+        first, last = max(start, gpa), min(end, gpa + len(action.data))  # the bytes in the table
+        for at in range(first, last):
+            its.config_written(caller, 8192 + at - start, action.data[at - gpa])
         its.run_passes()
     return {"ret": 0}
 

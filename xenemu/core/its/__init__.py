@@ -13,16 +13,16 @@ The rooms, in dependency order (each imports only rooms above it in this list):
     The physical ITS model: a command ring run at its own rate, device table, ITTs,
     collections, per-CPU pending LPIs and the LPI configuration cache. Knows nothing of guests.
 ``state.py``
-    The shared nouns: options, a domain's vITS state (``DomainIts``, including the pending state
-    of its LPIs: in service, pending again, held), ``Vits`` and its ``vits_cq``, devices, ITEs,
+    The shared nouns: options, a domain's vITS state (``DomainIts``, with what each vCPU has in
+    service), ``Vits`` and its ``vits_cq``, devices, ITEs (each with its LPI's pending state),
     redistributors, Xen's view of each pITS (``PitsState``), and ``ItsState`` holding them all
     with the physical configuration table, dirty bitmap and LPI bindings.
 ``assignment.py``
     Xen's physical resources, off the guest's command path: booting each pITS (Xen's
     collections and completion LPI), a domain's vITS state, a device's physical LPIs and ``MAPD``.
 ``lpis.py``
-    LPIs reaching a guest: delivery from the pITSs, routing to a vCPU, holding, dropping,
-    coalescing while in service, and the guest's end of an LPI.
+    LPIs reaching a guest: delivery from the pITSs, routing to a vCPU, dropping, coalescing
+    while in service, moving a pending LPI with its mapping, and the guest's end of an LPI.
 ``elision.py``
     The trapped writes to a guest's LPI configuration table and the three elision policies
     (``lazy``, ``eager``, ``off``): whether an ``INV``, ``INVALL`` or ``SYNC`` is forwarded.
@@ -35,8 +35,8 @@ The rooms, in dependency order (each imports only rooms above it in this list):
     Draft C's command-queue scheduling: triggers, the softirq, passes, round-robin batches,
     Xen's own queue and completion ``INT``, and ``CREADR`` advance.
 ``registers.py``
-    What a guest sees: ``GITS_*`` and ``GICR_*`` registers, the pending-table load on
-    ``EnableLPIs``, and the guest-physical layout of its frames and tables.
+    What a guest sees: ``GITS_*`` and ``GICR_*`` registers, the pending table on ``EnableLPIs``
+    (setting or clearing pending state), and the guest-physical layout of its frames and tables.
 ``facade.py``
     ``ItsHost``, composing the rooms over one ``ItsState``: the API the rest of the core uses.
 ``audit.py``
@@ -45,7 +45,7 @@ The rooms, in dependency order (each imports only rooms above it in this list):
 
 from xenemu.core.its.audit import audit_its
 from xenemu.core.its.facade import ItsHost
-from xenemu.core.its.registers import DOORBELL_MFN, DOORBELL_OFFSET, GICR_BASE_GPA, ITS_BASE_GPA
+from xenemu.core.its.registers import DOORBELL_MFN, DOORBELL_OFFSET, FRAME_SIZE
 from xenemu.core.its.state import (
     Delivery,
     DomainIts,
@@ -60,8 +60,7 @@ from xenemu.core.its.state import (
 __all__ = [
     "DOORBELL_MFN",
     "DOORBELL_OFFSET",
-    "GICR_BASE_GPA",
-    "ITS_BASE_GPA",
+    "FRAME_SIZE",
     "Delivery",
     "DomainIts",
     "Elision",

@@ -9,8 +9,6 @@ command is translated; keeping every allocation in this room makes that rule vis
 
 from __future__ import annotations
 
-import math
-
 from xenemu.abi import its_cmd as cmds
 from xenemu.core.errors import HypercallError
 from xenemu.core.its.state import (
@@ -59,20 +57,26 @@ class Assignment:
         self.state.domains[domid] = dom
         return dom
 
-    def assign(self, domid: int, pdevid: int, pits: int, events: int, vdevid: int) -> ItsDeviceInfo:
-        """At assignment Xen allocates the device's physical LPIs and maps it (nothing later)."""
+    def check(self, pdevid: int, pits: int, events: int) -> None:
+        """Whether ``assign`` would succeed: the toolstack asks before it changes anything else,
+        so a refused assignment leaves no trace (a failing call changes nothing)."""
         s = self.state
-        dom = s.domains[domid]
         if not 0 <= pits < len(s.pits) or not 0 < events <= 1 << 16 or pdevid == XEN_DEVID:
             raise HypercallError(-22, "bad ITS device")
         if pdevid in s.retired or any(
             d.info.pdevid == pdevid for o in s.domains.values() for v in o.vits.values() for d in v.devices.values()
         ):
             raise HypercallError(-16, f"DeviceID {pdevid:#x} is in use or still being torn down")
-        plpis = list(range(s.next_lpi, s.next_lpi + events))
-        if plpis[-1] - LPI_BASE >= len(s.prop):
+        if all(count < events for _, count in s.free_lpis):
             raise HypercallError(-28, "no physical LPIs left")
-        s.next_lpi += events
+
+    def assign(self, domid: int, pdevid: int, pits: int, events: int, vdevid: int) -> ItsDeviceInfo:
+        """At assignment Xen allocates the device's physical LPIs and maps it (nothing later)."""
+        s = self.state
+        dom = s.domains[domid]
+        self.check(pdevid, pits, events)
+        plpis = s.allocate_lpis(events)  # returned by teardown once the domain is freed
+        assert plpis is not None  # check() found a run that fits
         for lpi in plpis:
             s.prop[lpi - LPI_BASE] = XEN_PRIORITY
         info = ItsDeviceInfo(pdevid, pits, events, plpis, vdevid)
@@ -80,8 +84,6 @@ class Assignment:
         if vits is None:
             vits = dom.vits[pits] = Vits(domid, pits)
         vits.devices[vdevid] = VDevice(info)
-        state = s.pits[pits]
-        size = max(0, math.ceil(math.log2(max(events, 2))) - 1)
-        state.xen_queue.append((cmds.mapd(pdevid, size, 0x1000 * pdevid), None, None))
+        s.pits[pits].xen_queue.append((info.xen_mapd(), None, None))
         s.raised.add(pits)
         return info

@@ -33,6 +33,8 @@ class ElisionPolicy:
     def config_written(self, domid: int, vlpi: int, value: int) -> None:
         """A trapped write to the guest's configuration table: copy the enable bit (eager: queue INVs)."""
         s = self.state
+        if s.domains[domid].dying:
+            return  # its LPIs are being disabled for good; nothing new is placed for it
         for plpi in sorted(s.by_vlpi.get((domid, vlpi), ())):
             _owner, pits, key = s.bindings[plpi]
             vits = s.domains[domid].vits[pits]
@@ -41,7 +43,7 @@ class ElisionPolicy:
             if s.options.elision == "eager":
                 state = s.pits[pits]
                 pdevid = vits.devices[key[0]].info.pdevid
-                inv = (cmds.event_cmd(cmds.INV, pdevid, key[1]), plpi, None)
+                inv = (cmds.event_cmd(cmds.INV, pdevid, key[1]), vits.ites[key], None)
                 if inv not in state.xen_queue:
                     state.xen_queue.append(inv)
                 s.dirty.discard(plpi)

@@ -33,7 +33,7 @@ class ItsHost:
         self.translator = Translator(self.state, self.lpis, self.elision)
         self.teardown = Teardown(self.state)
         self.scheduler = Scheduler(self.state, self.translator, self.elision, self.teardown)
-        self.registers = Registers(self.state, self.scheduler, self.lpis)
+        self.registers = Registers(self.state, self.scheduler)
         self.assignment.boot()
 
     # -- the shared state, as attributes -----------------------------------------------------------
@@ -103,6 +103,9 @@ class ItsHost:
     # -- assignment.py ---------------------------------------------------------------------------
     def add_domain(self, domid: int, vcpus: int = 1, pin: list[int] | None = None) -> DomainIts:
         return self.assignment.add_domain(domid, vcpus, pin)
+
+    def check_assign(self, pdevid: int, pits: int, events: int) -> None:
+        self.assignment.check(pdevid, pits, events)
 
     def assign(self, domid: int, pdevid: int, pits: int, events: int, vdevid: int) -> ItsDeviceInfo:
         return self.assignment.assign(domid, pdevid, pits, events, vdevid)

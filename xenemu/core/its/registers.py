@@ -18,47 +18,79 @@ from __future__ import annotations
 from collections import deque
 
 from xenemu.abi import const
+from xenemu.abi import its_cmd as cmds
 from xenemu.core.errors import HypercallError
-from xenemu.core.its.lpis import Lpis
 from xenemu.core.its.schedule import Scheduler
-from xenemu.core.its.state import CBASER_ADDR, LPI_BASE, ItsState
+from xenemu.core.its.state import CBASER_ADDR, LPI_BASE, ItsState, lpi_limit
+from xenemu.core.memory.frames import PAGE_SIZE
 
 OFFSET_MASK = const("GITS_CMDQ_OFFSET_MASK")
 CBASER_VALID = const("GITS_CBASER_VALID")
+#: What a CBASER write keeps: Valid, the address with bits 15:12 cleared, Size.
+CBASER_KEPT = CBASER_VALID | const("GITS_CBASER_ADDR_64K_MASK") | const("GITS_CBASER_SIZE_MASK")
 BASER_VALID = const("GITS_BASER_VALID")
+#: BASER fields a write cannot change (Type, Entry_Size, Page_Size) or set (Indirect).
+BASER_FIXED = (
+    const("GITS_BASER_TYPE_MASK")
+    | const("GITS_BASER_ESZ_MASK")
+    | const("GITS_BASER_PAGE_SIZE_MASK")
+    | const("GITS_BASER_INDIRECT")
+)
+#: The fixed part of BASER0 (device table) and BASER1 (collection table): Type, 8-byte entries,
+#: 64 KiB pages.
+BASER_FIXED_VALUES = tuple(
+    kind << const("GITS_BASER_TYPE_SHIFT")
+    | const("GITS_BASER_ESZ_VALUE") << const("GITS_BASER_ESZ_SHIFT")
+    | const("GITS_BASER_PAGE_SIZE_64K") << const("GITS_BASER_PAGE_SIZE_SHIFT")
+    for kind in (const("GITS_BASER_TYPE_DEVICE"), const("GITS_BASER_TYPE_COLLECTION"))
+)
+#: The ID registers, 32-bit and read-only, with KVM's values.
+ID_REGISTERS = {
+    const(f"GITS_{name}"): const(f"GITS_{name}_VALUE")
+    for name in ("PIDR4", "PIDR0", "PIDR1", "PIDR2", "PIDR3", "CIDR0", "CIDR1", "CIDR2", "CIDR3")
+}
 U64 = (1 << 64) - 1
 #: Machine frame of each pITS's translation frame (beyond any RAM): the doorbell page.
 DOORBELL_MFN = 1 << 36
 DOORBELL_OFFSET = const("GITS_TRANSLATER") & 0xFFF
-#: Guest-physical base of a domain's first vITS (128 KiB each) and first redistributor.
-ITS_BASE_GPA = 0x08080000
-GICR_BASE_GPA = 0x080A0000
+#: An ITS frame (control, then translation) and a redistributor frame (RD_base, SGI_base).
+FRAME_SIZE = const("GITS_FRAME_SIZE")
+#: The interrupt controller's window starts on the first 1 GiB boundary at or above the host's
+#: RAM: no guest's RAM (GFNs below its memory, itself below the host's frames) can reach it.
+GIC_WINDOW_ALIGN = 1 << 30
 
 
 class Registers:
     """Trapped accesses to a domain's ITS and redistributor frames."""
 
-    def __init__(self, state: ItsState, scheduler: Scheduler, lpis: Lpis) -> None:
+    def __init__(self, state: ItsState, scheduler: Scheduler) -> None:
         self.state = state
         self.scheduler = scheduler
-        self.lpis = lpis
 
     # -- where the frames and tables are --------------------------------------------------------
     def translation_gpa(self, domid: int, pits: int) -> int:
         """Where the guest sees the translation frame of its vITS for ``pits`` (doorbell page)."""
-        return self.frames(domid)[0][pits] + 0x10000
+        return self.frames(domid)[0][pits] + FRAME_SIZE // 2
 
     def config_range(self, domid: int) -> tuple[int, int]:
         """The guest-physical range of its LPI configuration table (trapped)."""
         dom = self.state.domains[domid]
-        idbits = (dom.propbaser & 0x1F) + 1
         base = dom.propbaser & CBASER_ADDR
-        return base, base + max(0, (1 << idbits) - LPI_BASE)
+        return base, base + max(0, lpi_limit(dom.propbaser) - LPI_BASE)
+
+    def window(self) -> int:
+        """The guest-physical base of every domain's interrupt controller frames."""
+        ram = self.state.options.ram_frames * PAGE_SIZE
+        return max(GIC_WINDOW_ALIGN, -(-ram // GIC_WINDOW_ALIGN) * GIC_WINDOW_ALIGN)
 
     def frames(self, domid: int) -> tuple[dict[int, int], int]:
-        """Guest-physical base of each vITS (by pITS), and of the first redistributor."""
+        """Guest-physical base of each vITS the domain has (by pITS), and of its first
+        redistributor. One slot per pITS of the host, by index, then one per vCPU: the same for
+        the domain's whole life whatever order its devices come in, and no two overlap."""
         dom = self.state.domains[domid]
-        return {p: ITS_BASE_GPA + i * 0x20000 for i, p in enumerate(sorted(dom.vits))}, GICR_BASE_GPA
+        base = self.window()
+        gicr = base + len(self.state.pits) * FRAME_SIZE
+        return {p: base + p * FRAME_SIZE for p in sorted(dom.vits)}, gicr
 
     # -- GITS_* ---------------------------------------------------------------------------------
     def mmio_write(self, domid: int, vits_pits: int, offset: int, size: int, value: int) -> None:
@@ -79,10 +111,12 @@ class Registers:
             elif not want:
                 vits.enabled = False
         elif reg == 0x80 and not vits.enabled:
-            new = _merge(vits.cbaser, part, value)
-            vits.cbaser = new & (CBASER_VALID | CBASER_ADDR | 0xFF)
+            vits.cbaser = _merge(vits.cbaser, part, value) & CBASER_KEPT
             vits.cwriter = vits.creadr = vits.progress = 0
-            vits.taken = deque()  # a batch of the old queue still on the pITS completes unseen
+            # a batch of the old queue still on the pITS completes without moving CREADR, and
+            # is this queue's one batch in flight until it has
+            vits.orphans = vits.in_flight()
+            vits.taken = deque()
         elif reg == 0x88:
             offset_value = _merge(vits.cwriter, part, value) & OFFSET_MASK
             if offset_value >= vits.queue_bytes:
@@ -96,13 +130,14 @@ class Registers:
                 self.scheduler.schedule(vits)
         elif 0x100 <= reg <= 0x138 and not vits.enabled:
             index = (reg - 0x100) // 8
-            if index < 2:
-                vits.baser[index] = _merge(vits.baser[index], part, value) & ~(1 << 62) & U64
+            if index < 2:  # the others are RAZ/WI
+                written = _merge(vits.baser[index], part, value) & ~BASER_FIXED
+                vits.baser[index] = written | BASER_FIXED_VALUES[index]
 
     def mmio_read(self, domid: int, vits_pits: int, offset: int, size: int) -> int:
         dom = self.state.domains[domid]
         vits = dom.vits.get(vits_pits)
-        if vits is None:
+        if vits is None or dom.dying:  # a dying domain's MMIO is ignored: no pass runs for it
             return 0
         reg, part = _register(offset, size)
         if reg is None:
@@ -116,11 +151,10 @@ class Registers:
             0x80: vits.cbaser,
             0x88: vits.cwriter,
             0x90: vits.creadr,
-            0x100: vits.baser[0] | 1 << 56 | 7 << 48 | 2 << 8,
-            0x108: vits.baser[1] | 4 << 56 | 7 << 48 | 2 << 8,
-            0xFFE8: const("GITS_PIDR2_VALUE"),
+            0x100: vits.baser[0] | BASER_FIXED_VALUES[0],
+            0x108: vits.baser[1] | BASER_FIXED_VALUES[1],
         }
-        value = values.get(reg, 0)
+        value = values.get(reg, ID_REGISTERS.get(reg, 0))
         return (value >> 32) if part == "high" else (value & 0xFFFFFFFF if part == "low" else value)
 
     # -- GICR_* ---------------------------------------------------------------------------------
@@ -144,26 +178,41 @@ class Registers:
             redist.pendbaser = written & ~const("GICR_PENDBASER_PTZ")
 
     def _load_pending_table(self, domid: int, vcpu: int) -> None:
-        """EnableLPIs 0 -> 1 with PTZ = 0: the vCPU's pending table sets or clears its LPIs."""
-        dom = self.state.domains[domid]
+        """EnableLPIs 0 -> 1 with PTZ = 0: the vCPU's pending table sets or clears the pending
+        state of its mapped LPIs; it does not deliver (KVM's pending_latch, set or cleared).
+
+        A set bit makes the LPI pending where its enable bit and priority are seen, on the pITS:
+        Xen queues its own ``INT`` for one mapping of that vLPI (one INTID, one pending bit), so a
+        disabled LPI is delivered once after it is enabled and invalidated, as after a guest's
+        ``INT``. A clear bit clears the pending state: Xen's for the mapping now, the pITS's by a
+        ``CLEAR`` of Xen's (an LPI disabled in the pITS's cache may be pending there unseen)."""
+        s = self.state
+        dom = s.domains[domid]
         base = dom.redists[vcpu].pendbaser & CBASER_ADDR
+        raised: set[int] = set()
         for vits in dom.vits.values():
-            for key, ite in vits.ites.items():
+            queue = s.pits[vits.pits].xen_queue
+            for (vdevid, event), ite in sorted(vits.ites.items()):
                 if vits.target_vcpu(ite) != vcpu:
                     continue
-                gpa = base + ite.vlpi // 8
                 try:
-                    byte = self.state.memory.read(domid, gpa, 1)[0]
+                    byte = s.memory.read(domid, base + ite.vlpi // 8, 1)[0]
                 except HypercallError:
                     continue
+                pdevid = vits.devices[vdevid].info.pdevid
                 if byte >> (ite.vlpi % 8) & 1:
-                    self.lpis.inject(vits, key, self.state.deliveries)
+                    if ite.vlpi in raised:
+                        continue
+                    raised.add(ite.vlpi)
+                    queue.append((cmds.event_cmd(cmds.INT, pdevid, event), ite, None))
                 else:
-                    dom.again.discard((vcpu, ite.vlpi))
+                    ite.pending = None
+                    queue.append((cmds.event_cmd(cmds.CLEAR, pdevid, event), ite, None))
+                s.raised.add(vits.pits)
 
     def redist_read(self, domid: int, vcpu: int, offset: int, size: int) -> int:
         dom = self.state.domains[domid]
-        if not 0 <= vcpu < dom.vcpus:
+        if dom.dying or not 0 <= vcpu < dom.vcpus:
             return 0
         redist = dom.redists[vcpu]
         reg, part = _redist_register(offset, size)
@@ -182,7 +231,7 @@ class Registers:
 def _register(offset: int, size: int) -> tuple[int | None, str]:
     """The register an access names and which part of it: ``full``, ``low`` or ``high``."""
     wide = {0x8, 0x80, 0x88, 0x90} | set(range(0x100, 0x140, 8))
-    narrow = {0x0, 0x4, 0xFFE8}
+    narrow = {0x0, 0x4} | set(ID_REGISTERS)
     if size == 4 and offset in narrow:
         return offset, "full"
     if size == 8 and offset in wide:

@@ -26,8 +26,12 @@ from xenemu.core.its.state import CMD_SIZE, XEN_DEVID, ItsState, PitsState, Take
 from xenemu.core.its.teardown import Teardown
 from xenemu.core.its.translate import Translator
 
-#: How many rounds of raised passes one request runs at most.
-MAX_ROUNDS = 64
+#: How many rounds of raised passes one request (or one wake of the shell's pITS task) runs:
+#: the passes raised during it, once each. A queue whose batches place nothing (all elided or
+#: recorded) raises a pass per batch; that pass runs next in the shell's pITS task, one round at
+#: a time with every ready request in between, so no request translates a whole flooded queue
+#: while another guest's request waits behind it.
+MAX_ROUNDS = 1
 
 
 class Scheduler:
@@ -48,7 +52,8 @@ class Scheduler:
             self.state.raised.add(vits.pits)
 
     def run_passes(self) -> None:
-        """The softirq: every pass raised during the request, until none is raised again."""
+        """The softirq: every pass raised during the request, until none is raised again or
+        ``MAX_ROUNDS`` rounds have run (what is still raised stays in ``raised``)."""
         s = self.state
         for _ in range(MAX_ROUNDS):
             if not s.raised:
@@ -59,9 +64,10 @@ class Scheduler:
 
     def run_pass_now(self, index: int) -> None:
         """A ``CREADR`` or ``CTLR`` read with commands outstanding: a pass now, standing for any
-        pass already raised on that pITS in the same request."""
-        self.run_pass(index)
+        pass already raised on that pITS in the same request. One this pass raises itself (its
+        batch placed nothing) is another pass, and stays raised."""
         self.state.raised.discard(index)
+        self.run_pass(index)
 
     def run_pass(self, index: int) -> None:
         s = self.state
@@ -71,9 +77,9 @@ class Scheduler:
         self._complete(state)
         free = hw.free_slots() - (0 if state.xen_int_outstanding else 1)
         while state.xen_queue and free > 0:
-            command, plpi, teardown = state.xen_queue.popleft()
-            if plpi is not None and plpi not in s.bindings:
-                continue
+            command, ite, teardown = state.xen_queue.popleft()
+            if ite is not None and not s.current(ite):
+                continue  # the mapping it was queued for is gone (perhaps remapped since)
             if teardown is not None:
                 state.teardown_slots[state.hw.cwriter] = teardown
             state.place_xen(command)
@@ -109,12 +115,16 @@ class Scheduler:
         while slot != hw.creadr:
             owner = state.owner.pop(slot, None)
             teardown = state.teardown_slots.pop(slot, None)
+            mapped = state.mapti_slots.pop(slot, None)
+            if mapped is not None and mapped.mapti_slot == slot:
+                mapped.mapti_slot = None  # from now on its physical LPI fires for this mapping
             if teardown is not None:
                 self.teardown.slot_completed(teardown)
             if owner is not None:
-                for taken in owner.taken:
+                for taken in (*owner.taken, *owner.orphans):
                     if taken.slot == slot:
                         taken.done = True
+                owner.orphans = [t for t in owner.orphans if not t.done]
             slot = (slot + 1) % hw.slots
         state.last_creadr = hw.creadr
         self.teardown.progress()
@@ -139,9 +149,14 @@ class Scheduler:
                 slot = state.hw.place(command)
                 state.owner[slot] = vits
                 state.physical[command.name] += 1
+                if command.cmd == cmds.MAPTI:
+                    found = self.state.mapping(command.pintid)
+                    if found is not None:
+                        found[2].mapti_slot = slot
+                        state.mapti_slots[slot] = found[2]
                 self.elision.forwarded(state, command)
                 placed += 1
-            vits.taken.append(Taken(vits.progress, slot))
+            vits.taken.append(Taken(vits.progress, slot, batch=state.batches))
         self._advance_creadr(vits)
         if vits.outstanding():
             vits.waiting_since = vits.waiting_since or state.passes

@@ -2,11 +2,12 @@
 
 Nothing here decides anything. The dataclasses are the nouns of vits-semantics.md: a domain's
 vITS state (``DomainIts``: vCPUs and their pinning, the shared ``GICR_PROPBASER``, one
-``Redistributor`` per vCPU, one ``Vits`` per pITS its devices sit on, and the pending state of
-its LPIs), a vITS with its ``vits_cq`` (``creadr``/``cwriter``/``progress``), its devices and
-ITEs, and Xen's view of each pITS (``PitsState``: the schedule list, the shadow of its slots,
-Xen's own queue). ``ItsState`` holds all of it, plus the host-wide physical LPI configuration
-table, its dirty bitmap and the bindings from physical LPIs to guests' mappings.
+``Redistributor`` per vCPU, one ``Vits`` per pITS its devices sit on, and what each vCPU has
+in service), a vITS with its ``vits_cq`` (``creadr``/``cwriter``/``progress``), its devices and
+ITEs (each carrying its LPI's pending state), and Xen's view of each pITS (``PitsState``: the
+schedule list, the shadow of its slots, Xen's own queue). ``ItsState`` holds all of it, plus
+the host-wide physical LPI configuration table, its dirty bitmap and the bindings from physical
+LPIs to guests' mappings.
 
 It is a room of its own so that the rooms that act on the state (registers, translation,
 scheduling, elision, delivery, teardown) can share one object without importing one another:
@@ -15,11 +16,13 @@ each imports this module, and only the few neighbours it calls.
 
 from __future__ import annotations
 
+import math
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Literal
 
 from xenemu.abi import const
+from xenemu.abi import its_cmd as cmds
 from xenemu.abi.its_cmd import ItsCommand
 from xenemu.core.its.pits import PhysicalIts
 from xenemu.core.memory.frames import PAGE_SIZE
@@ -38,6 +41,12 @@ CBASER_ADDR = const("GITS_CBASER_ADDR_MASK")
 XEN_DEVID = (1 << 16) - 1
 
 
+def lpi_limit(propbaser: int) -> int:
+    """One past the largest vLPI a guest may map: 2^min(IDbits + 1, 16), as KVM bounds it
+    (GICR_PROPBASER's IDbits field is the number of ID bits - 1; the vITS has 16)."""
+    return 1 << min((propbaser & 0x1F) + 1, 16)
+
+
 @dataclass(frozen=True)
 class ItsOptions:
     pits: int = 1
@@ -47,6 +56,8 @@ class ItsOptions:
     batch_size: int = 8
     elision: Elision = "lazy"
     lpis: int = 1 << 16
+    #: The host's RAM in 4 KiB frames: the interrupt controller's frames go above it.
+    ram_frames: int = 1 << 16
 
 
 @dataclass
@@ -59,14 +70,32 @@ class ItsDeviceInfo:
     plpis: list[int]
     vdevid: int
 
+    def xen_mapd(self) -> ItsCommand:
+        """The physical ``MAPD`` of this device: the ITT Xen allocated for its events, whatever
+        Size the guest's ``MAPD`` had (a guest may size its ITT for more events than it has)."""
+        size = max(0, math.ceil(math.log2(max(self.events, 2))) - 1)
+        return cmds.mapd(self.pdevid, size, 0x1000 * self.pdevid)
 
-@dataclass
+
+@dataclass(eq=False)
 class Ite:
+    """One mapping ``(device, event) -> vLPI``, and the state that belongs to it.
+
+    Compared by identity: a new mapping of the same event is another ITE, so nothing left by
+    the old one (its pending state, a Xen command queued for it) can act on the new one."""
+
     vlpi: int
     icid: int
     plpi: int
     #: MOVALL's retarget, until a MOVI or MAPC routes it again.
     vcpu_override: int | None = None
+    #: The vCPU whose redistributor holds this LPI's pending state: it fired again while that
+    #: vCPU had it in service (delivered, not ended). MOVI moves it, CLEAR clears it, DISCARD and
+    #: MAPD remove it with the mapping; the guest's end delivers it.
+    pending: int | None = None
+    #: The pITS slot of this mapping's physical MAPTI until the pITS has executed it: a physical
+    #: LPI delivered before then became pending under an old mapping, and is dropped.
+    mapti_slot: int | None = None
 
 
 @dataclass
@@ -82,6 +111,7 @@ class Taken:
     end: int  # queue offset after it
     slot: int | None  # pITS slot, or None if nothing was placed (elided, recorded, dropped)
     done: bool = False
+    batch: int = 0  # which batch of its pITS it went with (PitsState.batches when taken)
 
 
 @dataclass(eq=False)
@@ -97,6 +127,9 @@ class Vits:
     cwriter: int = 0
     progress: int = 0
     taken: deque[Taken] = field(default_factory=deque)
+    #: Commands of a queue that a CBASER write replaced, still on the pITS: they complete
+    #: without moving CREADR, and until they have, this queue has a batch in flight.
+    orphans: list[Taken] = field(default_factory=list)
     devices: dict[int, VDevice] = field(default_factory=dict)
     ites: dict[tuple[int, int], Ite] = field(default_factory=dict)
     collections: dict[int, int] = field(default_factory=dict)
@@ -114,8 +147,12 @@ class Vits:
     def outstanding(self) -> int:
         return (self.cwriter - self.progress) % self.queue_bytes // CMD_SIZE if self.queue_bytes else 0
 
+    def in_flight(self) -> list[Taken]:
+        """Its commands on the pITS, not yet executed: the current queue's and orphans."""
+        return [t for t in (*self.taken, *self.orphans) if t.slot is not None and not t.done]
+
     def batch_in_flight(self) -> bool:
-        return any(t.slot is not None and not t.done for t in self.taken)
+        return bool(self.in_flight())
 
     def target_vcpu(self, ite: Ite) -> int | None:
         """The vCPU an ITE routes to: MOVALL's retarget, else its collection's (None: unmapped).
@@ -140,11 +177,9 @@ class DomainIts:
     propbaser: int = 0
     redists: list[Redistributor] = field(default_factory=list)
     vits: dict[int, Vits] = field(default_factory=dict)
-    #: vLPIs delivered and not yet ended, and those that became pending again meanwhile.
+    #: (vCPU, vLPI) delivered and not yet ended: the vCPU's state, not a mapping's (the guest
+    #: ends what it was given even if the mapping has gone). Pending state is on the ITE.
     in_service: set[tuple[int, int]] = field(default_factory=set)
-    again: set[tuple[int, int]] = field(default_factory=set)
-    #: LPIs that fired while their collection was unmapped: (pITS, (vDeviceID, EventID)).
-    held: set[tuple[int, tuple[int, int]]] = field(default_factory=set)
     dying: bool = False
 
 
@@ -165,11 +200,13 @@ class PitsState:
     last_creadr: int = 0
     #: Slot -> who placed the command there (a Vits, or None for Xen).
     owner: dict[int, Vits | None] = field(default_factory=dict)
-    #: Xen's own commands, with the physical LPI each concerns (skipped if unbound meanwhile)
-    #: and the dying domain whose teardown it is part of.
-    xen_queue: deque[tuple[ItsCommand, int | None, int | None]] = field(default_factory=deque)
+    #: Xen's own commands, with the mapping each concerns (skipped if that mapping is gone
+    #: meanwhile) and the dying domain whose teardown it is part of.
+    xen_queue: deque[tuple[ItsCommand, Ite | None, int | None]] = field(default_factory=deque)
     #: Slots holding a teardown command -> the domain it tears down.
     teardown_slots: dict[int, int] = field(default_factory=dict)
+    #: Slots holding a guest's translated MAPTI -> the mapping it makes (``Ite.mapti_slot``).
+    mapti_slots: dict[int, Ite] = field(default_factory=dict)
     xen_int_outstanding: bool = False
     #: The last forwarded guest SYNC's physical target, for eliding SYNC; SYNC.
     last_forwarded_sync: int | None = None
@@ -197,7 +234,9 @@ class ItsState:
         self.prop = bytearray(opts.lpis)  # physical LPI configuration table, LPI - 8192
         self.dirty: set[int] = set()
         self.pits = [PitsState(PhysicalIts(i, opts.queue_slots, opts.rate, self.prop)) for i in range(opts.pits)]
-        self.next_lpi = LPI_BASE + opts.pits  # 8192 + index is each pITS's completion LPI
+        #: Free physical LPIs as (first, count) runs, by address: 8192 + index is each pITS's
+        #: completion LPI, the rest is handed to devices at assignment and back at teardown.
+        self.free_lpis: list[tuple[int, int]] = [(LPI_BASE + opts.pits, opts.lpis - opts.pits)]
         self.domains: dict[int, DomainIts] = {}
         #: (domid, vLPI) -> the physical LPIs bound to it (two events may share a vLPI), so a
         #: trapped configuration write finds them without scanning every binding.
@@ -214,10 +253,51 @@ class ItsState:
         #: Dropped guest commands not yet logged: (domid, pITS, queue offset, command, error).
         self.drops: list[tuple[int, int, int, str, str]] = []
 
+    def allocate_lpis(self, count: int) -> list[int] | None:
+        """``count`` contiguous physical LPIs, the lowest run that fits (None if none does)."""
+        for i, (first, free) in enumerate(self.free_lpis):
+            if free >= count:
+                self.free_lpis[i : i + 1] = [(first + count, free - count)] if free > count else []
+                return list(range(first, first + count))
+        return None
+
+    def release_lpis(self, plpis: list[int]) -> None:
+        """A device's LPIs (one run, from ``allocate_lpis``) are free again; runs coalesce."""
+        if not plpis:
+            return
+        runs = sorted([*self.free_lpis, (plpis[0], len(plpis))])
+        merged: list[tuple[int, int]] = []
+        for first, count in runs:
+            if merged and merged[-1][0] + merged[-1][1] == first:
+                merged[-1] = (merged[-1][0], merged[-1][1] + count)
+            else:
+                merged.append((first, count))
+        self.free_lpis = merged
+
+    def free_lpis_count(self) -> int:
+        return sum(count for _, count in self.free_lpis)
+
     def bind(self, vits: Vits, key: tuple[int, int], vlpi: int, plpi: int) -> None:
         """Record that physical LPI ``plpi`` now stands for ``vlpi`` of this mapping."""
         self.bindings[plpi] = (vits.domid, vits.pits, key)
         self.by_vlpi.setdefault((vits.domid, vlpi), set()).add(plpi)
+
+    def current(self, ite: Ite) -> bool:
+        """Whether ``ite`` is still the mapping its physical LPI is bound to."""
+        binding = self.bindings.get(ite.plpi)
+        if binding is None:
+            return False
+        domid, pits, key = binding
+        return self.domains[domid].vits[pits].ites.get(key) is ite
+
+    def mapping(self, plpi: int) -> tuple[Vits, tuple[int, int], Ite] | None:
+        """The vITS, key and ITE that physical LPI ``plpi`` currently stands for."""
+        binding = self.bindings.get(plpi)
+        if binding is None:
+            return None
+        domid, pits, key = binding
+        vits = self.domains[domid].vits[pits]
+        return vits, key, vits.ites[key]
 
     def forget_binding(self, domid: int, ite: Ite) -> None:
         """The ITE's physical LPI stands for nothing any more (unmapped, or its domain freed)."""

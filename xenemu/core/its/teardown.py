@@ -6,8 +6,8 @@
 until none of the domain's commands occupies a slot on any pITS, then disables its LPIs in the
 physical table and queues Xen's ``MAPD V=0`` for each of its devices and one ``INVALL`` on each
 pITS it had devices on. Only once those have completed (``slot_completed`` counts them down) are
-its bindings forgotten and its DeviceIDs assignable again, so a reassigned device can never fire
-into the old owner's bindings.
+its bindings forgotten, its physical LPIs returned and its DeviceIDs assignable again, so a
+reassigned device can never fire into the old owner's bindings.
 
 Kept apart from the scheduler because it is a lifecycle of its own (draining, tearing down,
 freed) with its own counter per domain; the scheduler only reports completions to it.
@@ -83,3 +83,4 @@ class Teardown:
                         s.forget_binding(domid, ite)
                     for device in vits.devices.values():
                         s.retired.discard(device.info.pdevid)
+                        s.release_lpis(device.info.plpis)  # disabled, and unmapped on the pITS

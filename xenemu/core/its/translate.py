@@ -16,7 +16,6 @@ offset at the moment it takes the command, and places what comes back. Whether a
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 from xenemu.abi import const
@@ -36,7 +35,12 @@ from xenemu.core.its.state import (
     ItsState,
     VDevice,
     Vits,
+    lpi_limit,
 )
+
+#: GITS_TYPER's EventID bits (a MAPD's Size + 1 may not exceed them) and its ITT entry size.
+EVENTID_BITS = 16
+ITT_ENTRY = 8
 
 #: Every error name a dropped command may carry, looked up in the ABI so that a name missing
 #: there fails at import rather than in a guest's queue.
@@ -162,25 +166,29 @@ class Translator:
             return 0
 
     def _unbind(self, vits: Vits, key: tuple[int, int]) -> None:
-        self._dom(vits).held.discard((vits.pits, key))
+        """The mapping is gone, and its pending state with it (it lives on the ITE)."""
         self.state.forget_binding(vits.domid, vits.ites.pop(key))
 
     # -- one handler per command -----------------------------------------------------------------
     def _v_mapd(self, vits: Vits, c: ItsCommand) -> list[ItsCommand]:
+        """Validated in full before anything is unmapped (as KVM does), so a dropped MAPD has no
+        effect. Size is checked against GITS_TYPER's 16 EventID bits only: a guest may size its
+        ITT for more events than its device has (Linux: at least 32); MAPTI checks the events."""
         device = vits.devices.get(c.devid)
         if device is None:
             raise Dropped("MAPD_DEVICE_OOR")
+        if c.valid and (
+            c.size + 1 > EVENTID_BITS
+            or not self.state.memory.in_ram(vits.domid, c.itt, (1 << (c.size + 1)) * ITT_ENTRY)
+        ):
+            raise Dropped("MAPD_ITTSIZE_OOR")
         for key in [k for k in vits.ites if k[0] == c.devid]:
             self._unbind(vits, key)
         if not c.valid:
             device.size = None
             return [cmds.mapd(device.info.pdevid, 0, 0, False)]
-        limit = max(1, math.ceil(math.log2(device.info.events))) if device.info.events > 1 else 1
-        itt_bytes = (1 << (c.size + 1)) * 8
-        if c.size + 1 > limit or c.size > 15 or not self.state.memory.in_ram(vits.domid, c.itt, itt_bytes):
-            raise Dropped("MAPD_ITTSIZE_OOR")
         device.size = c.size
-        return [cmds.mapd(device.info.pdevid, c.size, 0x1000 * device.info.pdevid)]
+        return [device.info.xen_mapd()]
 
     def _v_mapc(self, vits: Vits, c: ItsCommand) -> list[ItsCommand]:
         dom = self._dom(vits)
@@ -193,19 +201,15 @@ class Translator:
             vits.collections[c.icid] = c.target
         else:
             vits.collections.pop(c.icid, None)
-        dom = self._dom(vits)
-        for pits, key in sorted(dom.held):
-            if pits == vits.pits and key in vits.ites and vits.ites[key].icid == c.icid and c.valid:
-                dom.held.discard((pits, key))
-                self.lpis.inject(vits, key, self.state.deliveries)
         state = self.state.pits[vits.pits]
         for (vdevid, event), old in before.items():
             ite = vits.ites[(vdevid, event)]
             ite.vcpu_override = None
+            self.lpis.retarget(vits, ite)
             new = self._pcoll(vits, c.icid)
             if new != old:
                 pdevid = vits.devices[vdevid].info.pdevid
-                state.xen_queue.append((cmds.event_cmd(cmds.MOVI, pdevid, event, new), ite.plpi, None))
+                state.xen_queue.append((cmds.event_cmd(cmds.MOVI, pdevid, event, new), ite, None))
         return []
 
     def _v_mapti(self, vits: Vits, c: ItsCommand, vlpi: int | None = None) -> list[ItsCommand]:
@@ -215,8 +219,7 @@ class Translator:
         if c.eventid >= 1 << (device.size + 1) or c.eventid >= device.info.events:
             raise Dropped("MAPTI_ID_OOR")
         intid = c.pintid if vlpi is None else vlpi
-        idbits = (self._dom(vits).propbaser & 0x1F) + 1
-        if not LPI_BASE <= intid < 1 << idbits:
+        if not LPI_BASE <= intid < lpi_limit(self._dom(vits).propbaser):
             raise Dropped("MAPTI_PHYSICALID_OOR")
         if (c.devid, c.eventid) in vits.ites:
             raise Dropped("MAPTI_ALREADY_MAPPED")
@@ -233,11 +236,17 @@ class Translator:
         return self._v_mapti(vits, c, vlpi=c.eventid)
 
     def _v_int(self, vits: Vits, c: ItsCommand) -> list[ItsCommand]:
-        device, _ite = self._ite(vits, c, "INT_UNMAPPED_INTERRUPT")
+        """An LPI whose collection is unmapped cannot fire (KVM, the architecture): dropped."""
+        device, ite = self._ite(vits, c, "INT_UNMAPPED_INTERRUPT")
+        if vits.target_vcpu(ite) is None:
+            raise Dropped("INT_UNMAPPED_INTERRUPT")
         return [cmds.event_cmd(cmds.INT, device.info.pdevid, c.eventid)]
 
     def _v_clear(self, vits: Vits, c: ItsCommand) -> list[ItsCommand]:
-        device, _ite = self._ite(vits, c, "CLEAR_UNMAPPED_INTERRUPT")
+        """Clears the pending state Xen holds for the mapping now, and the pITS's when the
+        forwarded CLEAR executes."""
+        device, ite = self._ite(vits, c, "CLEAR_UNMAPPED_INTERRUPT")
+        ite.pending = None
         return [cmds.event_cmd(cmds.CLEAR, device.info.pdevid, c.eventid)]
 
     def _v_discard(self, vits: Vits, c: ItsCommand) -> list[ItsCommand]:
@@ -249,9 +258,10 @@ class Translator:
 
     def _v_movi(self, vits: Vits, c: ItsCommand) -> list[ItsCommand]:
         device, ite = self._ite(vits, c, "MOVI_UNMAPPED_INTERRUPT")
-        if c.icid not in vits.collections:
+        if ite.icid not in vits.collections or c.icid not in vits.collections:  # KVM checks both
             raise Dropped("MOVI_UNMAPPED_COLLECTION")
         ite.icid, ite.vcpu_override = c.icid, None
+        self.lpis.retarget(vits, ite)  # a pending LPI moves with it
         return [cmds.event_cmd(cmds.MOVI, device.info.pdevid, c.eventid, self._pcoll(vits, c.icid))]
 
     def _v_inv(self, vits: Vits, c: ItsCommand) -> list[ItsCommand]:
@@ -285,9 +295,8 @@ class Translator:
         for (vdevid, event), ite in vits.ites.items():
             if vits.target_vcpu(ite) == c.target:
                 ite.vcpu_override = c.target2
+                self.lpis.retarget(vits, ite)
                 if dom.pin[c.target2] != dom.pin[c.target]:
                     pdevid = vits.devices[vdevid].info.pdevid
-                    state.xen_queue.append(
-                        (cmds.event_cmd(cmds.MOVI, pdevid, event, dom.pin[c.target2]), ite.plpi, None)
-                    )
+                    state.xen_queue.append((cmds.event_cmd(cmds.MOVI, pdevid, event, dom.pin[c.target2]), ite, None))
         return []
