@@ -238,10 +238,7 @@ class Host:
                 return DmaResult(False, bytes(out), bfn, reason)
             if mfn >= DOORBELL_MFN:  # the ITS doorbell: a 32-bit write of an EventID is an MSI
                 if data is not None and offset == DOORBELL_OFFSET and chunk == 4 and device.its is not None:
-                    self.its.pits[mfn - DOORBELL_MFN].hw.msi(
-                        device.its.pdevid, int.from_bytes(data[done : done + 4], "little")
-                    )
-                    self.its.deliver()  # translation is immediate: the LPI is pending now
+                    self.its.msi(mfn - DOORBELL_MFN, device.its.pdevid, int.from_bytes(data[done : done + 4], "little"))
                 elif data is None:
                     out += bytes(chunk)
             elif data is not None:

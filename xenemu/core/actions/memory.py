@@ -61,15 +61,7 @@ class GuestWrite(Action):
 @handles(GuestWrite)
 def _guest_write(host: Host, caller: int, action: GuestWrite) -> dict[str, Any]:
     host.memory.access(caller, action.gfn, action.offset, action.data)
-    its = host.its
-    if caller in its.domains and its.domains[caller].propbaser:
-        # The LPI configuration table is trapped: each byte written there reaches the vITS.
-        start, end = its.config_range(caller)
-        gpa = (action.gfn << 12) + action.offset
-        first, last = max(start, gpa), min(end, gpa + len(action.data))  # the bytes in the table
-        for at in range(first, last):
-            its.config_written(caller, 8192 + at - start, action.data[at - gpa])
-        its.run_passes()
+    host.its.guest_wrote(caller, (action.gfn << 12) + action.offset, action.data)  # the trapped LPI table
     return {"ret": 0}
 
 

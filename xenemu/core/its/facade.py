@@ -15,8 +15,8 @@ from xenemu.core.its.assignment import Assignment
 from xenemu.core.its.elision import ElisionPolicy
 from xenemu.core.its.lpis import Lpis
 from xenemu.core.its.registers import Registers
-from xenemu.core.its.schedule import Scheduler
-from xenemu.core.its.state import Delivery, DomainIts, ItsDeviceInfo, ItsOptions, ItsState, PitsState
+from xenemu.core.its.schedule import CommandScheduler
+from xenemu.core.its.state import LPI_BASE, Delivery, DomainIts, ItsDeviceInfo, ItsOptions, ItsState, PitsState
 from xenemu.core.its.teardown import Teardown
 from xenemu.core.its.translate import Translator
 from xenemu.core.memory.guest import GuestMemory
@@ -32,7 +32,7 @@ class ItsHost:
         self.elision = ElisionPolicy(self.state)
         self.translator = Translator(self.state, self.lpis, self.elision)
         self.teardown = Teardown(self.state)
-        self.scheduler = Scheduler(self.state, self.translator, self.elision, self.teardown)
+        self.scheduler = CommandScheduler(self.state, self.translator, self.elision, self.teardown)
         self.registers = Registers(self.state, self.scheduler)
         self.assignment.boot()
 
@@ -149,6 +149,40 @@ class ItsHost:
     # -- elision.py ------------------------------------------------------------------------------
     def config_written(self, domid: int, vlpi: int, value: int) -> None:
         self.elision.config_written(domid, vlpi, value)
+
+    def guest_wrote(self, domid: int, gpa: int, data: bytes) -> None:
+        """A guest's CPU wrote its RAM at ``gpa``: the bytes that fall in its trapped LPI
+        configuration table reach the vITS (the rest is plain memory)."""
+        dom = self.state.domains.get(domid)
+        if dom is None or not dom.propbaser:
+            return
+        start, end = self.config_range(domid)
+        first, last = max(start, gpa), min(end, gpa + len(data))
+        if first >= last:
+            return
+        for at in range(first, last):
+            self.elision.config_written(domid, LPI_BASE + at - start, data[at - gpa])
+        self.scheduler.run_passes()
+
+    # -- the pITS hardware, for the host and the shell -------------------------------------------
+    def msi(self, pits: int, pdevid: int, eventid: int) -> None:
+        """A device's write of ``eventid`` to pITS ``pits``'s doorbell; the LPI is pending at
+        once (translation is immediate) and delivered to its guest if it can be."""
+        self.state.pits[pits].hw.msi(pdevid, eventid)
+        self.lpis.deliver()
+
+    def hardware_busy(self) -> bool:
+        """Whether any pITS has commands to run or LPIs pending: the shell's ticker then runs."""
+        return any(s.hw.queued() or s.hw.pending for s in self.state.pits)
+
+    def commands_queued(self) -> bool:
+        return any(s.hw.queued() for s in self.state.pits)
+
+    def take_events(self) -> tuple[list[tuple[int, int, int, str, str]], list[Delivery]]:
+        """The drops to log and the deliveries to send since the last call, handed over once."""
+        drops, self.drops = self.drops, []
+        deliveries, self.deliveries = self.deliveries, []
+        return drops, deliveries
 
     # -- time (pits.py) and lpis.py --------------------------------------------------------------
     def advance(self, seconds: float) -> None:

@@ -20,7 +20,7 @@ from collections import deque
 from xenemu.abi import const
 from xenemu.abi import its_cmd as cmds
 from xenemu.core.errors import HypercallError
-from xenemu.core.its.schedule import Scheduler
+from xenemu.core.its.schedule import CommandScheduler
 from xenemu.core.its.state import CBASER_ADDR, LPI_BASE, ItsState, lpi_limit
 from xenemu.core.memory.frames import PAGE_SIZE
 
@@ -63,7 +63,7 @@ GIC_WINDOW_ALIGN = 1 << 30
 class Registers:
     """Trapped accesses to a domain's ITS and redistributor frames."""
 
-    def __init__(self, state: ItsState, scheduler: Scheduler) -> None:
+    def __init__(self, state: ItsState, scheduler: CommandScheduler) -> None:
         self.state = state
         self.scheduler = scheduler
 

@@ -34,7 +34,7 @@ from xenemu.core.its.translate import Translator
 MAX_ROUNDS = 1
 
 
-class Scheduler:
+class CommandScheduler:
     """The schedule lists of every pITS and the passes that serve them."""
 
     def __init__(self, state: ItsState, translator: Translator, elision: ElisionPolicy, teardown: Teardown) -> None:
