@@ -181,6 +181,8 @@ class Host:
             raise HypercallError(-EINVAL, str(exc)) from None
         if bdf in self.devices:
             raise HypercallError(-EBUSY, f"{bdf} is already assigned to d{self.devices[bdf].domid}")
+        if dom.busy_ops:  # an op of many pages is mid-flight in its context
+            raise HypercallError(-EBUSY, f"d{domid} has an IOMMU op in flight")
         if dom.is_hvm and not self.options.iommu:
             # As Xen refuses: without an IOMMU an HVM guest's device would DMA to any frame.
             raise HypercallError(-EOPNOTSUPP, "no IOMMU: an HVM domain cannot be given a device")

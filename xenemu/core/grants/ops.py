@@ -109,6 +109,8 @@ class Grants:
 
     def map_grant_refs(self, caller: int, buf: bytearray, count: int) -> int:
         mapper = self.memory.domain(caller)
+        if mapper.busy_ops:  # one of its IOMMU ops of many pages is mid-flight
+            return -EBUSY
         for op in _batch(buf, count, MAP_SIZE, "gnttab_map_grant_ref_t"):
             op.status = self._map_one(mapper, op)
         self.iommu.flush_touched()
@@ -163,6 +165,8 @@ class Grants:
 
     def unmap_grant_refs(self, caller: int, buf: bytearray, count: int) -> int:
         mapper = self.memory.domain(caller)
+        if mapper.busy_ops:
+            return -EBUSY
         for op in _batch(buf, count, UNMAP_SIZE, "gnttab_unmap_grant_ref_t"):
             op.status = self._unmap_one(mapper, op)
         self.iommu.flush_touched()

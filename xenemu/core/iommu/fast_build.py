@@ -22,6 +22,8 @@ CDEF = """
 #define FAST_KIND_MAP ...
 #define FAST_KIND_MAP_NOREF ...
 #define FAST_LEAF_SHIFT ...
+#define FAST_OP_COST ...
+#define FAST_LARGE_PAGES ...
 
 struct fast_host {
     uintptr_t owner;
@@ -32,6 +34,8 @@ struct fast_host {
     uint32_t largest_order;
     int64_t mapped;
     uint32_t flush;
+    int64_t work_budget;
+    int64_t work;
 };
 
 size_t fast_iommu_run(struct fast_host *host, unsigned char *buf, size_t start, size_t stop, uintptr_t table_dir,

@@ -26,6 +26,10 @@
 #define FAST_RW 3
 /* Beyond this a count is left to Python, which refuses to overflow it. */
 #define FAST_COUNT_LIMIT 0x7FFFFFFFu
+/* Work is counted as Python counts it (subops.py): each op costs its pages plus this; an op of
+ * more pages than FAST_LARGE_PAGES is preempted page by page, so it is Python's. */
+#define FAST_OP_COST 2
+#define FAST_LARGE_PAGES 512
 
 /* The host's frame table, set once: its arrays never move. */
 struct fast_host {
@@ -37,6 +41,8 @@ struct fast_host {
     uint32_t largest_order;
     int64_t mapped; /* out: change in the mappings the caller holds */
     uint32_t flush; /* out: the highest flush type the ops noted */
+    int64_t work_budget; /* in: work left in this slice; the loop stops once it is spent */
+    int64_t work; /* out: the work the ops it completed cost */
 };
 
 /* One call's caller: its tables (whose directories may move between calls) and limits. */
@@ -205,9 +211,14 @@ size_t fast_iommu_run(struct fast_host *host, unsigned char *buf, size_t start, 
         .quota_left = quota_left,
     };
     struct pv_iommu_op *ops = (struct pv_iommu_op *)buf;
+    int64_t work = 0;
     size_t i;
     for (i = start; i < stop; i++) {
         struct pv_iommu_op *op = &ops[i];
+        unsigned order = op->flags >> IOMMU_page_order_shift;
+        uint64_t pages = order <= env.largest_order ? 1ull << order : 0;
+        if (pages > FAST_LARGE_PAGES)
+            break;
         int done;
         switch (op->subop_id) {
         case IOMMUOP_map_page:
@@ -222,8 +233,14 @@ size_t fast_iommu_run(struct fast_host *host, unsigned char *buf, size_t start, 
         if (!done)
             break;
         op->status = 0;
+        work += FAST_OP_COST + (int64_t)pages;
+        if (work >= host->work_budget) {
+            i++;
+            break;
+        }
     }
     host->mapped = env.mapped;
     host->flush = env.flush;
+    host->work = work;
     return i;
 }

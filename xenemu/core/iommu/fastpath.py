@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from xenemu.core.iommu import preempt
 from xenemu.core.iommu.context import IommuContext
 from xenemu.core.iommu.entries import FlushType, Kind
 from xenemu.core.memory.domain import Domain
@@ -36,12 +37,14 @@ class FastIommu:
     def __init__(self, frames: FrameTable, largest_order: int) -> None:
         assert _fast_iommu is not None
         ffi, lib = _fast_iommu.ffi, _fast_iommu.lib
-        if (lib.FAST_KIND_DEFAULT, lib.FAST_KIND_MAP, lib.FAST_KIND_MAP_NOREF, lib.FAST_LEAF_SHIFT) != (
-            Kind.DEFAULT,
-            Kind.MAP,
-            Kind.MAP_NOREF,
-            LEAF_SHIFT,
-        ):
+        if (
+            lib.FAST_KIND_DEFAULT,
+            lib.FAST_KIND_MAP,
+            lib.FAST_KIND_MAP_NOREF,
+            lib.FAST_LEAF_SHIFT,
+            lib.FAST_OP_COST,
+            lib.FAST_LARGE_PAGES,
+        ) != (Kind.DEFAULT, Kind.MAP, Kind.MAP_NOREF, LEAF_SHIFT, preempt.OP_COST, preempt.LARGE_PAGES):
             raise RuntimeError("fast_iommu.c disagrees with xenemu.core.iommu; rebuild it")
         if (frames.owner.itemsize, frames.count.itemsize, frames.type_count.itemsize) != (2, 4, 4):
             raise RuntimeError("frame table arrays are not uint16/uint32 on this platform")
@@ -65,11 +68,21 @@ class FastIommu:
         return self.ffi.from_buffer(buf)
 
     def run(
-        self, dom: Domain, ctx: IommuContext, can_map: bool, quota_left: int, buf: Any, start: int, stop: int
-    ) -> tuple[int, int, FlushType]:
-        """Run ops ``start`` up to ``stop`` until one needs Python.
+        self,
+        dom: Domain,
+        ctx: IommuContext,
+        can_map: bool,
+        quota_left: int,
+        buf: Any,
+        start: int,
+        stop: int,
+        budget: int,
+    ) -> tuple[int, int, FlushType, int]:
+        """Run ops ``start`` up to ``stop`` until one needs Python or ``budget`` of work is spent.
 
-        Returns the index of that op, the change in mappings held, and the flush owed."""
+        Returns the index of the next op, the change in mappings held, the flush owed and the
+        work done (counted as ``preempt.cost`` counts it)."""
+        self.state.work_budget = budget
         table, table_len = ctx.table.directory.where()
         p2m, p2m_len = dom.p2m.directory.where() if dom.is_hvm else (0, 0)
         done: int = self._run(
@@ -77,7 +90,7 @@ class FastIommu:
         )
         self.calls += 1
         if done == start:
-            return done, 0, FlushType.NONE
+            return done, 0, FlushType.NONE, 0
         self.ops_done += done - start
         state = self.state
-        return done, int(state.mapped), _FLUSHES[state.flush]
+        return done, int(state.mapped), _FLUSHES[state.flush], int(state.work)

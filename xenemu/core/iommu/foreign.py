@@ -8,8 +8,11 @@ pv-iommu-semantics.md's, step by step.
 
 from __future__ import annotations
 
+from collections.abc import Generator
+
 from xenemu.abi import pv_iommu as pv
 from xenemu.core.errors import EACCES, EDQUOT, EEXIST, EINVAL, EIO, ENODEV, ENOENT, ENOSPC, ENXIO, EOPNOTSUPP, EPERM
+from xenemu.core.iommu import preempt
 from xenemu.core.iommu.checks import Op, order_of
 from xenemu.core.iommu.entries import RW, FlushType, Kind, entry_kind, make_entry
 from xenemu.core.iommu.m2b import M2BEntry
@@ -41,7 +44,13 @@ def _foreign_frame(iommu: Iommu, guest: Domain, gfn: int) -> int:
     return -EPERM if iommu.frames.is_xen(mfn) else mfn
 
 
-def map_foreign_page(iommu: Iommu, dom: Domain, op: Op) -> int:
+def map_foreign_page(iommu: Iommu, dom: Domain, op: Op) -> int | Generator[str, None, int]:
+    if preempt.is_large(op.flags, iommu.options.largest_order):
+        return _map_foreign_page(iommu, dom, op)
+    return preempt.finish(_map_foreign_page(iommu, dom, op))
+
+
+def _map_foreign_page(iommu: Iommu, dom: Domain, op: Op) -> Generator[str, None, int]:
     flags = op.flags
     if flags & pv.MAP_RESERVED or not flags & RW:
         return -EINVAL
@@ -61,7 +70,13 @@ def map_foreign_page(iommu: Iommu, dom: Domain, op: Op) -> int:
     ctx = iommu.contexts.get(dom.domid)
     m2b, caller = iommu.m2b, dom.domid
     new: list[tuple[int, int]] = []  # (bfn, mfn) still to add
+    pause = preempt.first_pause(1 << order)
     for i in range(1 << order):
+        if i == pause:
+            yield from preempt.pause(dom, guest)  # its guest cannot balloon meanwhile
+            pause += preempt.SLICE
+            if iommu.memory.domains.get(guest.domid) is not guest:  # destroyed meanwhile
+                return -ENXIO
         mfn = _foreign_frame(iommu, guest, gfn + i)
         if mfn < 0:
             return mfn
@@ -93,10 +108,22 @@ def map_foreign_page(iommu: Iommu, dom: Domain, op: Op) -> int:
         return -EDQUOT
     perms = flags & RW
     flush = FlushType.NONE
-    for b, mfn in new:
+    pause = preempt.first_pause(len(new))
+    replaced: list[int] = []  # the entries the op wrote over, for an undo
+    for i, (b, mfn) in enumerate(new):
+        if i == pause:
+            if ctx is not None:
+                iommu.note_flush(ctx, flush)
+            yield from preempt.pause(dom, guest)
+            pause += preempt.SLICE
+            if iommu.memory.domains.get(guest.domid) is not guest:  # destroyed meanwhile
+                _undo_foreign(iommu, dom, ioserver, new[:i], replaced)
+                return -ENXIO
         _add_m2b(iommu, dom, guest, b, mfn, ioserver, entry_flags, owns=ctx is not None)
         if ctx is not None:
-            if ctx.table.get(b):
+            before = ctx.table.get(b)
+            replaced.append(before)
+            if before:
                 flush = FlushType.MODIFIED
             elif flush is FlushType.NONE:
                 flush = FlushType.ADDED
@@ -107,6 +134,25 @@ def map_foreign_page(iommu: Iommu, dom: Domain, op: Op) -> int:
     else:
         args.bfn = _foreign_frame(iommu, guest, gfn)
     return 0
+
+
+def _undo_foreign(
+    iommu: Iommu, dom: Domain, ioserver: int, applied: list[tuple[int, int]], replaced: list[int]
+) -> None:
+    """Take back what a large map did before its guest was destroyed under it: the op fails
+    whole.  Destruction may already have swapped some of these entries to scratch."""
+    ctx = iommu.contexts.get(dom.domid)
+    for i, (b, mfn) in enumerate(applied):
+        entry = iommu.m2b.get(dom.domid, ioserver, b)
+        if entry is not None and entry.mfn == mfn:
+            iommu.drop_m2b_entry(entry)
+        elif ctx is not None and ctx.scratch.get(b) == ioserver:
+            del ctx.scratch[b]
+            ctx.table.clear(b)
+        if ctx is not None and i < len(replaced) and replaced[i]:
+            ctx.table.set(b, replaced[i])  # a default entry it replaced comes back
+        if ctx is not None:
+            iommu.note_flush(ctx, FlushType.MODIFIED)
 
 
 def _add_m2b(
@@ -146,7 +192,13 @@ def lookup_foreign_page(iommu: Iommu, dom: Domain, op: Op) -> int:
     return 0
 
 
-def unmap_foreign_page(iommu: Iommu, dom: Domain, op: Op) -> int:
+def unmap_foreign_page(iommu: Iommu, dom: Domain, op: Op) -> int | Generator[str, None, int]:
+    if preempt.is_large(op.flags, iommu.options.largest_order):
+        return _unmap_foreign_page(iommu, dom, op)
+    return preempt.finish(_unmap_foreign_page(iommu, dom, op))
+
+
+def _unmap_foreign_page(iommu: Iommu, dom: Domain, op: Op) -> Generator[str, None, int]:
     flags = op.flags
     if flags & pv.UNMAP_RESERVED:
         return -EINVAL
@@ -158,7 +210,11 @@ def unmap_foreign_page(iommu: Iommu, dom: Domain, op: Op) -> int:
     ctx = iommu.contexts.get(dom.domid)
     m2b, caller = iommu.m2b, dom.domid
     found: list[tuple[int, M2BEntry | None]] = []
+    pause = preempt.first_pause(1 << order)
     for i in range(1 << order):
+        if i == pause:
+            yield from preempt.pause(dom)
+            pause += preempt.SLICE
         b = bfn + i
         if ctx is not None and b in ctx.rmrr:
             return -EACCES
@@ -170,10 +226,16 @@ def unmap_foreign_page(iommu: Iommu, dom: Domain, op: Op) -> int:
         if touches_iommu and (caller, b) in iommu.injected_faults:
             return -EIO
         found.append((b, entry))
-    for b, entry in found:
-        if entry is not None:
-            iommu.drop_m2b_entry(entry)
-        elif ctx is not None:
+    pause = preempt.first_pause(len(found))
+    for i, (b, _validated) in enumerate(found):
+        if i == pause:
+            yield from preempt.pause(dom)
+            pause += preempt.SLICE
+            # A guest's balloon-out may have swapped an entry to scratch meanwhile: take what is there.
+        current = iommu.m2b.get(caller, ioserver, b)
+        if current is not None:
+            iommu.drop_m2b_entry(current)
+        elif ctx is not None and ctx.scratch.get(b) == ioserver:
             del ctx.scratch[b]
             ctx.table.clear(b)
             iommu.note_flush(ctx, FlushType.MODIFIED)

@@ -15,6 +15,7 @@ from xenemu.abi import pv_iommu as pv
 from xenemu.core.errors import (
     E2BIG,
     EACCES,
+    EBUSY,
     EDQUOT,
     EEXIST,
     EINVAL,
@@ -25,7 +26,7 @@ from xenemu.core.errors import (
     EPERM,
     ESRCH,
 )
-from xenemu.core.iommu import foreign
+from xenemu.core.iommu import foreign, preempt
 from xenemu.core.iommu.checks import Op
 from xenemu.core.iommu.entries import PERM_W, RW, FlushType, Kind
 from xenemu.core.iommu.fastpath import FastIommu
@@ -46,13 +47,18 @@ KIND_MASK = 15
 K_DEFAULT, K_MAP, K_MAP_NOREF = int(Kind.DEFAULT), int(Kind.MAP), int(Kind.MAP_NOREF)
 UNMAPPABLE = frozenset((K_MAP, K_MAP_NOREF, K_DEFAULT))
 
+#: Subops whose order covers several pages (their work is counted in pages).
+RANGED = frozenset((IOMMUOP_map_page, IOMMUOP_unmap_page, IOMMUOP_map_foreign_page, IOMMUOP_unmap_foreign_page))
+
 #: Subops the compiled loop may run (by the low byte of a little-endian ``subop_id``).
 FAST_SUBOPS = frozenset((IOMMUOP_map_page, IOMMUOP_unmap_page))
 
 #: What a handler yields at a continuation point (pending flushes already applied).
 CONTINUATION = "continuation"
+#: What it yields when a slice of work is spent between continuation points (flushed too).
+PREEMPT = preempt.PREEMPT
 
-SubopHandler = Callable[[Iommu, Domain, Op], int]
+SubopHandler = Callable[[Iommu, Domain, Op], int | Generator[str, None, int]]
 
 
 def do_iommu_op(iommu: Iommu, caller: int, buf: bytearray, count: int) -> Generator[str, None, int]:
@@ -66,12 +72,14 @@ def do_iommu_op(iommu: Iommu, caller: int, buf: bytearray, count: int) -> Genera
         return -E2BIG
     if count == 0:
         return 0
+    caller_dom = iommu.memory.domains.get(caller)
+    if caller_dom is not None and caller_dom.busy_ops:
+        return -EBUSY  # one of its ops is mid-flight: a domain does not race its own IOMMU
     ops = ffi.from_buffer("struct pv_iommu_op[]", buf)
     fast = iommu.fast
     raw = fast.buffer(buf) if fast is not None else None
     every = iommu.options.continuation_every
-    done = 0
-    caller_dom = iommu.memory.domains.get(caller)
+    done = work = 0
     while done < count:
         # The batch belongs to the domain instance that made it: if that domain was destroyed
         # while it was preempted, the rest never runs, even if its id now names a new domain.
@@ -80,32 +88,73 @@ def do_iommu_op(iommu: Iommu, caller: int, buf: bytearray, count: int) -> Genera
             return -ESRCH
         stop = min(count, done - done % every + every)
         if fast is not None and buf[done * OP_SIZE] in FAST_SUBOPS and not buf[done * OP_SIZE + 1]:
-            done = _run_fast(iommu, fast, dom, raw, done, stop)
-        if done < stop:  # what the compiled loop handed back, or every op without it
+            done, spent = _run_fast(iommu, fast, dom, raw, done, stop, preempt.SLICE - work)
+            work += spent
+        if done < stop and work < preempt.SLICE:  # what the compiled loop handed back
             op = ops[done]
             handler = SUBOPS.get(op.subop_id)
-            op.status = handler(iommu, dom, op) if handler else -EOPNOTSUPP
+            spent = (
+                preempt.cost(op.flags, iommu.options.largest_order) if op.subop_id in RANGED else preempt.OP_COST + 1
+            )
+            if handler is None:
+                op.status = -EOPNOTSUPP
+            else:
+                outcome = handler(iommu, dom, op)
+                if isinstance(outcome, int):
+                    op.status = outcome
+                else:  # a generator: an op of many pages, preempted page by page
+                    status = yield from _drive(iommu, caller, caller_dom, outcome)
+                    if status is None:
+                        return -ESRCH
+                    op.status = status
+                    work = 0
+            work += spent
             done += 1
-        if done == stop and done < count:
+        if done < count and (done == stop or work >= preempt.SLICE):
             iommu.flush_touched()
-            yield CONTINUATION
+            yield CONTINUATION if done == stop else PREEMPT
+            work = 0
     iommu.flush_touched()
     return 0
 
 
-def _run_fast(iommu: Iommu, fast: FastIommu, dom: Domain, raw: Any, start: int, stop: int) -> int:
-    """Let the compiled loop run what it can of ops ``start``..``stop``; account for it here."""
+def _drive(
+    iommu: Iommu, caller: int, caller_dom: Domain, outcome: Generator[str, None, int]
+) -> Generator[str, None, int | None]:
+    """Run one op of many pages: at each slice it pauses, flushed, for others to run; None if
+    its domain was destroyed meanwhile (the op is abandoned where it stood, as destruction
+    released everything it had done)."""
+    try:
+        while True:
+            try:
+                next(outcome)
+            except StopIteration as stop:
+                status: int = stop.value
+                return status
+            iommu.flush_touched()
+            yield PREEMPT
+            if iommu.memory.domains.get(caller) is not caller_dom:
+                return None
+    finally:
+        outcome.close()
+
+
+def _run_fast(
+    iommu: Iommu, fast: FastIommu, dom: Domain, raw: Any, start: int, stop: int, budget: int
+) -> tuple[int, int]:
+    """Let the compiled loop run what it can of ops ``start``..``stop`` within ``budget`` of
+    work; account for it here.  Returns the next op's index and the work done."""
     ctx = iommu.contexts.get(dom.domid)
     if ctx is None or iommu.injected_faults:
-        return start
+        return start, 0
     can_map = iommu.map_cap(dom) and not iommu.is_non_strict_hwdom(dom)
     quota_left = dom.max_mappings - iommu.mappings_held[dom.domid]
-    done, mapped, flush = fast.run(dom, ctx, can_map, quota_left, raw, start, stop)
+    done, mapped, flush, work = fast.run(dom, ctx, can_map, quota_left, raw, start, stop, budget)
     if done != start:
         if mapped:
             iommu.count_mappings(dom.domid, mapped)
         iommu.note_flush(ctx, flush)
-    return done
+    return done, work
 
 
 def run_iommu_op(iommu: Iommu, caller: int, buf: bytearray, count: int) -> int:
@@ -147,7 +196,13 @@ def query_caps(iommu: Iommu, dom: Domain, op: Op) -> int:
     return 0
 
 
-def map_page(iommu: Iommu, dom: Domain, op: Op) -> int:
+def map_page(iommu: Iommu, dom: Domain, op: Op) -> int | Generator[str, None, int]:
+    if preempt.is_large(op.flags, iommu.options.largest_order) and not iommu.is_non_strict_hwdom(dom):
+        return _map_page(iommu, dom, op)  # the trusted hardware domain's run unpreempted
+    return preempt.finish(_map_page(iommu, dom, op))
+
+
+def _map_page(iommu: Iommu, dom: Domain, op: Op) -> Generator[str, None, int]:
     flags = op.flags
     if flags & pv.MAP_RESERVED or not flags & RW:
         return -EINVAL
@@ -166,7 +221,11 @@ def map_page(iommu: Iommu, dom: Domain, op: Op) -> int:
     table, rmrr, faults, domid = ctx.table, ctx.rmrr, iommu.injected_faults, dom.domid
     p2m = dom.p2m if dom.is_hvm else None
     mfns = []
+    pause = preempt.first_pause(1 << order)
     for i in range(1 << order):
+        if i == pause:
+            yield from preempt.pause(dom)
+            pause += preempt.SLICE
         mfn = p2m.get(gfn + i) if p2m is not None else _own_frame(iommu, dom, gfn + i, no_ref)
         if mfn is None:
             return -EPERM
@@ -188,20 +247,33 @@ def map_page(iommu: Iommu, dom: Domain, op: Op) -> int:
     kind_bits = (K_MAP_NOREF if no_ref else K_MAP) << 2 | perms
     replaced = False
     frames = iommu.frames
+    pause, counted = preempt.first_pause(len(mfns)), 0
     for i, mfn in enumerate(mfns):
+        if i == pause:  # what is applied so far is whole: each page holds its references
+            iommu.count_mappings(domid, i - counted)
+            counted = i
+            iommu.note_flush(ctx, FlushType.MODIFIED if replaced else FlushType.ADDED)
+            yield from preempt.pause(dom)
+            pause += preempt.SLICE
         b = bfn + i
         leaf = table.leaf(b)
         replaced = replaced or bool(leaf[b & LEAF_MASK])
         if not no_ref:
             frames.get(mfn, writable)
         leaf[b & LEAF_MASK] = mfn << 8 | kind_bits
-    iommu.count_mappings(domid, len(mfns))
+    iommu.count_mappings(domid, len(mfns) - counted)
     iommu.note_written(dom, bfn, len(mfns))
     iommu.note_flush(ctx, FlushType.MODIFIED if replaced else FlushType.ADDED)
     return 0
 
 
-def unmap_page(iommu: Iommu, dom: Domain, op: Op) -> int:
+def unmap_page(iommu: Iommu, dom: Domain, op: Op) -> int | Generator[str, None, int]:
+    if preempt.is_large(op.flags, iommu.options.largest_order) and not iommu.is_non_strict_hwdom(dom):
+        return _unmap_page(iommu, dom, op)
+    return preempt.finish(_unmap_page(iommu, dom, op))
+
+
+def _unmap_page(iommu: Iommu, dom: Domain, op: Op) -> Generator[str, None, int]:
     flags = op.flags
     if flags & pv.UNMAP_RESERVED:
         return -EINVAL
@@ -214,7 +286,11 @@ def unmap_page(iommu: Iommu, dom: Domain, op: Op) -> int:
         return -ENOENT
     table, rmrr, faults, domid = ctx.table, ctx.rmrr, iommu.injected_faults, dom.domid
     entries = []
+    pause = preempt.first_pause(1 << order)
     for i in range(1 << order):
+        if i == pause:
+            yield from preempt.pause(dom)
+            pause += preempt.SLICE
         b = bfn + i
         if b in rmrr:
             return -EACCES
@@ -226,7 +302,15 @@ def unmap_page(iommu: Iommu, dom: Domain, op: Op) -> int:
         entries.append(entry)
     frames = iommu.frames
     removed = 0
+    pause = preempt.first_pause(len(entries))
     for i, entry in enumerate(entries):
+        if i == pause:  # the pages removed so far let go of their frames before anyone runs
+            if removed:
+                iommu.count_mappings(domid, -removed)
+                removed = 0
+            iommu.note_flush(ctx, FlushType.MODIFIED)
+            yield from preempt.pause(dom)
+            pause += preempt.SLICE
         kind = (entry >> 2) & KIND_MASK
         if kind == K_MAP:
             frames.put(entry >> 8, bool(entry & PERM_W))

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xenemu.abi import pv_iommu as pv
-from xenemu.core.errors import EEXIST, ENOENT, ENOMEM, EPERM
+from xenemu.core.errors import EBUSY, EEXIST, ENOENT, ENOMEM, EPERM
 from xenemu.core.iommu import xen_changes
 from xenemu.core.iommu.state import Iommu
 from xenemu.core.ioreq.servers import IoreqRegistry
@@ -87,6 +87,8 @@ class Balloon:
         """Balloon out ``gfns`` in order, stopping at the first that cannot go; waits for the
         synchronous invalidates it had to send."""
         dom = self.memory.domain(domid)
+        if dom.busy_ops or dom.p2m_readers:  # an op of many pages relies on its memory
+            return {"ret": 0, "status": -EBUSY, "waited": 0}
         owed = Invalidations()
         done, status = 0, 0
         for gfn in gfns:
@@ -111,6 +113,8 @@ class Balloon:
         A PV guest has no p2m: as in Xen its list is output only, so only its length counts
         (no ``-EEXIST``); Xen writes the chosen frames' numbers back."""
         dom = self.memory.domain(domid)
+        if dom.busy_ops or dom.p2m_readers:  # an op of many pages relies on its memory
+            return {"ret": 0, "status": -EBUSY} | ({} if dom.is_hvm else {"mfns": []})
         done, status, mfns = 0, 0, []
         for gfn in gfns:
             if dom.is_hvm and gfn in dom.p2m:

@@ -8,7 +8,7 @@ is handed, leaving ``servers`` a plain registry.
 
 from __future__ import annotations
 
-from xenemu.core.errors import ENOENT, ENOMEM, ENOSPC, EPERM, HypercallError
+from xenemu.core.errors import EBUSY, ENOENT, ENOMEM, ENOSPC, EPERM, HypercallError
 from xenemu.core.iommu import xen_changes
 from xenemu.core.iommu.state import Iommu
 from xenemu.core.ioreq.servers import IoreqRegistry, IoreqServer
@@ -52,7 +52,10 @@ class Emulators:
         return server
 
     def destroy_server(self, caller: int, ioserver: int) -> None:
-        self.end(self.own_server(caller, ioserver))
+        server = self.own_server(caller, ioserver)
+        if self.memory.domain(caller).busy_ops:  # one of its foreign ops may be using it
+            raise HypercallError(-EBUSY, f"d{caller} has an IOMMU op in flight")
+        self.end(server)
         self.iommu.flush_touched()
 
     def release_servers(self, creator: int) -> int:

@@ -37,6 +37,12 @@ class Domain:
     name: str = ""
     #: Quota of mappings it may hold (map_page, M2B entries as mapper, grant mappings).
     max_mappings: int = 1 << 22
+    #: Its own ops of many pages paused mid-flight: while non-zero, its calls that could change
+    #: what they rely on (IOMMU, memory, grant and IOREQ-server calls) are -EBUSY.
+    busy_ops: int = 0
+    #: Emulators' foreign ops of many pages paused mid-flight on its frames: while non-zero,
+    #: it cannot balloon or populate (-EBUSY), so the frames they checked stay its own.
+    p2m_readers: int = 0
     #: The secret a connection presents to speak for this domain.
     token: str = field(default_factory=lambda: secrets.token_hex(16))
 

@@ -1,0 +1,71 @@
+"""Preemption by work: how much a batch may do before other domains get a turn.
+
+Continuation points (every 1,024 ops, the page's) say where flushes are counted; within them a
+batch also pauses whenever it has spent a slice of work, so that no uninterruptible step is
+large whatever the ops do (an order-18 op that fails on its last page checks 262,144 pages).
+Work is counted in pages, identically by the Python handlers and the compiled loop (which
+returns an op of more than ``LARGE_PAGES`` to Python): an op costs its pages plus ``OP_COST``.
+An op of more than ``LARGE_PAGES`` pages is itself cut into slices; while it is paused its
+domain is marked busy (``Domain.busy_ops``), and the domain's other calls that could change
+what the op relies on are refused with ``-EBUSY`` until it completes.  Statuses and per-op
+atomicity are those of an unpreempted run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+
+from xenemu.abi import pv_iommu as pv
+from xenemu.core.memory.domain import Domain
+
+#: Work between two pauses: about a millisecond of Python page checks on this machine.
+SLICE = 4096
+#: Fixed cost of one op beyond its pages (decoding, dispatch).
+OP_COST = 2
+#: Ops of more pages than this run in slices of their own.
+LARGE_PAGES = 512
+#: What a batch yields at a pause (pending flushes already applied).
+PREEMPT = "preempt"
+
+
+def pages(flags: int, largest_order: int) -> int:
+    """The pages an op's order covers, 0 for an order the host refuses (it fails at once)."""
+    order = flags >> pv.ORDER_SHIFT
+    return 1 << order if order <= largest_order else 0
+
+
+def cost(flags: int, largest_order: int) -> int:
+    return OP_COST + pages(flags, largest_order)
+
+
+def is_large(flags: int, largest_order: int) -> bool:
+    return pages(flags, largest_order) > LARGE_PAGES
+
+
+def first_pause(count: int) -> int:
+    """The index at which a loop over ``count`` pages first pauses (never, when small)."""
+    return SLICE if count > LARGE_PAGES else -1
+
+
+def pause(caller: Domain, target: Domain | None = None) -> Generator[str, None, None]:
+    """One pause of a large op: its caller is busy, and a foreign op's target may not change
+    its memory, until the op resumes (or is abandoned)."""
+    caller.busy_ops += 1
+    if target is not None:
+        target.p2m_readers += 1
+    try:
+        yield PREEMPT
+    finally:
+        caller.busy_ops -= 1
+        if target is not None:
+            target.p2m_readers -= 1
+
+
+def finish(outcome: Generator[str, None, int]) -> int:
+    """Run a handler that cannot pause (its op is small) to its status."""
+    try:
+        next(outcome)
+    except StopIteration as stop:
+        status: int = stop.value
+        return status
+    raise AssertionError("a small op paused")
