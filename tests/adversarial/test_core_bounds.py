@@ -90,3 +90,26 @@ def test_no_device_for_an_hvm_guest_without_an_iommu(tmp_path: Path) -> None:
             assert ctl.audit() == []
     finally:
         proc.stop()
+
+
+def test_sparse_mappings_cost_a_bounded_number_of_leaves_given_back_on_unmap(daemon: DaemonProcess) -> None:
+    """Each map_page at a BFN 512 apart from the last needs a 4 KiB page-table leaf of its own."""
+    from xenemu.abi import pv_iommu as ops
+
+    with SyncControlClient.connect(daemon.control_path) as ctl:
+        guest = ctl.create_domain("hvm", 16)
+        ctl.assign_device(guest["domid"], "00:03.0")
+        base = ctl.stats()["page_table_bytes"]
+        with SyncHypercallClient.connect(daemon.hypercall_path, guest["token"]) as xc:
+            sparse = [ops.map_page((1 << 30) + 512 * i, i % 16) for i in range(1100)]
+            got = xc.iommu_op(sparse)
+            assert ops.statuses(got)[:1024] == ["OK"] * 1024
+            assert set(ops.statuses(got)[1024:]) == {"-EDQUOT"}  # 1,024 sparse leaves at most
+            grown = ctl.stats()["page_table_bytes"] - base
+            assert grown <= 1025 * 4096
+            assert ctl.audit() == []
+            done = xc.iommu_op([ops.unmap_page((1 << 30) + 512 * i) for i in range(1024)])
+            assert set(ops.statuses(done)) == {"OK"}
+        assert ctl.stats()["page_table_bytes"] - base <= 4096  # given back as they emptied
+        ctl.destroy_domain(guest["domid"])
+        assert ctl.audit() == []

@@ -4,6 +4,7 @@ machines are noisy. It starts its own daemons as subprocesses and talks to them 
 
 - ``harness``: the daemon, guests, timers and percentiles every section uses.
 - ``iommu``: the PV IOMMU sections (throughput, scaling, M2B, memory, fairness, ballooning).
+- ``hostile``: a victim's latency under each kind of hostile batch, and sparse mappings' cost.
 - ``vits``: the vITS section and the elision table.
 - ``report``: the table, and ``--compare REV``'s side-by-side.
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from xenemu.bench.harness import Daemon, Scale
+from xenemu.bench.hostile import hostile_section
 from xenemu.bench.iommu import (
     balloon_section,
     fairness_section,
@@ -46,6 +48,7 @@ def run_bench(scale: Scale) -> dict[str, Any]:
                 results.update(throughput_section(ctl, daemon, scale))
                 results.update(m2b_section(ctl, daemon, scale))
                 results.update(fairness_section(ctl, daemon, scale))
+                results.update(hostile_section(ctl, daemon, scale))
                 results.update(balloon_section(ctl, daemon, scale))
                 results["audit_clean"] = ctl.audit() == []
         finally:

@@ -49,6 +49,13 @@ def table(results: dict[str, Any]) -> str:
         f"fairness: victim p99 {fair['alone_p99']} us alone, {fair['flood_p99']} us while another domain "
         f"streams 65,536-op batches (p50 {fair['alone_p50']} / {fair['flood_p50']})"
     )
+    hostile = results.get("hostile_us")
+    if hostile:
+        lines.append(
+            f"hostile: victim p99 {hostile['alone_p99']} us alone; while another domain sends "
+            + ", ".join(f"{k} batches {hostile[k]['p99']} us" for k in ("invalid", "failing", "sparse"))
+            + f"; sparse mappings cost at most {hostile['sparse_bytes_per_mapping_peak']} B each (leaf quota)"
+        )
     bal = results["balloon_frames_per_s"]
     lines.append(
         f"balloon-out of emulator-mapped frames: {bal['invalidate']}/s with invalidates, "

@@ -134,6 +134,10 @@ def _check_context(
     identity_defaults = host.iommu.is_non_strict_hwdom(dom)
     rule = ctx.table.default_rule
     seen_rmrr, seen_scratch, seen_foreign = set(), set(), set()
+    if not ctx.table.sparse <= ctx.table.leaves.keys():
+        problems.append(
+            f"{where}: sparse leaves {sorted(ctx.table.sparse - ctx.table.leaves.keys())[:8]} are not leaves"
+        )
     if wrong := ctx.table.directory.disagreements(ctx.table.leaves):
         problems.append(f"{where}: leaf directory disagrees with the page table at {wrong[:8]}")
     for bfn, entry in ctx.table.materialized():

@@ -30,6 +30,9 @@ class HostOptions:
     #: Mappings one domain may hold at once (map_page, M2B and grant mappings), unless its
     #: toolstack gave it another quota.
     max_mappings: int = 1 << 22
+    #: Page-table leaves (4 KiB each) a domain's context may hold beyond its own memory, where
+    #: mapping sparse BFNs puts them: a map that needs more is -EDQUOT.
+    max_sparse_leaves: int = 1024
     #: The GICv3 ITS: physical ITSs, physical CPUs, each pITS's queue slots and command rate,
     #: commands per vITS batch, and the elision policy (lazy, eager or off).
     its_pits: int = 1

@@ -144,6 +144,8 @@ class Grants:
                 return GNTST_bad_dev_addr
             bfn = addr >> PAGE_SHIFT
             check = xen_changes.check_grant_bfn(self.iommu, mapper, bfn)
+            if check == "quota":
+                return GNTST_no_space
             if check != "ok":
                 return GNTST_bad_dev_addr if check in ("reserved", "mapped") else GNTST_general_error
         handle = self.maptracks[mapper.domid].allocate()

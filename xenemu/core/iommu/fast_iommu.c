@@ -28,7 +28,7 @@
 #define FAST_COUNT_LIMIT 0x7FFFFFFFu
 /* Work is counted as Python counts it (subops.py): each op costs its pages plus this; an op of
  * more pages than FAST_LARGE_PAGES is preempted page by page, so it is Python's. */
-#define FAST_OP_COST 2
+#define FAST_OP_COST 1
 #define FAST_LARGE_PAGES 512
 
 /* The host's frame table, set once: its arrays never move. */

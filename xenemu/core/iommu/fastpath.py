@@ -44,7 +44,7 @@ class FastIommu:
             lib.FAST_LEAF_SHIFT,
             lib.FAST_OP_COST,
             lib.FAST_LARGE_PAGES,
-        ) != (Kind.DEFAULT, Kind.MAP, Kind.MAP_NOREF, LEAF_SHIFT, preempt.OP_COST, preempt.LARGE_PAGES):
+        ) != (Kind.DEFAULT, Kind.MAP, Kind.MAP_NOREF, LEAF_SHIFT, preempt.FAST_OP_COST, preempt.LARGE_PAGES):
             raise RuntimeError("fast_iommu.c disagrees with xenemu.core.iommu; rebuild it")
         if (frames.owner.itemsize, frames.count.itemsize, frames.type_count.itemsize) != (2, 4, 4):
             raise RuntimeError("frame table arrays are not uint16/uint32 on this platform")

@@ -74,7 +74,7 @@ def _map_foreign_page(iommu: Iommu, dom: Domain, op: Op) -> Generator[str, None,
     for i in range(1 << order):
         if i == pause:
             yield from preempt.pause(dom, guest)  # its guest cannot balloon meanwhile
-            pause += preempt.SLICE
+            pause += preempt.LARGE_SLICE
             if iommu.memory.domains.get(guest.domid) is not guest:  # destroyed meanwhile
                 return -ENXIO
         mfn = _foreign_frame(iommu, guest, gfn + i)
@@ -104,7 +104,9 @@ def _map_foreign_page(iommu: Iommu, dom: Domain, op: Op) -> Generator[str, None,
             if existing is not None:
                 return -EEXIST
         new.append((b, mfn))
-    if not iommu.quota_allows(dom, len(new)):
+    if not iommu.quota_allows(dom, len(new)) or (
+        ctx is not None and new and not iommu.leaves_allow(ctx, new[0][0], new[-1][0] - new[0][0] + 1)
+    ):
         return -EDQUOT
     perms = flags & RW
     flush = FlushType.NONE
@@ -115,7 +117,7 @@ def _map_foreign_page(iommu: Iommu, dom: Domain, op: Op) -> Generator[str, None,
             if ctx is not None:
                 iommu.note_flush(ctx, flush)
             yield from preempt.pause(dom, guest)
-            pause += preempt.SLICE
+            pause += preempt.LARGE_SLICE
             if iommu.memory.domains.get(guest.domid) is not guest:  # destroyed meanwhile
                 _undo_foreign(iommu, dom, ioserver, new[:i], replaced)
                 return -ENXIO
@@ -214,7 +216,7 @@ def _unmap_foreign_page(iommu: Iommu, dom: Domain, op: Op) -> Generator[str, Non
     for i in range(1 << order):
         if i == pause:
             yield from preempt.pause(dom)
-            pause += preempt.SLICE
+            pause += preempt.LARGE_SLICE
         b = bfn + i
         if ctx is not None and b in ctx.rmrr:
             return -EACCES
@@ -230,7 +232,7 @@ def _unmap_foreign_page(iommu: Iommu, dom: Domain, op: Op) -> Generator[str, Non
     for i, (b, _validated) in enumerate(found):
         if i == pause:
             yield from preempt.pause(dom)
-            pause += preempt.SLICE
+            pause += preempt.LARGE_SLICE
             # A guest's balloon-out may have swapped an entry to scratch meanwhile: take what is there.
         current = iommu.m2b.get(caller, ioserver, b)
         if current is not None:

@@ -21,13 +21,20 @@ BlankLeaf = Callable[[int], bool]
 class PageTable:
     """BFN -> entry, with virtual default entries until a leaf is materialised."""
 
-    __slots__ = ("blank", "default_rule", "directory", "leaves")
+    #: Leaves written into being or given back by any table so far: the work they cost is
+    #: charged to the batch that caused it (``preempt.LEAF_COST`` each).
+    churn = 0
+
+    __slots__ = ("blank", "default_rule", "directory", "leaves", "sparse")
 
     def __init__(self, default_rule: DefaultRule, blank: BlankLeaf | None = None) -> None:
         self.leaves: dict[int, array[int]] = {}
         self.directory = LeafDirectory()
         self.default_rule = default_rule
         self.blank = blank
+        #: Written leaves where no default entry can be (beyond the domain's memory): what a
+        #: guest mapping sparse BFNs costs the daemon, charged against its leaf quota.
+        self.sparse: set[int] = set()
 
     def get(self, bfn: int) -> int:
         leaf = self.leaves.get(bfn >> LEAF_SHIFT)
@@ -41,12 +48,14 @@ class PageTable:
         if leaf is None:
             if self.blank is not None and self.blank(index):
                 leaf = array("Q", bytes(LEAF_SIZE * 8))
+                self.sparse.add(index)
             else:
                 base = index << LEAF_SHIFT
                 rule = self.default_rule
                 leaf = array("Q", [rule(base + i) for i in range(LEAF_SIZE)])
             self.leaves[index] = leaf
             self.directory.note(index, leaf)
+            PageTable.churn += 1
         return leaf
 
     def set(self, bfn: int, entry: int) -> None:
@@ -54,6 +63,32 @@ class PageTable:
 
     def clear(self, bfn: int) -> None:
         self.leaf(bfn)[bfn & LEAF_MASK] = 0
+        self.release_if_empty(bfn >> LEAF_SHIFT)
+
+    def release_if_empty(self, index: int) -> None:
+        """A sparse leaf whose last entry went is given back at once."""
+        if index in self.sparse and not any(self.leaves[index]):
+            del self.leaves[index]
+            self.directory.forget(index)
+            self.sparse.discard(index)
+            PageTable.churn += 1
+
+    def sweep(self) -> int:
+        """Release every sparse leaf that holds nothing (unmaps emptied it): its memory goes
+        back.  Returns how many went."""
+        empty = [i for i in self.sparse if not any(self.leaves[i])]
+        for index in empty:
+            del self.leaves[index]
+            self.directory.forget(index)
+        self.sparse.difference_update(empty)
+        return len(empty)
+
+    def new_leaves(self, bfn: int, count: int) -> int:
+        """How many leaves writing ``count`` BFNs from ``bfn`` would create."""
+        first, last = bfn >> LEAF_SHIFT, (bfn + count - 1) >> LEAF_SHIFT
+        if last - first > 4096:  # beyond any quota: no need to count them one by one
+            return last - first + 1
+        return sum(1 for i in range(first, last + 1) if i not in self.leaves)
 
     def materialized(self) -> Iterator[tuple[int, int]]:
         """Present entries of written leaves, as (bfn, entry)."""

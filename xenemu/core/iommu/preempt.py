@@ -3,9 +3,11 @@
 Continuation points (every 1,024 ops, the page's) say where flushes are counted; within them a
 batch also pauses whenever it has spent a slice of work, so that no uninterruptible step is
 large whatever the ops do (an order-18 op that fails on its last page checks 262,144 pages).
-Work is counted in pages, identically by the Python handlers and the compiled loop (which
-returns an op of more than ``LARGE_PAGES`` to Python): an op costs its pages plus ``OP_COST``.
-An op of more than ``LARGE_PAGES`` pages is itself cut into slices; while it is paused its
+Work is counted in pages: an op costs its pages plus a fixed cost for decoding and dispatch,
+``OP_COST`` when the Python handlers run it and ``FAST_OP_COST`` when the compiled loop does
+(each is about one page check's time there), and every page-table leaf an op writes into
+being, or gives back, costs ``LEAF_COST``.  The compiled loop returns an op of more than
+``LARGE_PAGES`` pages to Python, where it is cut into slices of ``LARGE_SLICE`` pages; while it is paused its
 domain is marked busy (``Domain.busy_ops``), and the domain's other calls that could change
 what the op relies on are refused with ``-EBUSY`` until it completes.  Statuses and per-op
 atomicity are those of an unpreempted run.
@@ -18,12 +20,16 @@ from collections.abc import Generator
 from xenemu.abi import pv_iommu as pv
 from xenemu.core.memory.domain import Domain
 
-#: Work between two pauses: about a millisecond of Python page checks on this machine.
+#: Work between two pauses: about a millisecond on this machine.
 SLICE = 4096
-#: Fixed cost of one op beyond its pages (decoding, dispatch).
-OP_COST = 2
-#: Ops of more pages than this run in slices of their own.
+#: Fixed cost of one op beyond its pages, run by the Python handlers, and by the compiled loop.
+OP_COST = 8
+FAST_OP_COST = 1
+#: A page-table leaf written into being or given back (512 entries filled or scanned).
+LEAF_COST = 512
+#: Ops of more pages than this run in slices of their own, of this many pages.
 LARGE_PAGES = 512
+LARGE_SLICE = 1024
 #: What a batch yields at a pause (pending flushes already applied).
 PREEMPT = "preempt"
 
@@ -44,7 +50,7 @@ def is_large(flags: int, largest_order: int) -> bool:
 
 def first_pause(count: int) -> int:
     """The index at which a loop over ``count`` pages first pauses (never, when small)."""
-    return SLICE if count > LARGE_PAGES else -1
+    return LARGE_SLICE if count > LARGE_PAGES else -1
 
 
 def pause(caller: Domain, target: Domain | None = None) -> Generator[str, None, None]:

@@ -76,6 +76,22 @@ class Iommu:
     def quota_allows(self, dom: Domain, new: int) -> bool:
         return self.mappings_held[dom.domid] + new <= dom.max_mappings
 
+    def leaves_allow(self, ctx: IommuContext, bfn: int, count: int) -> bool:
+        """Whether writing ``count`` BFNs from ``bfn`` stays within the domain's quota of
+        sparse page-table leaves; empty ones are given back first."""
+        table = ctx.table
+        blank = table.blank
+        first, last = bfn >> LEAF_SHIFT, (bfn + count - 1) >> LEAF_SHIFT
+        if last - first > self.options.max_sparse_leaves:
+            return False
+        new = sum(1 for i in range(first, last + 1) if i not in table.leaves and (blank is None or blank(i)))
+        if not new:
+            return True
+        limit = self.options.max_sparse_leaves
+        if len(table.sparse) + new > limit:
+            table.sweep()
+        return len(table.sparse) + new <= limit
+
     def count_mappings(self, domid: int, delta: int) -> None:
         self.mappings_held[domid] += delta
         if not self.mappings_held[domid]:

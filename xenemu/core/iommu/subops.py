@@ -30,9 +30,10 @@ from xenemu.core.iommu import foreign, preempt
 from xenemu.core.iommu.checks import Op
 from xenemu.core.iommu.entries import PERM_W, RW, FlushType, Kind
 from xenemu.core.iommu.fastpath import FastIommu
+from xenemu.core.iommu.pagetable import PageTable
 from xenemu.core.iommu.state import Iommu
 from xenemu.core.memory.domain import Domain
-from xenemu.core.memory.leaves import LEAF_MASK
+from xenemu.core.memory.leaves import LEAF_MASK, LEAF_SHIFT
 
 IOMMUOP_query_caps = pv.QUERY_CAPS
 IOMMUOP_map_page = pv.MAP_PAGE
@@ -46,6 +47,11 @@ IOMMUOP_unmap_foreign_page = pv.UNMAP_FOREIGN_PAGE
 KIND_MASK = 15
 K_DEFAULT, K_MAP, K_MAP_NOREF = int(Kind.DEFAULT), int(Kind.MAP), int(Kind.MAP_NOREF)
 UNMAPPABLE = frozenset((K_MAP, K_MAP_NOREF, K_DEFAULT))
+
+#: After the compiled loop hands ops straight back again and again, up to this many ops go to
+#: Python before it is tried again (a batch of ops it cannot take would otherwise pay the
+#: loop's entry cost per op); one op it completes resets the backoff.
+FAST_RETRY = 32
 
 #: Subops whose order covers several pages (their work is counted in pages).
 RANGED = frozenset((IOMMUOP_map_page, IOMMUOP_unmap_page, IOMMUOP_map_foreign_page, IOMMUOP_unmap_foreign_page))
@@ -79,7 +85,7 @@ def do_iommu_op(iommu: Iommu, caller: int, buf: bytearray, count: int) -> Genera
     fast = iommu.fast
     raw = fast.buffer(buf) if fast is not None else None
     every = iommu.options.continuation_every
-    done = work = 0
+    done = work = fast_after = misses = 0
     while done < count:
         # The batch belongs to the domain instance that made it: if that domain was destroyed
         # while it was preempted, the rest never runs, even if its id now names a new domain.
@@ -87,15 +93,27 @@ def do_iommu_op(iommu: Iommu, caller: int, buf: bytearray, count: int) -> Genera
         if dom is None or dom is not caller_dom:
             return -ESRCH
         stop = min(count, done - done % every + every)
-        if fast is not None and buf[done * OP_SIZE] in FAST_SUBOPS and not buf[done * OP_SIZE + 1]:
+        if (
+            fast is not None
+            and done >= fast_after
+            and buf[done * OP_SIZE] in FAST_SUBOPS
+            and not buf[done * OP_SIZE + 1]
+        ):
+            start = done
             done, spent = _run_fast(iommu, fast, dom, raw, done, stop, preempt.SLICE - work)
             work += spent
+            if done == start:  # handed straight back: Python takes the next ones, more each time
+                misses = min(2 * misses + 1, FAST_RETRY)
+                fast_after = done + misses
+            else:
+                misses = 0
         if done < stop and work < preempt.SLICE:  # what the compiled loop handed back
             op = ops[done]
             handler = SUBOPS.get(op.subop_id)
             spent = (
                 preempt.cost(op.flags, iommu.options.largest_order) if op.subop_id in RANGED else preempt.OP_COST + 1
             )
+            churn = PageTable.churn
             if handler is None:
                 op.status = -EOPNOTSUPP
             else:
@@ -108,7 +126,7 @@ def do_iommu_op(iommu: Iommu, caller: int, buf: bytearray, count: int) -> Genera
                         return -ESRCH
                     op.status = status
                     work = 0
-            work += spent
+            work += spent + preempt.LEAF_COST * (PageTable.churn - churn)
             done += 1
         if done < count and (done == stop or work >= preempt.SLICE):
             iommu.flush_touched()
@@ -225,7 +243,7 @@ def _map_page(iommu: Iommu, dom: Domain, op: Op) -> Generator[str, None, int]:
     for i in range(1 << order):
         if i == pause:
             yield from preempt.pause(dom)
-            pause += preempt.SLICE
+            pause += preempt.LARGE_SLICE
         mfn = p2m.get(gfn + i) if p2m is not None else _own_frame(iommu, dom, gfn + i, no_ref)
         if mfn is None:
             return -EPERM
@@ -240,7 +258,7 @@ def _map_page(iommu: Iommu, dom: Domain, op: Op) -> Generator[str, None, int]:
         if faults and (domid, b) in faults:
             return -EIO
         mfns.append(mfn)
-    if not iommu.quota_allows(dom, len(mfns)):
+    if not iommu.quota_allows(dom, len(mfns)) or not iommu.leaves_allow(ctx, bfn, len(mfns)):
         return -EDQUOT
     perms = flags & RW
     writable = bool(perms & PERM_W)
@@ -254,7 +272,7 @@ def _map_page(iommu: Iommu, dom: Domain, op: Op) -> Generator[str, None, int]:
             counted = i
             iommu.note_flush(ctx, FlushType.MODIFIED if replaced else FlushType.ADDED)
             yield from preempt.pause(dom)
-            pause += preempt.SLICE
+            pause += preempt.LARGE_SLICE
         b = bfn + i
         leaf = table.leaf(b)
         replaced = replaced or bool(leaf[b & LEAF_MASK])
@@ -290,7 +308,7 @@ def _unmap_page(iommu: Iommu, dom: Domain, op: Op) -> Generator[str, None, int]:
     for i in range(1 << order):
         if i == pause:
             yield from preempt.pause(dom)
-            pause += preempt.SLICE
+            pause += preempt.LARGE_SLICE
         b = bfn + i
         if b in rmrr:
             return -EACCES
@@ -310,7 +328,7 @@ def _unmap_page(iommu: Iommu, dom: Domain, op: Op) -> Generator[str, None, int]:
                 removed = 0
             iommu.note_flush(ctx, FlushType.MODIFIED)
             yield from preempt.pause(dom)
-            pause += preempt.SLICE
+            pause += preempt.LARGE_SLICE
         kind = (entry >> 2) & KIND_MASK
         if kind == K_MAP:
             frames.put(entry >> 8, bool(entry & PERM_W))
@@ -320,6 +338,9 @@ def _unmap_page(iommu: Iommu, dom: Domain, op: Op) -> Generator[str, None, int]:
         table.leaf(b)[b & LEAF_MASK] = 0
     if removed:
         iommu.count_mappings(domid, -removed)
+    if table.sparse:  # leaves beyond the domain's memory that this emptied go back
+        for index in range(bfn >> LEAF_SHIFT, ((bfn + len(entries) - 1) >> LEAF_SHIFT) + 1):
+            table.release_if_empty(index)
     iommu.note_flush(ctx, FlushType.MODIFIED)
     return 0
 

@@ -161,7 +161,7 @@ def map_doorbell(iommu: Iommu, ctx: IommuContext, bfn: int, pits: int, doorbell_
 
 # -- grant maps at a caller-chosen BFN --------------------------------------------------------
 
-BfnCheck = Literal["ok", "no_context", "reserved", "mapped", "fault"]
+BfnCheck = Literal["ok", "no_context", "reserved", "mapped", "fault", "quota"]
 
 
 def check_grant_bfn(iommu: Iommu, mapper: Domain, bfn: int) -> BfnCheck:
@@ -174,6 +174,8 @@ def check_grant_bfn(iommu: Iommu, mapper: Domain, bfn: int) -> BfnCheck:
         return "reserved" if bfn in ctx.rmrr else "mapped"
     if (mapper.domid, bfn) in iommu.injected_faults:
         return "fault"
+    if not iommu.leaves_allow(ctx, bfn, 1):
+        return "quota"
     return "ok"
 
 

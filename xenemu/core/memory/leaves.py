@@ -41,6 +41,11 @@ class LeafDirectory:
         """(address, length) of the directory."""
         return self.addresses.buffer_info()
 
+    def forget(self, index: int) -> None:
+        """A leaf was released: compiled code must see it as unwritten again."""
+        if index < len(self.addresses):
+            self.addresses[index] = 0
+
     def clear(self) -> None:
         self.addresses = array("Q")
 
