@@ -43,3 +43,33 @@ async def test_huge_failing_ops_do_not_stall_another_domain(tmp_path: Path) -> N
         assert ctl.audit() == []
     finally:
         daemon.stop()
+
+
+async def test_huge_ballooning_calls_do_not_stall_another_domain(tmp_path: Path) -> None:
+    pages = 1 << 16
+    daemon = DaemonProcess(tmp_path, "--frames", str(pages + 8192), "--dom0-memory", "512")
+    try:
+        ctl = SyncControlClient.connect(daemon.control_path)
+        attacker = ctl.create_domain("hvm", pages)
+        victim = ctl.create_domain("hvm", 64)
+        ctl.assign_device(victim["domid"], "00:04.0")
+        a = await HypercallClient.connect(daemon.hypercall_path, attacker["token"])
+        v = await HypercallClient.connect(daemon.hypercall_path, victim["token"])
+        for call in ("decrease_reservation", "populate_physmap"):
+            order: list[str] = []
+
+            async def attack(call: str = call, order: list[str] = order) -> None:
+                out = await getattr(a, call)(list(range(pages)))
+                assert (out["ret"], out["status"]) == (pages, 0)
+                order.append("attacker")
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(attack)
+                await trio.sleep(0.02)
+                (caps,) = await v.iommu_op([ops.query_caps()])
+                assert caps.status == 0
+                order.append("victim")
+            assert order == ["victim", "attacker"], call
+        assert ctl.audit() == []
+    finally:
+        daemon.stop()

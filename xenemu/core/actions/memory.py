@@ -44,8 +44,9 @@ class PopulatePhysmap(Action):
 
 
 @handles(PopulatePhysmap)
-def _populate_physmap(host: Host, caller: int, action: PopulatePhysmap) -> dict[str, Any]:
-    return host.balloon.populate_physmap(caller, _bounded(action.gfns))
+def _populate_physmap(host: Host, caller: int, action: PopulatePhysmap) -> Outcome:
+    result = yield from host.balloon.populate_steps(caller, _bounded(action.gfns))
+    return result
 
 
 @dataclass(frozen=True)

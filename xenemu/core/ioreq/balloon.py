@@ -13,12 +13,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xenemu.abi import pv_iommu as pv
-from xenemu.core.errors import EBUSY, EEXIST, ENOENT, ENOMEM, EPERM
+from xenemu.core.errors import EBUSY, EEXIST, ENOENT, ENOMEM, EPERM, ESRCH
 from xenemu.core.iommu import xen_changes
+from xenemu.core.iommu.preempt import PREEMPT
 from xenemu.core.iommu.state import Iommu
 from xenemu.core.ioreq.servers import IoreqRegistry
 from xenemu.core.memory.domain import Domain
 from xenemu.core.memory.guest import GuestMemory
+
+#: GFNs a ballooning call handles between two pauses (each is a few microseconds of work, and
+#: its invalidates a little more): about a millisecond, as ``iommu_op``'s slices.
+GFNS_PER_SLICE = 256
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,15 @@ class Balloon:
         owed = Invalidations()
         done, status = 0, 0
         for gfn in gfns:
+            if done and not done % GFNS_PER_SLICE:  # preemptible by work, like iommu_op
+                self.iommu.flush_touched()
+                yield PREEMPT
+                if self.memory.domains.get(domid) is not dom:
+                    status = -ESRCH
+                    break
+                if dom.p2m_readers:  # an emulator's op of many pages began on its frames
+                    status = -EBUSY
+                    break
             mfn = self.memory.gfn_to_mfn(dom, gfn)  # a PV GFN it does not own and populate: none
             if mfn is None:
                 status = -ENOENT
@@ -108,7 +122,18 @@ class Balloon:
         return {"ret": done, "status": status, "waited": len(waits)}
 
     def populate_physmap(self, domid: int, gfns: list[int]) -> dict[str, Any]:
+        """``populate_steps`` run to its end (tests and scripts)."""
+        steps = self.populate_steps(domid, gfns)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as stop:
+                reply: dict[str, Any] = stop.value
+                return reply
+
+    def populate_steps(self, domid: int, gfns: list[int]) -> Generator[str, None, dict[str, Any]]:
         """Back ``gfns`` with fresh frames (lowest free first); a PV guest learns their MFNs.
+        Pauses every ``GFNS_PER_SLICE`` GFNs so no other domain waits long.
 
         A PV guest has no p2m: as in Xen its list is output only, so only its length counts
         (no ``-EEXIST``); Xen writes the chosen frames' numbers back."""
@@ -117,6 +142,15 @@ class Balloon:
             return {"ret": 0, "status": -EBUSY} | ({} if dom.is_hvm else {"mfns": []})
         done, status, mfns = 0, 0, []
         for gfn in gfns:
+            if done and not done % GFNS_PER_SLICE:
+                self.iommu.flush_touched()
+                yield PREEMPT
+                if self.memory.domains.get(domid) is not dom:
+                    status = -ESRCH
+                    break
+                if dom.p2m_readers:
+                    status = -EBUSY
+                    break
             if dom.is_hvm and gfn in dom.p2m:
                 status = -EEXIST
                 break
