@@ -105,6 +105,17 @@ def map_unmap_frames(batch: int, base: int, memory: int) -> tuple[bytes, bytes]:
     return bytes(maps), bytes(unmaps)
 
 
+def single_op_call(victim: SyncHypercallClient, memory: int) -> Callable[[], None]:
+    """A victim's one-op call, mapping and unmapping one page in turn, for latency samples."""
+    toggle = list(map_unmap_frames(1, 0x3000000, memory))
+
+    def single() -> None:
+        victim.iommu_op_raw(toggle[0], 1)
+        toggle.reverse()
+
+    return single
+
+
 def throughput(xc: SyncHypercallClient, batch: int, total: int, base: int, memory: int, echo: bool) -> float:
     """Ops per second of map+unmap batches (or their echo), ``total`` ops in all; the best of
     three runs, since a noisy machine only ever makes a run slower."""

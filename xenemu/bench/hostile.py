@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from xenemu.bench.harness import Daemon, Scale, guest, latencies, map_unmap_frames
+from xenemu.bench.harness import Daemon, Scale, guest, latencies, single_op_call
 from xenemu.client import SyncControlClient
 
 ATTACKER = """
@@ -47,13 +47,7 @@ KINDS = ("invalid", "failing", "sparse")
 def hostile_section(ctl: SyncControlClient, daemon: Daemon, scale: Scale) -> dict[str, Any]:
     memory = 4096
     vid, victim = guest(ctl, daemon, memory, "00:0a.0")
-    one_map, one_unmap = map_unmap_frames(1, 0x3000000, memory)
-    toggle = [one_map, one_unmap]
-
-    def single() -> None:
-        victim.iommu_op_raw(toggle[0], 1)
-        toggle.reverse()
-
+    single = single_op_call(victim, memory)
     alone = latencies(single, scale.fairness_samples)
     out: dict[str, Any] = {"alone_p99": round(alone[1], 1)}
     for kind in KINDS:

@@ -19,6 +19,7 @@ from xenemu.bench.harness import (
     map_unmap_frames,
     paired_latencies,
     repeat,
+    single_op_call,
     throughput,
     timed,
 )
@@ -181,13 +182,7 @@ def fairness_section(ctl: SyncControlClient, daemon: Daemon, scale: Scale) -> di
     vid, victim = guest(ctl, daemon, memory, "00:07.0")
     flooder = ctl.create_domain("hvm", memory)
     ctl.assign_device(flooder["domid"], "00:08.0")
-    one_map, one_unmap = map_unmap_frames(1, 0x3000000, memory)
-    toggle = [one_map, one_unmap]
-
-    def single() -> None:
-        victim.iommu_op_raw(toggle[0], 1)
-        toggle.reverse()
-
+    single = single_op_call(victim, memory)
     alone = latencies(single, scale.fairness_samples)
     proc = subprocess.Popen(
         [sys.executable, "-c", FLOODER, str(daemon.hypercall), flooder["token"], str(memory)],
