@@ -87,11 +87,16 @@ def test_peers_that_hang_up_at_the_door_do_not_stop_the_daemon(tmp_path: Path, s
     flags = ("--max-control-connections", "2") if socket_name == "control" else ("--max-connections", "2")
     with attacked(tmp_path, *flags) as daemon:
         with SyncControlClient.connect(daemon.control_path) as ctl:
-            held = Raw(daemon.control_path if socket_name == "control" else daemon.hypercall_path)
-            hung_up(daemon.control_path if socket_name == "control" else daemon.hypercall_path, 100)
+            token = ctl.create_domain("hvm", 16)["token"]
+            door = daemon.control_path if socket_name == "control" else daemon.hypercall_path
+            held = Raw(door)  # the cap is reached (the control one: 2; the hypercall one: 2 with ctl)
+            hung_up(door, 100)
+            # accepted after the hang-ups, so served after their refusals were tried
+            sentinel = Raw(daemon.hypercall_path)
+            assert (sentinel.hello(token) or {}).get("ret") == 0
             held.close()
             assert ctl.audit() == []  # still serving
-            wait_for(lambda: len(connections(ctl)["connections"]) == 1)  # the held one has gone
+            wait_for(lambda: len(connections(ctl)["connections"]) == 2)  # the held one has gone
         with SyncControlClient.connect(daemon.control_path) as ctl:
             assert ctl.audit() == []
     if socket_name == "control":

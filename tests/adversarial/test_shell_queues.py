@@ -117,7 +117,7 @@ ECHOES = {
     "op-list": {"id": 1, "op": list(range(100_000)), "args": {}},
     "unknown-argument-names": {"id": 1, "op": "domain_info", "args": {f"{i}{BIG}": 0 for i in range(60)}},
     "string-past-the-decoder": {"id": 1, "op": "B" * 3_000_000, "args": {}},
-    "wrong-typed-bytes": {"id": 1, "op": "its_mmio", "args": {"frame": BIG, "index": 0, "offset": 0, "size": 4}},
+    "name-echoed-by-the-core": {"id": 1, "op": "device_dma", "args": {"bdf": BIG, "addr": 0, "length": 1}},
 }
 
 
