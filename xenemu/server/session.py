@@ -49,7 +49,7 @@ SHUTDOWN_SEND_TIMEOUT = 1.0
 def clip(value: Any) -> Any:
     """``value`` as a reply or a log line may repeat it: small scalars as they are, anything
     else as at most ``ECHO_LIMIT`` characters, at a cost that does not grow with its size."""
-    if value is None or isinstance(value, bool) or (isinstance(value, int) and -(2**64) < value < 2**64):
+    if value is None or isinstance(value, bool | float) or (isinstance(value, int) and -(2**64) < value < 2**64):
         return value
     if isinstance(value, str):
         text = value
