@@ -135,6 +135,29 @@ def host_option_flags(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+#: What each of the shell's limits is (PROTOCOL.md section 10); the flag is the field's name.
+LIMIT_HELP = {
+    "max_connections": "Hypercall connections that have said hello, in all.",
+    "max_connections_per_domain": "Hypercall connections that have said hello, per domain.",
+    "max_awaiting_hello": "Hypercall connections not yet past hello; a new one evicts the oldest.",
+    "max_control_connections": "Control socket connections.",
+    "hello_timeout": "Seconds a new connection has to say hello.",
+    "send_timeout": "Seconds a peer has to take a frame sent to it.",
+    "frame_timeout": "Seconds a frame begun after hello has to arrive whole.",
+    "max_queued_events": "Events one connection may have waiting.",
+    "shutdown_grace": "Seconds in-flight requests get at shutdown.",
+}
+
+
+def limit_flags(fn: Callable[..., Any]) -> Callable[..., Any]:
+    defaults = Limits()
+    for name in reversed(list(LIMIT_HELP)):
+        default = getattr(defaults, name)
+        flag = "--" + name.replace("_", "-")
+        fn = click.option(flag, type=type(default), default=default, show_default=True, help=LIMIT_HELP[name])(fn)
+    return fn
+
+
 @main.command()
 @host_option_flags
 @click.option(
@@ -144,39 +167,33 @@ def host_option_flags(fn: Callable[..., Any]) -> Callable[..., Any]:
     show_default=True,
     help="Default quota of mappings per domain.",
 )
-@click.option("--max-connections", type=int, default=Limits().max_connections, show_default=True)
-@click.option("--max-connections-per-domain", type=int, default=Limits().max_connections_per_domain, show_default=True)
-@click.option(
-    "--hello-timeout",
-    type=float,
-    default=Limits().hello_timeout,
-    show_default=True,
-    help="Seconds a new connection has to say hello.",
-)
+@limit_flags
 @click.option("--log-json", is_flag=True, help="Log JSON lines instead of readable text.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
 @click.pass_obj
-def serve(
-    directory: Path,
-    /,
-    log_json: bool,
-    log_level: str,
-    max_connections: int,
-    max_connections_per_domain: int,
-    hello_timeout: float,
-    **kw: Any,
-) -> None:
-    """Run the hypervisor: control.sock (toolstack) and hypercall.sock (guests) in --dir."""
+def serve(directory: Path, /, log_json: bool, log_level: str, **kw: Any) -> None:
+    """Run the hypervisor: control.sock (toolstack) and hypercall.sock (guests) in --dir
+    (created 0700; an existing one must be this user's, writable by nobody else, not in use)."""
     configure(json=log_json, level=log_level)
+    limits = Limits(**{name: kw.pop(name) for name in LIMIT_HELP})
     try:
         options = host_options(**kw)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    limits = Limits(max_connections, max_connections_per_domain, hello_timeout)
+    from xenemu.server.admission import StateDir, StateDirError
+
+    try:
+        state = StateDir(directory)
+    except StateDirError as exc:
+        click.echo(f"xenemu: {exc}", err=True)
+        sys.exit(2)
     from xenemu.core.host import Host
     from xenemu.server.daemon import run_daemon
 
-    trio.run(lambda: run_daemon(Host(options), directory, limits=limits))
+    try:
+        trio.run(lambda: run_daemon(Host(options), directory, limits=limits, state=state))
+    finally:
+        state.close()
 
 
 # -- toolstack verbs ----------------------------------------------------------------------------------

@@ -217,6 +217,10 @@ class ControlApi(_Api):
     def audit(self) -> Any:
         return self._request("audit", {}, lambda r: _checked("audit")(r)["violations"])
 
+    def connections(self) -> Any:
+        """The daemon's own accounting of its connections (``connections``, ``awaiting_hello``, ``evicted``)."""
+        return self._request("connections", {}, _checked("connections"))
+
     def dump_mappings(self, domid: int, start: int = 0, limit: int = 4096) -> Any:
         args = {"domid": domid, "start": start, "limit": limit}
         return self._request("dump_mappings", args, lambda r: _checked("dump_mappings")(r)["mappings"])

@@ -98,13 +98,22 @@ def test_hello(daemon: DaemonProcess, guest: tuple[int, str]) -> None:
     assert reply["version"] == 1 and reply["max_frame"] == MAX_FRAME
 
 
-@pytest.mark.parametrize("token", ["0" * 32, "", None, "x" * 10_000])
+@pytest.mark.parametrize("token", ["0" * 32, "", None, "x" * 200])
 def test_bad_token_is_refused_and_closed(daemon: DaemonProcess, guest: tuple[int, str], token: str | None) -> None:
     raw = Raw(daemon.hypercall_path)
     reply = raw.hello(token)
     assert reply is not None and reply["ret"] == -13 and reply["error"] == "EACCES"
     assert raw.recv() is None
     assert "bad token" in daemon.log_text()
+    still_serving(daemon, guest[1])
+
+
+def test_a_hello_bigger_than_a_hello_is_refused_and_closed(daemon: DaemonProcess, guest: tuple[int, str]) -> None:
+    """Before hello, a frame may hold at most 1,024 bytes (section 10)."""
+    raw = Raw(daemon.hypercall_path)
+    reply = raw.hello("x" * 10_000)
+    assert reply is not None and reply["ret"] == -90 and reply["error"] == "EMSGSIZE"
+    assert raw.recv() is None
     still_serving(daemon, guest[1])
 
 

@@ -10,8 +10,9 @@ The rooms, each importing only those listed before it:
 - ``session``: one connection's session: reading and decoding its frames, sending its
   replies and events (a task of its own, so a peer that stops reading stalls only itself),
   refusals, and the end of the connection.
-- ``admission``: accepting and admission: the listening sockets and their files, connection
-  caps, the hello deadline and handshake, token -> domain, and the registry of live sessions.
+- ``admission``: accepting and admission: the state directory and its lock, the listening
+  sockets and their files, connection caps (control, awaiting hello, past hello), the hello
+  deadline and handshake, token -> domain, and the registry of live sessions.
 - ``scheduler``: the scheduling of preempted requests: driving an action's generator,
   yielding to trio at continuation points, parking a request on ``WaitForIoreqs``.
 - ``daemon``: the daemon composing them: startup and shutdown, signals, answering a request,

@@ -1,7 +1,8 @@
 """The daemon: the rooms composed into one process, and what belongs to none of them.
 
-It owns the daemon's life (listening on both sockets, then shutting down on a signal or on
-request, in-flight requests given ``SHUTDOWN_GRACE`` to finish), the answering of one
+It owns the daemon's life (claiming its state directory, listening on both sockets, then
+shutting down on a signal or on request, in-flight requests given ``Limits.shutdown_grace`` to
+finish and their peers a second to take what is sent to them), the answering of one
 request once its session has said hello (parse, run through the scheduler, reply), the
 pITS hardware ticker, and the notifications that follow every change of host state: IOREQ
 news and LPIs posted to the emulators' sessions, dropped ITS commands logged, parked
@@ -28,12 +29,12 @@ import trio
 from xenemu.core.actions.control import DestroyDomain
 from xenemu.core.actions.dispatch import Channel, dispatch, parse
 from xenemu.core.actions.ioreq import ReleaseIoreqServers
-from xenemu.core.errors import EINVAL, EIO, EPROTO, ESRCH, HypercallError
+from xenemu.core.errors import EINVAL, EIO, EOPNOTSUPP, EPROTO, ESRCH, HypercallError
 from xenemu.core.host import Host
-from xenemu.server.admission import Admission, listen
+from xenemu.server.admission import Admission, StateDir, listen
 from xenemu.server.limits import Limits
 from xenemu.server.scheduler import Scheduler
-from xenemu.server.session import Session, error_reply
+from xenemu.server.session import Session, clip, error_reply
 from xenemu.wire import MAX_FRAME, Message
 
 log = structlog.get_logger("xenemu")
@@ -42,8 +43,8 @@ MAX_REQUEST_ID = 2**32 - 1
 #: How often the pITS model advances while it has work, and while idle.
 ITS_TICK = 0.0005
 ITS_IDLE_TICK = 0.01
-#: Seconds in-flight requests get to finish at shutdown.
-SHUTDOWN_GRACE = 30
+#: Requests the shell answers itself, on the control socket (the daemon's own accounting).
+SHELL_REQUESTS = frozenset({"connections"})
 
 
 class Daemon:
@@ -55,8 +56,11 @@ class Daemon:
         control_path: Path,
         hypercall_path: Path,
         limits: Limits | None = None,
+        state: StateDir | None = None,
     ) -> None:
+        """``state``: the state directory, already claimed (else ``serve`` claims it)."""
         self.host = host
+        self.state = state
         self.limits = limits or Limits()
         self.control_path = control_path
         self.hypercall_path = hypercall_path
@@ -72,8 +76,18 @@ class Daemon:
     # -- lifecycle ------------------------------------------------------------------------------
     async def serve(self, *, handle_signals: bool = True, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Listen on both sockets until shut down; in-flight requests finish first."""
-        control = await listen(self.control_path, 0o600)
-        hypercall = await listen(self.hypercall_path, 0o666)
+        claimed = [] if self.state is not None else [StateDir(self.control_path.parent)]
+        try:
+            if self.hypercall_path.parent != self.control_path.parent:
+                claimed.append(StateDir(self.hypercall_path.parent))
+            await self._serve(handle_signals, task_status)
+        finally:
+            for state in claimed:
+                state.close()
+
+    async def _serve(self, handle_signals: bool, task_status: Any) -> None:
+        control = listen(self.control_path, 0o600)
+        hypercall = listen(self.hypercall_path, 0o666)
         log.info(
             "listening",
             control=str(self.control_path),
@@ -95,8 +109,8 @@ class Daemon:
                     task_status.started(self)
                 # accepting has stopped: connections finish their current request and close
                 for session in list(self.sessions):
-                    session.close_soon()
-                connections.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
+                    session.shutdown()
+                connections.cancel_scope.deadline = trio.current_time() + self.limits.shutdown_grace
         finally:
             for path in (self.control_path, self.hypercall_path):
                 path.unlink(missing_ok=True)
@@ -155,12 +169,18 @@ class Daemon:
             await session.serve(self._handle, lambda: self.stopping)
         finally:
             self.admission.leave(session)
-            await stream.aclose()
-            log.debug("disconnected", peer=session.peer, domid=session.domain.domid if session.domain else None)
-            await self._after_disconnect(session)
+            # even past the shutdown deadline, but never for ever
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + self.limits.shutdown_grace):
+                await stream.aclose()
+                log.debug("disconnected", peer=session.peer, domid=session.domain.domid if session.domain else None)
+                try:
+                    await self._after_disconnect(session)
+                except Exception:  # a bug: logged, and the daemon goes on serving everyone else
+                    log.exception("release after disconnect failed", peer=session.peer)
 
     async def _after_disconnect(self, session: Session) -> None:
-        """A domain whose last connection closed has no emulator left: release its servers."""
+        """A domain whose last connection closed has no emulator left: release its servers.
+        Its caller shields it from cancellation: the release is plain work, done whole."""
         dom = session.domain
         if session.channel != "hypercall" or dom is None or self.host.domains.get(dom.domid) is not dom:
             return
@@ -174,7 +194,7 @@ class Daemon:
     async def _handle(self, session: Session, message: Message) -> None:
         """Answer one decoded request: hello until the session has a domain, then actions."""
         req_id = message.get("id")
-        if req_id is not None and not (isinstance(req_id, int) and 0 <= req_id <= MAX_REQUEST_ID):
+        if req_id is not None and not (type(req_id) is int and 0 <= req_id <= MAX_REQUEST_ID):  # not a bool
             await session.refuse(None, -EINVAL, "id must be an unsigned 32-bit integer")
             return
         op = message.get("op")
@@ -184,6 +204,12 @@ class Daemon:
             return
         if op == "hello":
             await session.refuse(req_id, -EPROTO, "already said hello")
+            return
+        if not isinstance(op, str):
+            await session.refuse(req_id, -EOPNOTSUPP, f"unknown request {clip(op)}", op=op)
+            return
+        if op in SHELL_REQUESTS and session.channel == "control":
+            await session.send({"id": req_id, **self.admission.describe()})
             return
         dom = session.domain
         if self.host.domains.get(dom.domid) is not dom:
@@ -198,8 +224,11 @@ class Daemon:
         except HypercallError as exc:
             await session.refuse(req_id, exc.errno, exc.message, op=op)
             return
+        except trio.Cancelled:
+            log.warning("request cut", peer=session.peer, domid=dom.domid, op=clip(op), reason="shutdown grace over")
+            raise
         except Exception:
-            log.exception("internal error", peer=session.peer, domid=dom.domid, op=op)
+            log.exception("internal error", peer=session.peer, domid=dom.domid, op=clip(op))
             await session.send(error_reply(req_id, -EIO, "internal error"))
             return
         log.debug(
@@ -235,7 +264,7 @@ class Daemon:
         for delivery in deliveries:
             for session in self.sessions:
                 if session.channel == "hypercall" and session.domain and session.domain.domid == delivery.domid:
-                    session.post_message({"event": "lpi", "vcpu": delivery.vcpu, "intid": delivery.intid})
+                    session.post_lpi(delivery.vcpu, delivery.intid)
         self.scheduler.wake()
 
     def _disconnect_domain(self, domid: int) -> None:
@@ -276,11 +305,13 @@ async def run_daemon(
     handle_signals: bool = True,
     started: Callable[[Daemon], Awaitable[None]] | None = None,
     limits: Limits | None = None,
+    state: StateDir | None = None,
 ) -> None:
     """Serve ``host`` on ``directory``/control.sock and hypercall.sock until shut down;
-    ``started`` runs once both sockets accept connections."""
+    ``started`` runs once both sockets accept connections. ``state``: ``directory`` already
+    claimed (``StateDir``), else the daemon claims it (``StateDirError`` if it may not)."""
     keep_frame_buffers_warm()
-    daemon = Daemon(host, directory / "control.sock", directory / "hypercall.sock", limits)
+    daemon = Daemon(host, directory / "control.sock", directory / "hypercall.sock", limits, state)
     async with trio.open_nursery() as nursery:
         await nursery.start(lambda task_status: daemon.serve(handle_signals=handle_signals, task_status=task_status))
         if started is not None:

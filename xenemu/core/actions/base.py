@@ -1,6 +1,12 @@
 """What an action is: a typed request, validated field by field from the wire's plain values,
 and the registry of one handler per action that the hypercall families fill.
 
+Sizes come before contents: a list field declares the most elements it may hold
+(``Annotated[list[int], MaxLen(65536)]``), and a longer list is refused with ``-E2BIG`` before
+any of its elements is looked at, so a request's cost is bounded by the declaration, not by
+what the peer sent. A list field without a ``MaxLen`` is a programming error, found when the
+action's schema is first resolved.
+
 Kept apart from ``dispatch`` so that the families import this and ``dispatch`` imports the
 families: the registry is filled by plain imports, in one direction.
 """
@@ -13,7 +19,7 @@ import typing
 from collections.abc import Callable, Generator
 from typing import Any, ClassVar, Literal, TypeVar
 
-from xenemu.core.errors import EINVAL, HypercallError
+from xenemu.core.errors import E2BIG, EINVAL, HypercallError
 from xenemu.core.host import Host
 
 #: Which socket an action may arrive on ("internal": raised by the shell itself, never parsed).
@@ -22,6 +28,13 @@ Channel = Literal["hypercall", "control", "internal"]
 #: What a running action yields to the shell (continuation points, waits).
 Effect = Any
 Outcome = Generator[Effect, None, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class MaxLen:
+    """The most elements a list field may hold (``typing.Annotated`` metadata), checked first."""
+
+    n: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +77,9 @@ def _schema(cls: type[Action]) -> Schema:
     """Each field's name, type and whether it is required; resolved once per action type."""
     schema = _SCHEMAS.get(cls)
     if schema is None:
-        hints = typing.get_type_hints(cls)
+        hints = typing.get_type_hints(cls, include_extras=True)
+        for name, hint in hints.items():
+            _require_bounded_lists(cls, name, hint, bounded=False)
         fields = [
             (f.name, hints[f.name], f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
             for f in dataclasses.fields(cls)
@@ -73,15 +88,37 @@ def _schema(cls: type[Action]) -> Schema:
     return schema
 
 
+def _require_bounded_lists(cls: type, name: str, hint: Any, *, bounded: bool) -> None:
+    """Every list in a field's type sits directly in an ``Annotated[..., MaxLen(n)]``."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Annotated:
+        inner, *meta = typing.get_args(hint)
+        has_bound = any(isinstance(m, MaxLen) for m in meta)
+        _require_bounded_lists(cls, name, inner, bounded=has_bound)
+        return
+    if origin is list and not bounded:
+        raise TypeError(f"{cls.__name__}.{name}: a list field needs Annotated[list[...], MaxLen(n)]")
+    for arg in typing.get_args(hint) if origin is not Literal else ():
+        _require_bounded_lists(cls, name, arg, bounded=False)
+
+
 def _check_type(action: str, field: str, value: Any, hint: Any) -> Any:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(hint):
             try:
                 return _check_type(action, field, value, option)
-            except HypercallError:
+            except HypercallError as exc:
+                if exc.errno == -E2BIG:  # the right type, too long: that is the answer
+                    raise
                 continue
         raise HypercallError(-EINVAL, f"{action}: {field} has the wrong type")
+    if origin is typing.Annotated:
+        inner, *meta = typing.get_args(hint)
+        bound = next(m.n for m in meta if isinstance(m, MaxLen))
+        if typing.get_origin(inner) is list and isinstance(value, list) and len(value) > bound:
+            raise HypercallError(-E2BIG, f"{action}: {field} has {len(value)} elements, more than {bound}")
+        return _check_type(action, field, value, inner)
     if hint is type(None):
         if value is None:
             return None

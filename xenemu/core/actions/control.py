@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from xenemu.core.actions.base import ControlAction, handles
+from xenemu.core.actions.base import ControlAction, MaxLen, handles
 from xenemu.core.audit import audit
 from xenemu.core.errors import EINVAL, ENOENT, HypercallError
 from xenemu.core.host import Host
@@ -25,7 +25,7 @@ class CreateDomain(ControlAction):
     max_mappings: int | None = None
     vcpus: int = 1
     #: The physical CPU each vCPU runs on (default: vCPU i on CPU i mod CPUs).
-    pin: list[int] | None = None
+    pin: Annotated[list[int], MaxLen(64)] | None = None
     #: The most it may populate (default: ``memory``, as xl's maxmem).
     max_pages: int | None = None
 
@@ -123,7 +123,7 @@ class AssignDevice(ControlAction):
     name = "assign_device"
     domid: int
     bdf: str
-    rmrr: list[tuple[int, int]] | None = None
+    rmrr: Annotated[list[tuple[int, int]], MaxLen(64)] | None = None
     #: An MSI-capable device: its ITS DeviceID, number of events, and the pITS it sits behind.
     its_devid: int | None = None
     its_events: int = 0

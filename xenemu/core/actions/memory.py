@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from xenemu.core.actions.base import Action, Outcome, handles
+from xenemu.core.actions.base import Action, MaxLen, Outcome, handles
 from xenemu.core.errors import E2BIG, EINVAL, HypercallError
 from xenemu.core.host import Host
 
@@ -26,7 +26,7 @@ class DecreaseReservation(Action):
     """``XENMEM_decrease_reservation``: ``ret`` = GFNs done, ``status`` = why it stopped (or 0)."""
 
     name = "decrease_reservation"
-    gfns: list[int]
+    gfns: Annotated[list[int], MaxLen(MAX_EXTENTS)]
 
 
 @handles(DecreaseReservation)
@@ -40,7 +40,7 @@ class PopulatePhysmap(Action):
     """``XENMEM_populate_physmap``: ``ret`` = GFNs done, ``status``, and a PV guest's ``mfns``."""
 
     name = "populate_physmap"
-    gfns: list[int]
+    gfns: Annotated[list[int], MaxLen(MAX_EXTENTS)]
 
 
 @handles(PopulatePhysmap)
