@@ -25,7 +25,7 @@ class PageTable:
     #: charged to the batch that caused it (``preempt.LEAF_COST`` each).
     churn = 0
 
-    __slots__ = ("blank", "default_rule", "directory", "leaves", "sparse")
+    __slots__ = ("blank", "default_rule", "directory", "emptied", "leaves", "sparse")
 
     def __init__(self, default_rule: DefaultRule, blank: BlankLeaf | None = None) -> None:
         self.leaves: dict[int, array[int]] = {}
@@ -35,6 +35,8 @@ class PageTable:
         #: Written leaves where no default entry can be (beyond the domain's memory): what a
         #: guest mapping sparse BFNs costs the daemon, charged against its leaf quota.
         self.sparse: set[int] = set()
+        #: Whether entries were removed since the last ``sweep`` (so one may find empty leaves).
+        self.emptied = False
 
     def get(self, bfn: int) -> int:
         leaf = self.leaves.get(bfn >> LEAF_SHIFT)
@@ -63,6 +65,7 @@ class PageTable:
 
     def clear(self, bfn: int) -> None:
         self.leaf(bfn)[bfn & LEAF_MASK] = 0
+        self.emptied = True
         self.release_if_empty(bfn >> LEAF_SHIFT)
 
     def release_if_empty(self, index: int) -> None:
@@ -76,6 +79,7 @@ class PageTable:
     def sweep(self) -> int:
         """Release every sparse leaf that holds nothing (unmaps emptied it): its memory goes
         back.  Returns how many went."""
+        self.emptied = False
         empty = [i for i in self.sparse if not any(self.leaves[i])]
         for index in empty:
             del self.leaves[index]

@@ -24,6 +24,9 @@ from xenemu.core.memory.guest import GuestMemory
 from xenemu.core.memory.leaves import LEAF_SHIFT
 from xenemu.core.options import HostOptions
 
+#: Mappings that pay for one sparse page-table leaf beyond the free ``max_sparse_leaves``.
+MAPPINGS_PER_LEAF = 64
+
 
 class ServerCheck(Protocol):
     """What the foreign subops ask of the IOREQ servers (the registry satisfies it)."""
@@ -78,18 +81,22 @@ class Iommu:
 
     def leaves_allow(self, ctx: IommuContext, bfn: int, count: int) -> bool:
         """Whether writing ``count`` BFNs from ``bfn`` stays within the domain's quota of
-        sparse page-table leaves; empty ones are given back first."""
+        sparse page-table leaves; empty ones are given back first.
+
+        The quota is ``max_sparse_leaves`` plus one leaf per ``MAPPINGS_PER_LEAF`` mappings the
+        domain holds: mapping densely (512 to a leaf) is never refused, and mapping sparsely
+        costs at most 4 KiB per ``MAPPINGS_PER_LEAF`` mappings beyond the first 4 MiB."""
         table = ctx.table
         blank = table.blank
+        limit = self.options.max_sparse_leaves + self.mappings_held[ctx.domid] // MAPPINGS_PER_LEAF
         first, last = bfn >> LEAF_SHIFT, (bfn + count - 1) >> LEAF_SHIFT
-        if last - first > self.options.max_sparse_leaves:
+        if last - first > limit:
             return False
         new = sum(1 for i in range(first, last + 1) if i not in table.leaves and (blank is None or blank(i)))
         if not new:
             return True
-        limit = self.options.max_sparse_leaves
-        if len(table.sparse) + new > limit:
-            table.sweep()
+        if len(table.sparse) + new > limit and table.emptied:
+            table.sweep()  # only when unmaps may have emptied some since the last sweep
         return len(table.sparse) + new <= limit
 
     def count_mappings(self, domid: int, delta: int) -> None:

@@ -171,6 +171,8 @@ def _run_fast(
     if done != start:
         if mapped:
             iommu.count_mappings(dom.domid, mapped)
+        if flush is FlushType.MODIFIED:  # it may have unmapped: a sweep may find empty leaves
+            ctx.table.emptied = True
         iommu.note_flush(ctx, flush)
     return done, work
 
@@ -338,6 +340,7 @@ def _unmap_page(iommu: Iommu, dom: Domain, op: Op) -> Generator[str, None, int]:
         table.leaf(b)[b & LEAF_MASK] = 0
     if removed:
         iommu.count_mappings(domid, -removed)
+    table.emptied = True
     if table.sparse:  # leaves beyond the domain's memory that this emptied go back
         for index in range(bfn >> LEAF_SHIFT, ((bfn + len(entries) - 1) >> LEAF_SHIFT) + 1):
             table.release_if_empty(index)
