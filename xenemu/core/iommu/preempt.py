@@ -23,13 +23,13 @@ from xenemu.core.memory.domain import Domain
 #: Work between two pauses: about a millisecond on this machine.
 SLICE = 4096
 #: Fixed cost of one op beyond its pages, run by the Python handlers, and by the compiled loop.
-OP_COST = 8
+OP_COST = 16
 FAST_OP_COST = 1
 #: A page-table leaf written into being or given back (512 entries filled or scanned).
 LEAF_COST = 512
 #: Ops of more pages than this run in slices of their own, of this many pages.
 LARGE_PAGES = 512
-LARGE_SLICE = 1024
+LARGE_SLICE = 512
 #: What a batch yields at a pause (pending flushes already applied).
 PREEMPT = "preempt"
 
