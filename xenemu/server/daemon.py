@@ -127,7 +127,7 @@ class Daemon:
             if its.raised:
                 await trio.sleep(0)  # every request ready to run goes first, then the next piece
             else:
-                busy = any(s.hw.queued() or s.hw.pending for s in its.pits)
+                busy = its.hardware_busy()
                 with trio.move_on_after(ITS_TICK if busy else ITS_IDLE_TICK):
                     await self._its_kick.wait()
             self._its_kick = trio.Event()
@@ -216,7 +216,7 @@ class Daemon:
             await session.refuse(req_id, -ESRCH, f"d{dom.domid} no longer exists", close=True)
             return
         started = time.perf_counter()
-        if any(s.hw.queued() for s in self.host.its.pits):
+        if self.host.its.commands_queued():
             self._its_catch_up()  # what a guest reads of the ITS reflects the time that passed
         try:
             action = parse(op, args, session.channel)
@@ -253,14 +253,13 @@ class Daemon:
                 if session.channel == "hypercall" and session.domain and session.domain.domid == server.creator:
                     session.post(ioserver)
         self.host.ioreq.notify.clear()
-        if any(s.hw.queued() for s in self.host.its.pits):
+        if self.host.its.commands_queued():
             self._its_kick.set()
-        drops, self.host.its.drops = self.host.its.drops, []
+        drops, deliveries = self.host.its.take_events()
         for domid, pits, offset, command, error in drops:
             log.warning(
                 "its command dropped", domid=domid, pits=pits, offset=offset, command=command, error=f"E_ITS_{error}"
             )
-        deliveries, self.host.its.deliveries = self.host.its.deliveries, []
         for delivery in deliveries:
             for session in self.sessions:
                 if session.channel == "hypercall" and session.domain and session.domain.domid == delivery.domid:

@@ -87,13 +87,6 @@ class PageTable:
         self.sparse.difference_update(empty)
         return len(empty)
 
-    def new_leaves(self, bfn: int, count: int) -> int:
-        """How many leaves writing ``count`` BFNs from ``bfn`` would create."""
-        first, last = bfn >> LEAF_SHIFT, (bfn + count - 1) >> LEAF_SHIFT
-        if last - first > 4096:  # beyond any quota: no need to count them one by one
-            return last - first + 1
-        return sum(1 for i in range(first, last + 1) if i not in self.leaves)
-
     def materialized(self) -> Iterator[tuple[int, int]]:
         """Present entries of written leaves, as (bfn, entry)."""
         for index, leaf in self.leaves.items():
