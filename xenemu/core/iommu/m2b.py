@@ -7,6 +7,7 @@ what keeps such frames alive (one reference per entry) until each emulator lets 
 from __future__ import annotations
 
 import heapq
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -56,6 +57,8 @@ class M2B:
         self.heaps: dict[tuple[int, int], list[int]] = {}
         #: An IOREQ server's entries are all its creator's.
         self.mapper_of: dict[int, int] = {}
+        #: Entries each mapper holds (so listing domains does not scan them all).
+        self.per_mapper: Counter[int] = Counter()
         self.by_server: dict[int, set[tuple[int, int, int]]] = {}
 
     def __len__(self) -> int:
@@ -82,6 +85,7 @@ class M2B:
             self.lowest[frame_server] = entry.bfn
         self.by_server.setdefault(entry.ioserver, set()).add(key)
         self.mapper_of[entry.ioserver] = entry.mapper
+        self.per_mapper[entry.mapper] += 1
 
     def remove(self, entry: M2BEntry) -> None:
         key = entry.key
@@ -99,6 +103,9 @@ class M2B:
             self.heaps.pop(frame_server, None)
         elif self.lowest[frame_server] == entry.bfn:
             self.lowest[frame_server] = self._next_lowest(frame_server, bfns)
+        self.per_mapper[entry.mapper] -= 1
+        if not self.per_mapper[entry.mapper]:
+            del self.per_mapper[entry.mapper]
         keys = self.by_server[entry.ioserver]
         keys.discard(key)
         if not keys:
