@@ -149,7 +149,8 @@ def test_a_host_program_links_the_installed_library_and_survives_the_daemon(
     assert "open bad token: NULL errno=EACCES code=1 detail=[hello: EACCES: " in text
     assert f"open: d{guest['domid']} fd=ok" in text
     assert "query_caps: rc=0 status=0 map_cap=1" in text
-    assert "oversized batch: rc=-1 errno=E2BIG code=Invalid configuration detail=[iommu_op: E2BIG (Argument list too long)]" in text
+    oversized = "oversized batch: rc=-1 errno=E2BIG code=Invalid configuration detail=[iommu_op: E2BIG ("
+    assert oversized in text
     assert "cleared: code=0 detail=[]" in text
     assert "grant_access: rc=0 end=0 out of range: rc=-1 errno=EINVAL" in text
     assert "guest memory: write=0 read=0 same=1" in text
