@@ -83,8 +83,8 @@ class Op:
         return f"Op({', '.join(parts)})"
 
     def _set_fields(self) -> list[tuple[str, int]]:
-        fields = (("flags", self.flags), ("bfn", self.bfn), ("gfn", self.gfn))
-        fields += (("domid", self.domid), ("ioserver", self.ioserver))
+        fields = [("flags", self.flags), ("bfn", self.bfn), ("gfn", self.gfn)]
+        fields += [("domid", self.domid), ("ioserver", self.ioserver)]
         return [(name, value) for name, value in fields if value]
 
 
