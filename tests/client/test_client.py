@@ -127,3 +127,26 @@ def test_an_op_prints_by_its_subop_name() -> None:
         str([ops.lookup_foreign_page(4, 1, 2)])
         == "[Op(lookup_foreign_page, gfn=0x4, domid=0x1, ioserver=0x2, status=OK)]"
     )
+
+
+def test_state_does_not_survive_a_daemon_restart(tmp_path: Path) -> None:
+    """What README and PROTOCOL.md say: a restarted daemon has dom0 alone, and old tokens are refused."""
+    first = DaemonProcess(tmp_path / "d", "--frames", "8192", "--dom0-memory", "256")
+    try:
+        with SyncControlClient.connect(first.control_path) as ctl:
+            guest = ctl.create_domain("hvm", 16, name="before")
+        xc = SyncHypercallClient.connect(first.hypercall_path, guest["token"])
+    finally:
+        first.stop()
+    with pytest.raises(ConnectionLost):
+        xc.domain_info()
+    xc.close()
+    second = DaemonProcess(tmp_path / "d", "--frames", "8192", "--dom0-memory", "256")
+    try:
+        with SyncControlClient.connect(second.control_path) as ctl:
+            assert [d["domid"] for d in ctl.list_domains()] == [0]
+        with pytest.raises(XenError) as info:
+            SyncHypercallClient.connect(second.hypercall_path, guest["token"])
+        assert info.value.errno == errno.EACCES
+    finally:
+        second.stop()
