@@ -6,6 +6,7 @@ import errno
 import inspect
 import os
 import pickle
+import pydoc
 import typing
 from pathlib import Path
 
@@ -113,6 +114,8 @@ def test_methods_keep_their_names_and_docstrings_on_an_instance(daemon: DaemonPr
         assert ctl.list_domains.__name__ == "list_domains"
         assert ctl.list_domains.__doc__ == ControlApi.list_domains.__doc__
         assert [d["domid"] for d in ctl.list_domains()] == [0]
+        assert SyncControlClient.list_domains(ctl) == ctl.list_domains()  # as an unbound method
+        assert "list_domains(self)" in pydoc.render_doc(SyncControlClient.list_domains, renderer=pydoc.plaintext)
 
 
 def test_an_op_prints_by_its_subop_name() -> None:

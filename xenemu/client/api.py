@@ -51,8 +51,11 @@ class request(Generic[P, T]):  # lower case: used as a decorator, like property
 
     def __init__(self, build: Callable[Concatenate[Any, P], Request[T]]) -> None:
         self._build = build
-        self.__doc__ = build.__doc__
-        self.__name__ = build.__name__
+        functools.update_wrapper(self, build)  # name, docstring, module, __wrapped__ for help()
+
+    def __call__(self, client: Any, *args: Any, **kwargs: Any) -> Any:
+        """Called on the class, with the client first (as an unbound method is)."""
+        return client.perform(self._build(client, *args, **kwargs))
 
     @overload
     def __get__(self, obj: Blocking, owner: type | None = None) -> Callable[P, T]: ...
