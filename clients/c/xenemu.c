@@ -173,6 +173,13 @@ static void w_bin(struct wbuf *w, const void *p, size_t n)
     w_bytes(w, p, n);
 }
 
+static void w_array(struct wbuf *w, uint32_t n)
+{
+    if (n < 16) w_u8(w, (uint8_t)(0x90 | n));
+    else if (n <= 0xffff) { w_u8(w, 0xdc); w_be(w, n, 2); }
+    else { w_u8(w, 0xdd); w_be(w, n, 4); }
+}
+
 /* A request's arguments: the map's body and how many pairs it holds. */
 struct args {
     struct wbuf w;
@@ -182,6 +189,15 @@ struct args {
 static void a_uint(struct args *a, const char *key, uint64_t v) { w_str(&a->w, key); w_uint(&a->w, v); a->n++; }
 static void a_str(struct args *a, const char *key, const char *v) { w_str(&a->w, key); w_str(&a->w, v); a->n++; }
 static void a_bool(struct args *a, const char *key, int v) { w_str(&a->w, key); w_bool(&a->w, v); a->n++; }
+static void a_uints(struct args *a, const char *key, const uint64_t *v, unsigned long n)
+{
+    w_str(&a->w, key);
+    w_array(&a->w, (uint32_t)n);
+    for (unsigned long i = 0; i < n; i++)
+        w_uint(&a->w, v[i]);
+    a->n++;
+}
+
 static void a_bin(struct args *a, const char *key, const void *p, size_t len)
 {
     w_str(&a->w, key);
@@ -316,10 +332,10 @@ struct blob {
 
 struct reply {
     int is_event, has_id, has_value, has_fault, ok;
-    int64_t id, ret, domid, ioserver, vcpu, intid, value, fault_bfn;
+    int64_t id, ret, domid, ioserver, vcpu, intid, value, fault_bfn, status, waited;
     struct blob event, buf, page, data, message, reason;
-    struct rbuf sync;
-    int has_sync;
+    struct rbuf sync, mfns;
+    int has_sync, has_mfns;
     uint8_t *frame;
 };
 
@@ -363,6 +379,13 @@ static int parse_reply(uint8_t *frame, size_t len, struct reply *out)
         else if (key_is(k, klen, "value")) bad = r_int_field(&r, &out->value, &out->has_value);
         else if (key_is(k, klen, "fault_bfn")) bad = r_int_field(&r, &out->fault_bfn, &out->has_fault);
         else if (key_is(k, klen, "ok")) bad = r_bool(&r, &out->ok);
+        else if (key_is(k, klen, "status")) bad = r_int_field(&r, &out->status, NULL);
+        else if (key_is(k, klen, "waited")) bad = r_int_field(&r, &out->waited, NULL);
+        else if (key_is(k, klen, "mfns")) {
+            out->mfns = r;
+            out->has_mfns = 1;
+            bad = r_skip(&r, 0);
+        }
         else if (key_is(k, klen, "buf")) bad = r_blob_field(&r, &out->buf);
         else if (key_is(k, klen, "page")) bad = r_blob_field(&r, &out->page);
         else if (key_is(k, klen, "data")) bad = r_blob_field(&r, &out->data);
@@ -765,6 +788,45 @@ int xc_ioreq_fetch(xc_interface *xch, ioservid_t id, buffered_iopage_t *page,
     }
     free(r.frame);
     return 0;
+}
+
+/* -- ballooning ----------------------------------------------------------------------------- */
+/* Both return the GFNs done; one that stopped early also sets errno to why (and the detail). */
+static long memory_op(xc_interface *xch, const char *op, unsigned long nr, uint64_t *gfns, int out)
+{
+    if (nr > 65536) return fail(xch, E2BIG, "%s: %lu GFNs, more than the 65,536 one call takes", op, nr);
+    struct args a = {0};
+    a_uints(&a, "gfns", gfns, nr);
+    struct reply r;
+    if (call(xch, op, &a, &r)) return -1;
+    long done = (long)r.ret;
+    if (out && r.has_mfns) {  /* a PV guest's new frames */
+        uint32_t n;
+        struct rbuf m = r.mfns;
+        if (r_container(&m, 0, &n) || n > nr) { free(r.frame); return fail(xch, EBADMSG, "%s: bad mfns", op); }
+        for (uint32_t i = 0; i < n; i++) {
+            int64_t mfn;
+            if (r_int(&m, &mfn)) { free(r.frame); return fail(xch, EBADMSG, "%s: bad mfns", op); }
+            gfns[i] = (uint64_t)mfn;
+        }
+    }
+    if (r.status < 0) {
+        int err = (int)-r.status;
+        const char *name = errno_name(err);
+        fail(xch, err, "%s: stopped after %ld of %lu GFNs: %s", op, done, nr, name ? name : strerror(err));
+    }
+    free(r.frame);
+    return done;
+}
+
+long xc_domain_decrease_reservation(xc_interface *xch, unsigned long nr, const uint64_t *gfns)
+{
+    return memory_op(xch, "decrease_reservation", nr, (uint64_t *)gfns, 0);
+}
+
+long xc_domain_populate_physmap(xc_interface *xch, unsigned long nr, uint64_t *gfns)
+{
+    return memory_op(xch, "populate_physmap", nr, gfns, 1);
 }
 
 /* -- grant tables ---------------------------------------------------------------------------- */

@@ -89,6 +89,14 @@ int xc_ioreq_fetch(xc_interface *xch, ioservid_t id, buffered_iopage_t *page,
 int xc_ioreq_ack(xc_interface *xch, ioservid_t id, uint32_t read_pointer);
 int xc_ioreq_complete(xc_interface *xch, ioservid_t id, uint32_t req_id);
 
+/* -- Ballooning (XENMEM_decrease_reservation, XENMEM_populate_physmap) -------------------- */
+/* Give back (or take) the nr GFNs listed: the number done, which is nr unless the call stopped
+ * early (then errno says why, and xc_get_last_error() too), or -1 and errno for the call.
+ * Frames an emulator maps are announced to it first (IOREQ_TYPE_INVALIDATE); the call waits for
+ * the synchronous ones. A PV guest's populate_physmap writes its new frames into gfns. */
+long xc_domain_decrease_reservation(xc_interface *xch, unsigned long nr, const uint64_t *gfns);
+long xc_domain_populate_physmap(xc_interface *xch, unsigned long nr, uint64_t *gfns);
+
 /* -- Grant tables -------------------------------------------------------------------------- */
 /* Entry ref of this domain's table lets domid map its gfn (read-only if readonly). */
 int xc_gnttab_grant_access(xc_interface *xch, grant_ref_t ref, domid_t domid, uint64_t gfn, int readonly);

@@ -154,6 +154,10 @@ def test_a_host_program_links_the_installed_library_and_survives_the_daemon(
     assert "cleared: code=0 detail=[]" in text
     assert "grant_access: rc=0 end=0 out of range: rc=-1 errno=EINVAL" in text
     assert "guest memory: write=0 read=0 same=1" in text
+    stopped = (
+        "balloon: out=3 again=0 errno=ENOENT detail=[decrease_reservation: stopped after 0 of 3 GFNs: ENOENT] in=3"
+    )
+    assert stopped in text
     died = next(line for line in text.splitlines() if line.startswith("after the daemon died"))
     assert died.startswith(
         ("after the daemon died: rc=-1 errno=EPIPE", "after the daemon died: rc=-1 errno=ECONNRESET")

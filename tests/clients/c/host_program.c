@@ -30,6 +30,7 @@ static const char *name(int err)
     case ENAMETOOLONG: return "ENAMETOOLONG";
     case EBUSY: return "EBUSY";
     case EINVAL: return "EINVAL";
+    case ENOENT: return "ENOENT";
     default: return "other";
     }
 }
@@ -83,6 +84,14 @@ int main(int argc, char **argv)
     rc = xc_guest_write(xch, 3, 100, data, sizeof(data));
     int rc_read = xc_guest_read(xch, 3, 100, back, sizeof(back));
     printf("guest memory: write=%d read=%d same=%d\n", rc, rc_read, memcmp(data, back, sizeof(data)) == 0);
+
+    uint64_t gfns[3] = {10, 11, 12};
+    long done = xc_domain_decrease_reservation(xch, 3, gfns);
+    long again = xc_domain_decrease_reservation(xch, 3, gfns);
+    err = errno;
+    long back_in = xc_domain_populate_physmap(xch, 3, gfns);
+    printf("balloon: out=%ld again=%ld errno=%s detail=[%s] in=%ld\n", done, again, again < 3 ? name(err) : "-",
+           xc_get_last_error(xch)->message, back_in);
 
     printf("READY\n");
     fflush(stdout);
