@@ -60,8 +60,8 @@ def compose_binary() -> str:
 def _compose(files: list[Path], profile: str, *args: str) -> str:
     command = [compose_binary()] + [a for f in files for a in ("-f", str(f))] + ["--profile", profile, *args]
     out = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    if out.returncode != 0:
-        lines = out.stderr.strip().splitlines() or [f"exit {out.returncode}"]
+    if out.returncode != 0 or not out.stdout.strip():  # it can say why on stderr and still exit 0
+        lines = out.stderr.strip().splitlines() or [f"exit {out.returncode} and no output"]
         raise ComposeError(f"docker-compose config: {lines[-1][:300]}")
     return out.stdout
 
@@ -69,10 +69,16 @@ def _compose(files: list[Path], profile: str, *args: str) -> str:
 def resolved_config(compose_file: Path | list[Path], profile: str) -> dict[str, Any]:
     """The Compose tool's resolved config for ``profile`` (later files override earlier ones)."""
     files = compose_file if isinstance(compose_file, list) else [compose_file]
-    config: dict[str, Any] = json.loads(_compose(files, profile, "config", "--format", "json"))
+    try:
+        config: dict[str, Any] = json.loads(_compose(files, profile, "config", "--format", "json"))
+    except ValueError as exc:
+        raise ComposeError(f"docker-compose config: not JSON ({exc})") from exc
     profiled = [name for name, s in config["services"].items() if profile in (s.get("profiles") or [])]
     if not profiled:
-        known = " ".join(_compose(files, profile, "config", "--profiles").split()) or "none"
+        try:
+            known = " ".join(_compose(files, profile, "config", "--profiles").split())
+        except ComposeError:
+            known = "none"
         raise ComposeError(f"profile {profile!r} has no services (profiles: {known})")
     return config
 
