@@ -27,24 +27,38 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from exchange import lease_holder, lease_path, lease_state, one_line
-
-from xenemu.client import SyncControlClient
-
-#: How often the daemon is asked whether it is still there while results are awaited.
-DAEMON_PING_INTERVAL = 1.0
-#: How long any one request to the daemon may take before it counts as not answering.
-DAEMON_TIMEOUT = 30.0
-
 
 class Stopped(Exception):
     """SIGTERM or SIGINT arrived (``docker compose`` stopping the stack, or a person)."""
 
 
+#: Signals that came before ``main`` was ready to stop (while the imports below still ran).
+_EARLY: list[str] = []
+
+
 def _stop(signum: int, _frame: FrameType | None) -> None:
-    raise Stopped(signal.Signals(signum).name)
+    name = signal.Signals(signum).name
+    if not _ARMED:
+        _EARLY.append(name)
+        return
+    raise Stopped(name)
+
+
+_ARMED = False
+# Installed before the slow imports, so a stack stopped at once still gets a verdict.
+signal.signal(signal.SIGTERM, _stop)
+signal.signal(signal.SIGINT, _stop)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from exchange import lease_holder, lease_path, lease_state, one_line  # noqa: E402
+
+from xenemu.client import SyncControlClient  # noqa: E402
+
+#: How often the daemon is asked whether it is still there while results are awaited.
+DAEMON_PING_INTERVAL = 1.0
+#: How long any one request to the daemon may take before it counts as not answering.
+DAEMON_TIMEOUT = 30.0
 
 
 def failure_reason(result: Any) -> str:
@@ -155,18 +169,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.start_timeout <= 0 or args.timeout <= 0:
         parser.error("--start-timeout and --timeout must be positive")
     socket.setdefaulttimeout(DAEMON_TIMEOUT)  # a hung daemon is a failure, not a verdict that never comes
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    global _ARMED
     waiter = Waiter(args.dir, args.expect, args.start_timeout, args.timeout)
     try:
+        _ARMED = True
+        if _EARLY:
+            raise Stopped(_EARLY[0])
         waiter.run()
     except Stopped as exc:
         still = ", ".join(waiter.pending()) or "nothing"
         waiter.failures.append(f"stopped by {exc} while waiting for {still}")
     finally:
         waiter.close()
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    # The verdict is decided: a stop now would only lose it (the audit's wait is bounded).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     violations, stats, gone = audit(args.dir / "control.sock")
     if gone:
         waiter.failures.append(gone)

@@ -94,6 +94,46 @@ def test_a_killed_guest_fails_the_scenario_at_once(tmp_path: Path) -> None:
     assert "verdict-mediated exited with code 1" in text and status == 1
 
 
+def daemon_pid(workdir: Path) -> int | None:
+    """The pid of compose_local's ``xenemu serve`` for ``workdir`` (its argv names the volume)."""
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"serve" in argv and any(str(workdir).encode() in arg for arg in argv):
+            return int(entry.name)
+    return None
+
+
+def test_a_dead_daemon_fails_the_scenario_with_that_reason(tmp_path: Path) -> None:
+    """SIGKILL the daemon mid-scenario: Compose aborts (it is watched), the verdict says why."""
+    needs_compose()
+    lease = tmp_path / "xenemu-run" / "results" / "balloon.lock"
+    killed: list[int] = []
+
+    def kill_when_running() -> None:
+        deadline = time.monotonic() + PROMPT
+        while not lease.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.5)  # the verdict is waiting by now
+        pid = daemon_pid(tmp_path)
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    killer = threading.Thread(target=kill_when_running, daemon=True)
+    killer.start()
+    status, text, elapsed = run("mediated", [COMPOSE], tmp_path)
+    killer.join()
+    assert killed, text
+    assert "hypervisor exited with code 137\nAborting on container exit..." in text
+    assert_failed(status, text, elapsed, "", "mediated")
+    verdict = next(line for line in text.splitlines() if "VERDICT:" in line)
+    assert "the daemon at " in verdict and "does not answer" in verdict, verdict
+    assert status == 1  # the verdict's, as --exit-code-from verdict-mediated
+
+
 def test_a_guest_the_daemon_refuses_fails_with_the_daemons_reason(tmp_path: Path) -> None:
     needs_compose()
     guest = service("pv-iommu", "pv-guest")
