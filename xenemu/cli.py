@@ -21,6 +21,7 @@ from rich.table import Table
 
 from xenemu import __version__
 from xenemu.client import ConnectionLost, SyncControlClient, XenError
+from xenemu.conformance.cli import conformance
 from xenemu.core.options import HostOptions
 from xenemu.logs import configure
 from xenemu.server.limits import Limits
@@ -494,6 +495,8 @@ def demo(memory: int, log_level: str) -> None:
     with tempfile.TemporaryDirectory(prefix="xenemu-demo-") as tmp:
         sys.exit(trio.run(scenario, Path(tmp)))
 
+
+main.add_command(conformance)
 
 if __name__ == "__main__":
     main()

@@ -410,6 +410,7 @@ class _SyncTransport(_Api):
         """The next pushed event, or None if none came within ``timeout`` seconds."""
         if self.events:
             return self.events.popleft()
+        previous = self._sock.gettimeout()
         self._sock.settimeout(timeout)
         try:
             while True:
@@ -419,7 +420,7 @@ class _SyncTransport(_Api):
         except TimeoutError:
             return None
         finally:
-            self._sock.settimeout(None)
+            self._sock.settimeout(previous)
 
     def close(self) -> None:
         self._sock.close()
