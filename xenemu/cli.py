@@ -21,7 +21,6 @@ from rich.table import Table
 
 from xenemu import __version__
 from xenemu.client import ConnectionLost, SyncControlClient, XenError
-from xenemu.conformance.cli import conformance
 from xenemu.core.options import HostOptions
 from xenemu.logs import configure
 from xenemu.server.limits import Limits
@@ -496,7 +495,6 @@ def demo(memory: int, log_level: str) -> None:
         sys.exit(trio.run(scenario, Path(tmp)))
 
 
-main.add_command(conformance)
-
+main.add_command(__import__("xenemu.conformance.cli", fromlist=["conformance"]).conformance)
 if __name__ == "__main__":
     main()

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from tests.conformance.beds import DaemonProcess
-from tests.conformance.test_protocol import Raw
 from xenemu.client import SyncControlClient
+from xenemu.conformance.target import Raw
 from xenemu.wire import encode
 
 __all__ = ["Raw", "attacked", "connect", "connections", "log_events", "stall", "wait_for"]

@@ -16,9 +16,20 @@ import click
 
 @click.command("conformance")
 @click.argument("target", nargs=-1, type=click.Path(path_type=Path))
-@click.option("-k", "patterns", multiple=True, metavar="EXPR", help="Rules by family, id, glob or substring (comma-separated; 'not X' or '-X' excludes).")
+@click.option(
+    "-k",
+    "patterns",
+    multiple=True,
+    metavar="EXPR",
+    help="Rules by family, id, glob or substring (comma-separated; 'not X' or '-X' excludes).",
+)
 @click.option("--junit", "junit", type=click.Path(dir_okay=False, path_type=Path), help="Also write JUnit XML here.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Also write JSON here ('-': only JSON, on stdout).")
+@click.option(
+    "--json",
+    "json_out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write JSON here ('-': only JSON, on stdout).",
+)
 @click.option("--list", "list_rules", is_flag=True, help="List the rules and exit.")
 @click.option("--self-test", is_flag=True, help="Run the suite against deliberately broken xenemu daemons.")
 @click.option("--mutant", "mutants", multiple=True, metavar="NAME", help="With --self-test: only these mutants.")
@@ -40,8 +51,8 @@ def conformance(
     could be checked, else 0."""
     from rich.console import Console
 
-    from xenemu.conformance import report
-    from xenemu.conformance.rules import all_rules, select
+    from xenemu.conformance.cases import all_rules
+    from xenemu.conformance.rules import select
 
     rules = select(all_rules(), patterns)
     console = Console(stderr=json_out == Path("-"))

@@ -66,13 +66,6 @@ def rule(
     return register
 
 
-def all_rules() -> list[Rule]:
-    from xenemu.conformance import cases
-
-    cases.load()
-    return list(RULES.values())
-
-
 def select(rules: Iterable[Rule], patterns: Iterable[str]) -> list[Rule]:
     """Rules matching any pattern: a family (``grant``), a glob over ids (``IOMMU-MAP-*``) or a
     substring of an id; a pattern starting with ``not `` or ``-`` excludes what it matches."""

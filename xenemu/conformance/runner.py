@@ -78,7 +78,7 @@ def run_one(rule: Rule, sockets: Sockets, options: dict[str, Any]) -> Result:
         rule.check(target)
     except NotChecked as exc:
         verdict, detail = NOT_CHECKED, str(exc)
-    except Exception as exc:  # noqa: BLE001 - any failure of the target is the rule's verdict
+    except Exception as exc:
         verdict, detail = FAIL, describe_failure(exc)
     try:
         target.close()
@@ -87,15 +87,13 @@ def run_one(rule: Rule, sockets: Sockets, options: dict[str, Any]) -> Result:
                 problems = ctl.audit()
             if problems:
                 verdict, detail = FAIL, "audit after the case: " + "; ".join(problems)[:250]
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         if verdict != FAIL:
             verdict, detail = FAIL, f"cleaning up: {describe_failure(exc)}"
     return result(verdict, detail)
 
 
-def run(
-    rules: Sequence[Rule], sockets: Sockets, progress: Callable[[Result], None] | None = None
-) -> list[Result]:
+def run(rules: Sequence[Rule], sockets: Sockets, progress: Callable[[Result], None] | None = None) -> list[Result]:
     options = host_options(sockets)
     results = []
     for rule in rules:

@@ -19,7 +19,7 @@ from typing import Any
 import structlog
 
 from xenemu.abi import pv_iommu as pv
-from xenemu.core.errors import EINVAL, ENOSPC, EACCES
+from xenemu.core.errors import EACCES, EINVAL, ENOSPC
 from xenemu.core.grants import ops as grant_ops
 from xenemu.core.grants.table import GNTST_bad_page, GNTST_general_error
 from xenemu.core.host import Host

@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import importlib
 
+from xenemu.conformance.rules import RULES, Rule
+
 FAMILIES = ("protocol", "iommu", "foreign", "flush", "balloon", "grants", "its")
 
 
-def load() -> None:
+def all_rules() -> list[Rule]:
+    """Every rule, in the order of FAMILIES and of the cases in each module."""
     for family in FAMILIES:
         importlib.import_module(f"xenemu.conformance.cases.{family}")
+    return list(RULES.values())

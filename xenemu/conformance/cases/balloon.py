@@ -47,7 +47,11 @@ class Scene:
         return out
 
 
-@rule("BALLOON-INVALIDATE", S, "balloon-out of a frame emulators map: one invalidate per mapping, frame held until unmapped")
+@rule(
+    "BALLOON-INVALIDATE",
+    S,
+    "balloon-out of a frame emulators map: one invalidate per mapping, frame held until unmapped",
+)
 def invalidate(t: Target) -> None:
     scene = Scene(t, emulators=2)
     mfn = t.mfn(scene.guest, 5)
@@ -84,7 +88,9 @@ def order(t: Target) -> None:
         scene.unmap(0, bfn)
 
 
-@rule("BALLOON-SWAP", S, "a frame mapped only with swap_mfn is re-pointed at the server's scratch frame, with no message")
+@rule(
+    "BALLOON-SWAP", S, "a frame mapped only with swap_mfn is re-pointed at the server's scratch frame, with no message"
+)
 def swap(t: Target) -> None:
     scene = Scene(t)
     t.guest_write(scene.guest, 5, b"old guest data")
@@ -129,7 +135,7 @@ def synchronous(t: Target) -> None:
     def balloon() -> None:
         try:
             result.update(guest.decrease_reservation(gfns))
-        except Exception as exc:  # noqa: BLE001 - reported by the case below
+        except Exception as exc:
             result["error"] = repr(exc)
 
     thread = threading.Thread(target=balloon, daemon=True)
@@ -166,7 +172,11 @@ def self_balloon(t: Target) -> None:
     assert (info["count"], info["owner"]) == (0, None), f"not freed: {info}"
 
 
-@rule("BALLOON-ERRORS", S, "memory ops stop at the first GFN that cannot go (-ENOENT), -EEXIST, -E2BIG; an unknown server -ENOENT")
+@rule(
+    "BALLOON-ERRORS",
+    S,
+    "memory ops stop at the first GFN that cannot go (-ENOENT), -EEXIST, -E2BIG; an unknown server -ENOENT",
+)
 def errors(t: Target) -> None:
     g = t.guest(memory=8)
     xc = t.client(g)

@@ -20,14 +20,25 @@ def call_errors(bed: Bed) -> None:
     assert bed.refs(bed.mfn(g, 1)) == (1, 0)
 
 
-@rule("FLUSH-CALL-E2BIG", S, "more ops than max_ops_per_call is -E2BIG, no op run", host={"max_ops_per_call": 8}, core=True)
+@rule(
+    "FLUSH-CALL-E2BIG",
+    S,
+    "more ops than max_ops_per_call is -E2BIG, no op run",
+    host={"max_ops_per_call": 8},
+    core=True,
+)
 def e2big(bed: Bed) -> None:
     g = bed.guest()
     assert bed.raw(g, bytes(ops.pack([ops.query_caps()] * 9)), 9)[0] == -7
     assert bed.raw(g, bytes(ops.pack([ops.query_caps()] * 8)), 8)[0] == 0
 
 
-@rule("FLUSH-ONE-PER-BATCH", S, "a batch flushes once: added if it only added, modified if it changed or removed", core=True)
+@rule(
+    "FLUSH-ONE-PER-BATCH",
+    S,
+    "a batch flushes once: added if it only added, modified if it changed or removed",
+    core=True,
+)
 def one_flush_per_batch(bed: Bed) -> None:
     g = bed.guest()
     before = bed.flushes(g)
@@ -41,7 +52,13 @@ def one_flush_per_batch(bed: Bed) -> None:
     assert bed.flushes(g) == final
 
 
-@rule("FLUSH-PER-SEGMENT", S, "a batch flushes at each continuation point, and preemption changes no status", host={"continuation_every": 16}, core=True)
+@rule(
+    "FLUSH-PER-SEGMENT",
+    S,
+    "a batch flushes at each continuation point, and preemption changes no status",
+    host={"continuation_every": 16},
+    core=True,
+)
 def flush_per_segment(bed: Bed) -> None:
     g = bed.guest()
     before = bed.flushes(g)

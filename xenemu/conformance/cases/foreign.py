@@ -13,7 +13,12 @@ S = "12.3"
 FI = ("fault_injection",)
 
 
-@rule("FOREIGN-MAP", S, "map_foreign_page takes a reference per BFN; an identical map is OK; swap_mfn maps again", core=True)
+@rule(
+    "FOREIGN-MAP",
+    S,
+    "map_foreign_page takes a reference per BFN; an identical map is OK; swap_mfn maps again",
+    core=True,
+)
 def map_foreign(bed: Bed) -> None:
     guest = bed.guest()
     dm, server = bed.emulator(guest)
@@ -53,7 +58,13 @@ def map_foreign_status(bed: Bed) -> None:
     assert st(bed, dm, ops.map_foreign_page(0x800, 16, guest, server)) == "-ENXIO"
 
 
-@rule("FOREIGN-MAP-EIO", S, "an IOMMU fault on one page fails the whole foreign op with -EIO, no reference kept", needs=FI, core=True)
+@rule(
+    "FOREIGN-MAP-EIO",
+    S,
+    "an IOMMU fault on one page fails the whole foreign op with -EIO, no reference kept",
+    needs=FI,
+    core=True,
+)
 def map_foreign_eio(bed: Bed) -> None:
     guest = bed.guest(memory=16)
     dm, server = bed.emulator(guest)
@@ -79,7 +90,13 @@ def foreign_rmrr(bed: Bed) -> None:
     assert st(bed, dm, ops.unmap_foreign_page(5, server)) == "-EACCES"
 
 
-@rule("FOREIGN-NO-IOMMU", S, "without an IOMMU map_foreign_page returns the MFN as the BFN", host={"iommu": False}, core=True)
+@rule(
+    "FOREIGN-NO-IOMMU",
+    S,
+    "without an IOMMU map_foreign_page returns the MFN as the BFN",
+    host={"iommu": False},
+    core=True,
+)
 def foreign_no_iommu(bed: Bed) -> None:
     guest = bed.guest(device=None)
     dm, server = bed.emulator(guest)
@@ -94,7 +111,12 @@ def foreign_no_iommu(bed: Bed) -> None:
     assert bed.refs(mfn) == (1, 0)
 
 
-@rule("FOREIGN-LOOKUP", S, "lookup_foreign_page maps at the MFN once, writes bfn and R/W flags, and its statuses", core=True)
+@rule(
+    "FOREIGN-LOOKUP",
+    S,
+    "lookup_foreign_page maps at the MFN once, writes bfn and R/W flags, and its statuses",
+    core=True,
+)
 def lookup(bed: Bed) -> None:
     guest = bed.guest()
     dm, server = bed.emulator(guest, device=None)
@@ -111,7 +133,12 @@ def lookup(bed: Bed) -> None:
     assert st(bed, dm, ops.unmap_foreign_page(mfn, server)) == "OK"
 
 
-@rule("FOREIGN-LOOKUP-LOWEST", S, "with a context, lookup_foreign_page finds the lowest BFN the server mapped, or -ENOENT", core=True)
+@rule(
+    "FOREIGN-LOOKUP-LOWEST",
+    S,
+    "with a context, lookup_foreign_page finds the lowest BFN the server mapped, or -ENOENT",
+    core=True,
+)
 def lookup_lowest(bed: Bed) -> None:
     guest = bed.guest()
     dm, server = bed.emulator(guest)
@@ -122,7 +149,13 @@ def lookup_lowest(bed: Bed) -> None:
     assert got.bfn == 0x880 and got.flags == R
 
 
-@rule("FOREIGN-HWDOM-LOOKUP", S, "the non-strict hardware domain's lookup takes over its default entry without a flush", host={"dom0_strict": False, "dom0_passthrough": False}, core=True)
+@rule(
+    "FOREIGN-HWDOM-LOOKUP",
+    S,
+    "the non-strict hardware domain's lookup takes over its default entry without a flush",
+    host={"dom0_strict": False, "dom0_passthrough": False},
+    core=True,
+)
 def hwdom_lookup(bed: Bed) -> None:
     guest = bed.guest()
     hwdom_device(bed)
@@ -137,7 +170,12 @@ def hwdom_lookup(bed: Bed) -> None:
     assert not bed.dma(0, "0000:00:02.0", mfn << 12, length=1)["ok"]
 
 
-@rule("FOREIGN-UNMAP-STATUS", S, "unmap_foreign_page's statuses: reserved bits, order, the server's own BFNs only", core=True)
+@rule(
+    "FOREIGN-UNMAP-STATUS",
+    S,
+    "unmap_foreign_page's statuses: reserved bits, order, the server's own BFNs only",
+    core=True,
+)
 def unmap_foreign_status(bed: Bed) -> None:
     guest = bed.guest()
     dm, server = bed.emulator(guest)
@@ -164,7 +202,12 @@ def unmap_foreign_eio(bed: Bed) -> None:
     assert st(bed, dm, ops.unmap_foreign_page(0x800, server)) == "OK"
 
 
-@rule("FOREIGN-IOREQ-SERVER", S, "create_ioreq_server: -EPERM unless privileged over the target, -ESRCH for no domain", core=True)
+@rule(
+    "FOREIGN-IOREQ-SERVER",
+    S,
+    "create_ioreq_server: -EPERM unless privileged over the target, -ESRCH for no domain",
+    core=True,
+)
 def ioreq_servers(bed: Bed) -> None:
     guest = bed.guest()
     other = bed.guest(device=None)

@@ -102,7 +102,9 @@ def unmap_status(t: Target) -> None:
     pair = Pair(t)
     pair.front.grant_access(1, pair.back_id, 2)
     flags = grants.DEVICE_MAP | grants.REQUEST_BFN_MAP | grants.HOST_MAP
-    (done,) = pair.back.map_grant_refs([MapGrant(pair.front_id, 1, flags, host_addr=0x10000, dev_bus_addr=0x3000 << 12)])
+    (done,) = pair.back.map_grant_refs(
+        [MapGrant(pair.front_id, 1, flags, host_addr=0x10000, dev_bus_addr=0x3000 << 12)]
+    )
     assert done.status == 0
     got = pair.back.unmap_grant_refs(
         [UnmapGrant(done.handle, host_addr=0x20000), UnmapGrant(done.handle, dev_bus_addr=0x3001 << 12)]
@@ -111,7 +113,12 @@ def unmap_status(t: Target) -> None:
     assert pair.back.unmap_grant_refs([UnmapGrant(done.handle, 0x10000, 0x3000 << 12)])[0].status_name == "GNTST_okay"
 
 
-@rule("GRANT-FAULT", S, "an injected IOMMU fault at the BFN is GNTST_general_error, for map and unmap", needs=("fault_injection",))
+@rule(
+    "GRANT-FAULT",
+    S,
+    "an injected IOMMU fault at the BFN is GNTST_general_error, for map and unmap",
+    needs=("fault_injection",),
+)
 def fault(t: Target) -> None:
     pair = Pair(t)
     pair.front.grant_access(1, pair.back_id, 2)
@@ -137,7 +144,11 @@ def call_errors(t: Target) -> None:
     assert reply["ret"] == -22, f"{reply}"
 
 
-@rule("GRANT-MACHINE-ADDR", S, "without request_bfn_map dev_bus_addr is the frame's machine address and no IOMMU entry is written")
+@rule(
+    "GRANT-MACHINE-ADDR",
+    S,
+    "without request_bfn_map dev_bus_addr is the frame's machine address and no IOMMU entry is written",
+)
 def machine_addr(t: Target) -> None:
     pair = Pair(t)
     pair.front.grant_access(1, pair.back_id, 2)

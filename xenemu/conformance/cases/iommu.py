@@ -23,33 +23,63 @@ def caps(bed: Bed) -> None:
     assert one(bed, without, ops.query_caps()).flags == 18 << 10
 
 
-@rule("IOMMU-CAPS-HWDOM", S, "the non-strict hardware domain also gets MAP_ALL_GFNS", host={**ORDER18, "dom0_strict": False, "dom0_passthrough": False}, core=True)
+@rule(
+    "IOMMU-CAPS-HWDOM",
+    S,
+    "the non-strict hardware domain also gets MAP_ALL_GFNS",
+    host={**ORDER18, "dom0_strict": False, "dom0_passthrough": False},
+    core=True,
+)
 def caps_hwdom(bed: Bed) -> None:
     hwdom_device(bed)
     assert one(bed, 0, ops.query_caps()).flags == ops.MAP_CAP | ops.MAP_ALL_GFNS | (18 << 10)
 
 
-@rule("IOMMU-CAPS-STRICT", S, "a strict hardware domain gets MAP_CAP only", host={**ORDER18, "dom0_strict": True}, core=True)
+@rule(
+    "IOMMU-CAPS-STRICT",
+    S,
+    "a strict hardware domain gets MAP_CAP only",
+    host={**ORDER18, "dom0_strict": True},
+    core=True,
+)
 def caps_strict(bed: Bed) -> None:
     hwdom_device(bed)
     assert one(bed, 0, ops.query_caps()).flags == ops.MAP_CAP | (18 << 10)
 
 
-@rule("IOMMU-CAPS-PASSTHROUGH", S, "a passthrough hardware domain has no map_cap; map_page is -EOPNOTSUPP", host={**ORDER18, "dom0_passthrough": True}, core=True)
+@rule(
+    "IOMMU-CAPS-PASSTHROUGH",
+    S,
+    "a passthrough hardware domain has no map_cap; map_page is -EOPNOTSUPP",
+    host={**ORDER18, "dom0_passthrough": True},
+    core=True,
+)
 def caps_passthrough(bed: Bed) -> None:
     hwdom_device(bed)
     assert one(bed, 0, ops.query_caps()).flags == 18 << 10
     assert st(bed, 0, ops.map_page(0x100000, 600)) == "-EOPNOTSUPP"
 
 
-@rule("IOMMU-NO-IOMMU", S, "without an IOMMU query_caps reports nothing and map_page is -EOPNOTSUPP", host={"iommu": False}, core=True)
+@rule(
+    "IOMMU-NO-IOMMU",
+    S,
+    "without an IOMMU query_caps reports nothing and map_page is -EOPNOTSUPP",
+    host={"iommu": False},
+    core=True,
+)
 def no_iommu(bed: Bed) -> None:
     g = bed.guest("pv")
     assert one(bed, g, ops.query_caps()).flags == 0
     assert st(bed, g, ops.map_page(0x1000, 1)) == "-EOPNOTSUPP"
 
 
-@rule("IOMMU-MAX-ORDER", S, "query_caps reports the host's largest order; beyond it is -ENOSPC", host={"max_order": 4}, core=True)
+@rule(
+    "IOMMU-MAX-ORDER",
+    S,
+    "query_caps reports the host's largest order; beyond it is -ENOSPC",
+    host={"max_order": 4},
+    core=True,
+)
 def max_order(bed: Bed) -> None:
     g = bed.guest()
     assert one(bed, g, ops.query_caps()).order == 4
@@ -139,7 +169,9 @@ def unmap_status(bed: Bed) -> None:
         assert st(bed, g, ops.Op(ops.UNMAP_PAGE, 1 << bit, 0x1000)) == "-EINVAL", f"bit {bit}"
 
 
-@rule("IOMMU-UNMAP-EIO", S, "an IOMMU fault at the BFN makes unmap_page -EIO and keeps the mapping", needs=FI, core=True)
+@rule(
+    "IOMMU-UNMAP-EIO", S, "an IOMMU fault at the BFN makes unmap_page -EIO and keeps the mapping", needs=FI, core=True
+)
 def unmap_eio(bed: Bed) -> None:
     g = bed.guest()
     assert st(bed, g, ops.map_page(0x1000, 1)) == "OK"
@@ -150,7 +182,12 @@ def unmap_eio(bed: Bed) -> None:
     assert st(bed, g, ops.unmap_page(0x1000)) == "OK"
 
 
-@rule("IOMMU-DEFAULT-ENTRIES", S, "default entries map the guest 1:1; replacing one is a modified flush; unmapping removes it", core=True)
+@rule(
+    "IOMMU-DEFAULT-ENTRIES",
+    S,
+    "default entries map the guest 1:1; replacing one is a modified flush; unmapping removes it",
+    core=True,
+)
 def default_entries(bed: Bed) -> None:
     g = bed.guest()
     bed.guest_write(g, 9, b"default")
@@ -177,7 +214,13 @@ def orders(bed: Bed) -> None:
     assert bed.refs(bed.mfn(g, 16)) == (1, 0)
 
 
-@rule("IOMMU-HWDOM-MAPS", S, "the non-strict hardware domain maps any guest's frame; no_ref_cnt only for free frames", host={"dom0_strict": False, "dom0_passthrough": False}, core=True)
+@rule(
+    "IOMMU-HWDOM-MAPS",
+    S,
+    "the non-strict hardware domain maps any guest's frame; no_ref_cnt only for free frames",
+    host={"dom0_strict": False, "dom0_passthrough": False},
+    core=True,
+)
 def hwdom_maps(bed: Bed) -> None:
     hwdom_device(bed)
     g = bed.guest()
@@ -194,7 +237,13 @@ def hwdom_maps(bed: Bed) -> None:
     assert st(bed, 0, ops.unmap_page(0x100000)) == "OK"
 
 
-@rule("IOMMU-STRICT-HWDOM-MAPS", S, "a strict hardware domain maps only its own frames, with references", host={"dom0_strict": True}, core=True)
+@rule(
+    "IOMMU-STRICT-HWDOM-MAPS",
+    S,
+    "a strict hardware domain maps only its own frames, with references",
+    host={"dom0_strict": True},
+    core=True,
+)
 def strict_hwdom_maps(bed: Bed) -> None:
     hwdom_device(bed)
     g = bed.guest()

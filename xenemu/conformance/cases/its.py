@@ -123,7 +123,9 @@ def errors(t: Target) -> None:
     assert dropped == {name: 1 for _, name in ERRORS}, f"dropped {dropped}"
 
 
-@rule("ITS-REGISTERS", S, "register rules: enable needs CBASER and BASERs valid, read-only and RAZ/WI registers, widths")
+@rule(
+    "ITS-REGISTERS", S, "register rules: enable needs CBASER and BASERs valid, read-only and RAZ/WI registers, widths"
+)
 def registers(t: Target) -> None:
     g = ItsGuest(t, enable=False)
     xc = g.xc
