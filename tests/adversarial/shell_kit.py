@@ -79,7 +79,7 @@ def stall(raw: Raw, message: dict[str, Any], limit: int = 4096) -> int:
         while sent < limit:
             raw.sock.sendall(frame)
             sent += 1
-    except (TimeoutError, BlockingIOError):
-        pass
+    except (TimeoutError, BlockingIOError, BrokenPipeError, ConnectionResetError):
+        pass  # full buffers, or (on a loaded machine) already cut for not reading: both are the point
     raw.sock.settimeout(20)
     return sent
