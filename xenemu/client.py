@@ -422,6 +422,10 @@ class _SyncTransport(_Api):
         finally:
             self._sock.settimeout(previous)
 
+    def set_timeout(self, seconds: float | None) -> None:
+        """How long any reply may take (``TimeoutError`` after); None waits for ever."""
+        self._sock.settimeout(seconds)
+
     def close(self) -> None:
         self._sock.close()
 

@@ -112,7 +112,7 @@ class Target:
         self.control_path = Path(control_path)
         self.hypercall_path = Path(hypercall_path)
         self.control = SyncControlClient.connect(control_path)
-        self.control._sock.settimeout(REPLY_TIMEOUT)
+        self.control.set_timeout(REPLY_TIMEOUT)
         self.clients: dict[int, SyncHypercallClient] = {}
         self.created: list[int] = []
         self.raws: list[Raw] = []
@@ -129,7 +129,7 @@ class Target:
 
     def connect(self, token: str) -> SyncHypercallClient:
         client = SyncHypercallClient.connect(self.hypercall_path, token)
-        client._sock.settimeout(REPLY_TIMEOUT)
+        client.set_timeout(REPLY_TIMEOUT)
         return client
 
     def raw(self, domid: int, buf: bytes, count: int) -> tuple[int, bytes]:

@@ -26,7 +26,7 @@ from xenemu.core.host import Host
 from xenemu.core.iommu import iotlb, subops, xen_changes
 from xenemu.core.iommu.entries import PERM_W, Kind
 from xenemu.core.ioreq import balloon
-from xenemu.core.its import schedule
+from xenemu.core.its import lpis, schedule
 from xenemu.server import session
 
 ENV = "XENEMU_MUTANT"
@@ -89,9 +89,40 @@ def invalidate_order(host: Host) -> None:
     balloon.Invalidations.send = mutant  # type: ignore[method-assign]
 
 
+def swap_ignored(host: Host) -> None:
+    """A frame mapped only with swap_mfn is announced by invalidates instead of re-pointed."""
+
+    def mutant(self: balloon.Balloon, mfn: int, owed: balloon.Invalidations) -> None:
+        owed.targets.extend(sorted((entry.ioserver, entry.bfn) for entry in self.iommu.m2b.for_frame(mfn)))
+
+    balloon.Balloon.release_frame = mutant  # type: ignore[method-assign]
+
+
 def stalled_its_queue(host: Host) -> None:
     """The pITS completes commands but the vITS never moves CREADR on."""
     schedule.CommandScheduler._advance_creadr = staticmethod(lambda vits: None)  # type: ignore[method-assign]
+
+
+def pending_lost(host: Host) -> None:
+    """An LPI that fires while in service is dropped instead of left pending for its end."""
+    pend = lpis.Lpis._pend
+
+    def mutant(self: lpis.Lpis, domid: int, dom: Any, ite: Any, vcpu: int, out: list[Any]) -> None:
+        if (vcpu, ite.vlpi) not in dom.in_service:
+            pend(self, domid, dom, ite, vcpu, out)
+
+    lpis.Lpis._pend = mutant  # type: ignore[method-assign]
+
+
+def no_in_service(host: Host) -> None:
+    """An LPI is delivered again while the guest still has it in service."""
+    pend = lpis.Lpis._pend
+
+    def mutant(self: lpis.Lpis, domid: int, dom: Any, ite: Any, vcpu: int, out: list[Any]) -> None:
+        dom.in_service.discard((vcpu, ite.vlpi))
+        pend(self, domid, dom, ite, vcpu, out)
+
+    lpis.Lpis._pend = mutant  # type: ignore[method-assign]
 
 
 def grant_status(host: Host) -> None:
@@ -133,7 +164,10 @@ MUTANTS: dict[str, Callable[[Host], None]] = {
     "missed-iotlb-flush": missed_iotlb_flush,
     "leaked-reference": leaked_reference,
     "invalidate-order": invalidate_order,
+    "swap-ignored": swap_ignored,
     "stalled-its-queue": stalled_its_queue,
+    "pending-lost": pending_lost,
+    "no-in-service": no_in_service,
     "grant-status": grant_status,
     "grant-readonly-writable": grant_readonly_writable,
     "bad-token-kept": bad_token_kept,
