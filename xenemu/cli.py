@@ -492,5 +492,6 @@ def demo(memory: int, log_level: str) -> None:
         sys.exit(trio.run(scenario, Path(tmp)))
 
 
+main.add_command(__import__("xenemu.conformance.cli", fromlist=["conformance"]).conformance)
 if __name__ == "__main__":
     main()
