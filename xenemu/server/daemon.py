@@ -46,7 +46,7 @@ ITS_TICK = 0.0005
 ITS_IDLE_TICK = 0.01
 #: Commands a pITS model runs at one go (about a millisecond of the daemon's time); the
 #: hardware time left over is kept, so it runs on at the next tick.
-ITS_HARDWARE_SLICE = 384
+ITS_HARDWARE_SLICE = 256
 #: Requests the shell answers itself, on the control socket (the daemon's own accounting).
 SHELL_REQUESTS = frozenset({"connections"})
 

@@ -48,39 +48,17 @@ class Budget:
         return self.left <= 0
 
 
-class Job:
-    """A scan over a snapshot of a vITS's mappings (their keys: a mapping made or removed
-    meanwhile is seen as it is when visited)."""
-
-    cost = SCAN_COST
+class Snapshot:
+    """The keys of a vITS's mappings when a job started, and how far it has gone through them
+    (a mapping made or removed meanwhile is seen as it is when its key is visited)."""
 
     def __init__(self, vits: Vits) -> None:
         self.vits = vits
         self.keys = list(vits.ites)
         self.at = 0
 
-    def run(self, state: ItsState, lpis: Lpis, budget: Budget) -> bool:
-        """Visit mappings until done (True) or the slice is spent."""
-        while self.at < len(self.keys):
-            if budget.spent:
-                return False
-            key = self.keys[self.at]
-            self.at += 1
-            budget.spend(self.cost)
-            ite = self.vits.ites.get(key)
-            if ite is not None:
-                self.visit(state, lpis, key, ite)
-        return True
 
-    def visit(self, state: ItsState, lpis: Lpis, key: tuple[int, int], ite: Ite) -> None:
-        raise NotImplementedError
-
-    def pits(self, state: ItsState) -> set[int]:
-        """The pITSs whose passes serve what this job holds up."""
-        return {self.vits.pits}
-
-
-class Retarget(Job):
+class Retarget(Snapshot):
     """A ``MAPC`` of ``icid`` (``vcpu`` None) or a ``MOVALL`` from ``vcpu``: each mapping it
     concerns routes anew (MOVALL's override set or MAPC's cleared), its pending state moves
     with it, and a ``MOVI`` of Xen's is owed in case its physical collection changes."""
@@ -89,6 +67,23 @@ class Retarget(Job):
         super().__init__(vits)
         self.taken = taken
         self.icid, self.vcpu, self.to = icid, vcpu, to
+
+    def pits(self, state: ItsState) -> set[int]:
+        """The pITSs whose passes serve what this job holds up."""
+        return {self.vits.pits}
+
+    def run(self, state: ItsState, lpis: Lpis, budget: Budget) -> bool:
+        """Visit mappings until done (True) or the slice is spent."""
+        while self.at < len(self.keys):
+            if budget.spent:
+                return False
+            key = self.keys[self.at]
+            self.at += 1
+            budget.spend(SCAN_COST)
+            ite = self.vits.ites.get(key)
+            if ite is not None:
+                self.visit(state, lpis, key, ite)
+        return True
 
     def visit(self, state: ItsState, lpis: Lpis, key: tuple[int, int], ite: Ite) -> None:
         if self.vcpu is None:
@@ -112,7 +107,7 @@ class PendingLoad:
         dom = state.domains[domid]
         self.domid, self.vcpu = domid, vcpu
         self.base = dom.redists[vcpu].pendbaser & CBASER_ADDR
-        self.scans = [Job(vits) for _, vits in sorted(dom.vits.items())]
+        self.scans = [Snapshot(vits) for _, vits in sorted(dom.vits.items())]
         self.raised: set[int] = set()
 
     def pits(self, state: ItsState) -> set[int]:

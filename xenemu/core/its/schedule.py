@@ -6,10 +6,14 @@ A pass (``run_pass``):
 
 1. completes every command the pITS executed since the last pass, advancing each owner's
    ``creadr`` in order (and reporting teardown commands to teardown.py);
-2. places Xen's own queued commands first, in the order queued;
+2. places Xen's own queued commands first, in the order queued, then what Xen owes the vITSs
+   (``Vits.owed``, ``Vits.moves``: coalesced per mapping, placed round-robin while the slice
+   lasts);
 3. refills round-robin, starting after the ``vits_cq`` last given a batch, serving each at most
    once: one with a batch still on the pITS is skipped, the others give
    ``min(free slots, outstanding, VITS_BATCH_SIZE)`` commands, translated as they are taken;
+   a vITS whose scan or whose domain's pending-table load is running (jobs.py), or that is still
+   owed an ``INT``/``CLEAR``/``INV``, is held: it takes nothing until then;
 4. while no Xen completion ``INT`` is outstanding keeps a slot free for it and ends by placing
    it if commands are left on the pITS, so completion never waits on a guest reading ``CREADR``.
 
@@ -22,7 +26,7 @@ from __future__ import annotations
 
 from xenemu.abi import its_cmd as cmds
 from xenemu.core.its.elision import ElisionPolicy
-from xenemu.core.its.jobs import COMPLETE_COST, PLACE_COST, Budget, Jobs
+from xenemu.core.its.jobs import COMPLETE_COST, PLACE_COST, SLICE, Budget, Jobs
 from xenemu.core.its.state import CMD_SIZE, XEN_DEVID, ItsState, PitsState, Taken, Vits
 from xenemu.core.its.teardown import Teardown
 from xenemu.core.its.translate import Translator
@@ -60,7 +64,7 @@ class CommandScheduler:
         ``MAX_ROUNDS`` rounds have run (what is still raised stays in ``raised``)."""
         s = self.state
         if s.jobs:
-            self.jobs.run(Budget())
+            self.jobs.run(Budget(SLICE // 2))
         for _ in range(MAX_ROUNDS):
             if not s.raised:
                 break
@@ -82,7 +86,7 @@ class CommandScheduler:
         state = s.pits[index]
         hw = state.hw
         state.passes += 1
-        budget = Budget()
+        budget = Budget(SLICE // 2)  # with the jobs' half: a request's passes do about a slice
         self._complete(state, budget)
         free = hw.free_slots() - (0 if state.xen_int_outstanding else 1)
         while state.xen_queue and free > 0:
