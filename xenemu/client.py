@@ -238,6 +238,10 @@ class ControlApi(_Api):
     def host_info(self) -> Any:
         return self._request("host_info", {}, _checked("host_info"))
 
+    def dmesg(self, lines: int = 1000) -> Any:
+        """``xl dmesg``: the daemon's last ``lines`` log lines (``lines``, oldest first; ``dropped``)."""
+        return self._request("dmesg", {"lines": lines}, _checked("dmesg"))
+
 
 def _decoded(decoder: FrameDecoder) -> Message | None:
     """The next whole message the decoder holds, or None until more bytes come."""

@@ -72,6 +72,7 @@ def _destroy_domain(host: Host, caller: int, action: DestroyDomain) -> dict[str,
 
 def describe(host: Host, dom: Domain) -> dict[str, Any]:
     ctx = host.iommu.contexts.get(dom.domid)
+    its = host.its.domains.get(dom.domid)
     return {
         "domid": dom.domid,
         "name": dom.name,
@@ -88,6 +89,9 @@ def describe(host: Host, dom: Domain) -> dict[str, Any]:
         "mappings": host.iommu.mappings_held[dom.domid],
         "max_mappings": dom.max_mappings,
         "max_pages": dom.max_pages,
+        "vcpus": its.vcpus if its else 1,
+        "pin": list(its.pin) if its else [],
+        "dying": bool(its and its.dying),
     }
 
 
