@@ -1,7 +1,8 @@
 """How a verb shows what it read: a table for a person at a terminal, plain whitespace columns
-when piped, JSON for programs. A field is never cut: at a terminal long cells wrap (folding at
-any character if they must), and piped output keeps every field whole, one row a line, empty
-fields written ``-`` so that ``awk`` counts the same columns on every line."""
+when piped, JSON for programs. A field is never cut to ``…``: piped output keeps every field
+whole, one row a line, empty fields written ``-`` so that ``awk`` counts the same columns on
+every line; at a terminal a boxed table is drawn when it fits the width as it is, and the plain
+columns otherwise (the terminal wraps a long line; a squeezed box would fold every cell)."""
 
 from __future__ import annotations
 
@@ -28,14 +29,27 @@ def plain_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def terminal_width() -> int:
+    import shutil
+
+    return shutil.get_terminal_size((80, 24)).columns
+
+
+def boxed_width(plain: str) -> int:
+    """How wide a boxed table of the same cells is: each two-space gap becomes `` │ ``, plus borders."""
+    first = plain.split("\n", 1)[0]
+    return max(len(line) for line in plain.split("\n")) + first.count("  ") + 4
+
+
 def show_table(
     headers: Sequence[str], rows: Sequence[Sequence[str]], title: str | None = None, right: Sequence[str] = ()
 ) -> None:
     """Print rows under headers: rich at a terminal (wrapping, never eliding), plain when piped."""
-    if not sys.stdout.isatty():
+    plain = plain_table(headers, rows)
+    if not sys.stdout.isatty() or boxed_width(plain) > terminal_width():
         if title:
             click.echo(f"# {title}")
-        click.echo(plain_table(headers, rows))
+        click.echo(plain)
         return
     from rich.console import Console
     from rich.table import Table

@@ -73,27 +73,29 @@ class Group(click.Group):
             sys.exit(exc.exit_code)
 
     def invoke(self, ctx: click.Context) -> Any:
-        from xenemu.client import ConnectionLost, XenError
-
         try:
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
             raise
-        except XenError as exc:
-            raise Refused(str(exc)) from None
-        except ConnectionLost as exc:
-            raise Refused(f"connection lost: {exc}") from None
         except KeyboardInterrupt:
             raise click.Abort() from None
-        except OSError as exc:
-            if os.environ.get("XENEMU_DEBUG"):
-                raise
-            where = f": {exc.filename}" if exc.filename else ""
-            raise Refused(f"{exc.strerror or exc}{where}") from None
         except Exception as exc:
-            if os.environ.get("XENEMU_DEBUG"):
-                raise
-            raise Refused(f"internal error: {type(exc).__name__}: {exc} (XENEMU_DEBUG=1 shows where)") from None
+            raise one_line(exc) from None
+
+
+def one_line(exc: Exception) -> click.ClickException:
+    """What a failure that escaped a verb says (the client's errors first: they may be OSErrors)."""
+    client = sys.modules.get("xenemu.client")  # loaded if a verb reached the daemon
+    if client is not None and isinstance(exc, client.XenError):
+        return Refused(str(exc))
+    if client is not None and isinstance(exc, client.ConnectionLost):
+        return Refused(f"connection lost: {exc}")
+    if os.environ.get("XENEMU_DEBUG"):
+        raise exc
+    if isinstance(exc, OSError):
+        where = f": {exc.filename}" if exc.filename else ""
+        return Refused(f"{exc.strerror or exc}{where}")
+    return Refused(f"internal error: {type(exc).__name__}: {exc} (XENEMU_DEBUG=1 shows where)")
 
 
 def check_dir(ctx: click.Context, param: click.Parameter, value: Path) -> Path:
