@@ -60,7 +60,8 @@ class Group(click.Group):
         try:
             return super().main(*args, **kwargs)
         except click.UsageError as exc:
-            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            helpful = exc.ctx is not None and not isinstance(exc, Usage)  # click's own: where to look
+            hint = f" (see '{exc.ctx.command_path} --help')" if helpful and exc.ctx else ""
             click.echo(f"xenemu: {exc.format_message()}{hint}", err=True)
             sys.exit(exc.exit_code)
         except click.ClickException as exc:
