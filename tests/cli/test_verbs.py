@@ -193,7 +193,8 @@ def test_its_verbs(tmp_path: Path) -> None:
     daemon = DaemonProcess(tmp_path, "--its-cpus", "2", "--its-elision", "eager", "--its-pits", "2")
     try:
         domid = json.loads(xl(daemon, "create", "--json").out)["domid"]
-        assert xl(daemon, "pci-attach", str(domid), "00:03.0", "--its-devid", "7", "--its-events", "4", "--pits", "1")
+        attach = xl(daemon, "pci-attach", str(domid), "00:03.0", "--its-devid", "7", "--its-events", "4", "--pits", "1")
+        assert attach.code == 0 and "virtual DeviceID 0" in attach.out
         stats = json.loads(xl(daemon, "its", "--json").out)
         assert stats["options"]["elision"] == "eager" and len(stats["pits"]) == 2
         run = xl(daemon, "its")
