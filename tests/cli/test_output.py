@@ -49,6 +49,7 @@ def test_every_reading_verb_has_json(daemon: DaemonProcess) -> None:
         ["its", "1"],
         ["mappings", "1"],
         ["token", "1"],
+        ["vcpu-list"],
         ["create"],
         ["pci-attach", "2", "00:05.0"],
         ["mem-set", "2", "2"],

@@ -125,6 +125,10 @@ def test_vcpus_pin_and_msi_devices_from_the_cli(daemon: DaemonProcess) -> None:
     assert run.code == 0 and json.loads(run.out) == {"domid": domid, "bdf": "0000:00:05.0", "vdevid": 0}
     (dom,) = [d for d in json.loads(xl(daemon, "list", "--json").out) if d["domid"] == domid]
     assert dom["vcpus"] == 4 and dom["pin"] == [3, 2, 1, 0]
+    vcpus = json.loads(xl(daemon, "vcpu-list", str(domid), "--json").out)
+    assert [(r["vcpu"], r["cpu"]) for r in vcpus] == [(0, 3), (1, 2), (2, 1), (3, 0)]
+    lines = xl(daemon, "vcpu-list", str(domid)).out.splitlines()
+    assert lines[0].split() == ["Name", "ID", "VCPU", "CPU"] and lines[1].split()[1:] == [str(domid), "0", "3"]
     assert "DeviceID 0x7 -> virtual 0, 8 events" in xl(daemon, "its", str(domid)).out
     assert xl(daemon, "create", "--vcpus", "2", "--pin", "9").code == 1  # no CPU 9: the daemon says EINVAL
     assert xl(daemon, "pci-attach", "0", "00:06.0", "--its-events", "4").code == 2

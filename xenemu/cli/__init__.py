@@ -8,7 +8,7 @@ per family of verbs, each registering its commands on the one group in ``root``:
 - ``params``: what arguments accept (sizes in MiB, BDFs, a domain by id or name)
 - ``output``: tables, plain columns and JSON
 - ``xlcfg``: xl.cfg files for ``create``
-- ``domains``: create, destroy, list, mem-set, token
+- ``domains``: create, destroy, list, vcpu-list, mem-set, token
 - ``devices``: pci-attach, mappings, its, inject-fault
 - ``hostinfo``: info, stats, audit, dmesg
 - ``serve``, ``demo``, ``benchmark``: the daemon, the demo, ``bench``

@@ -1,5 +1,5 @@
 """Domain verbs after xl: ``create`` (options or an xl.cfg file), ``destroy``, ``list``,
-``mem-set``, ``token``. Sizes are MiB as in xl; ``--frames`` gives 4 KiB frames instead."""
+``vcpu-list``, ``mem-set``, ``token``. Sizes are MiB as in xl; ``--frames`` gives 4 KiB frames instead."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import click
 
 from xenemu.cli.output import emit_json, show_table
 from xenemu.cli.params import DOMAIN, FRAMES_PER_MIB, POSITIVE, SIZE_MIB, BasedInt, resolve
-from xenemu.cli.root import Refused, Usage, echo_err, main, run_control
+from xenemu.cli.root import Usage, echo_err, main, run_control
 
 if TYPE_CHECKING:
     from xenemu.cli.xlcfg import DomainSpec
@@ -211,4 +211,26 @@ def token(directory: Path, domain: int | str, as_json: bool) -> None:
         click.echo(got[1])
 
 
-__all__ = ["Refused", "create", "destroy", "list_", "mem_set", "token"]
+@main.command("vcpu-list")
+@click.argument("domains", type=DOMAIN, nargs=-1)
+@json_flag
+@click.pass_obj
+def vcpu_list(directory: Path, domains: tuple[int | str, ...], as_json: bool) -> None:
+    """Each vCPU and the physical CPU it is pinned to, as xl vcpu-list (Name ID VCPU CPU)."""
+
+    def run(ctl: SyncControlClient) -> list[dict[str, Any]]:
+        wanted = {resolve(ctl, ref) for ref in domains}
+        return [d for d in ctl.list_domains() if not wanted or d["domid"] in wanted]
+
+    rows = [
+        {"name": d["name"], "domid": d["domid"], "vcpu": v, "cpu": cpu}
+        for d in run_control(directory, run)
+        for v, cpu in enumerate(d.get("pin") or [0] * d.get("vcpus", 1))
+    ]
+    if as_json:
+        emit_json(rows)
+        return
+    show_table(
+        ["Name", "ID", "VCPU", "CPU"],
+        [[r["name"] or f"d{r['domid']}", str(r["domid"]), str(r["vcpu"]), str(r["cpu"])] for r in rows],
+    )

@@ -58,7 +58,10 @@ class Group(click.Group):
         """Click's own main, except that a usage error is one line (with where to find help)."""
         kwargs["standalone_mode"] = False
         try:
-            return super().main(*args, **kwargs)
+            status = super().main(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as exc:  # bare ``xenemu``: the help, as usage
+            click.echo(exc.format_message(), err=True)
+            sys.exit(EXIT_USAGE)
         except click.UsageError as exc:
             helpful = exc.ctx is not None and not isinstance(exc, Usage)  # click's own: where to look
             hint = f" (see '{exc.ctx.command_path} --help')" if helpful and exc.ctx else ""
@@ -72,6 +75,9 @@ class Group(click.Group):
             sys.exit(EXIT_REFUSED)
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
+        if isinstance(status, int) and status:  # ctx.exit(N) comes back as N without standalone_mode
+            sys.exit(status)
+        return status
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
