@@ -51,6 +51,12 @@ def test_refusals_exit_1(daemon: DaemonProcess) -> None:
         (("mappings", "0", "--start", "zz"), ("not an integer",)),
         (("mem-set", "0", "0"), ("more than 0",)),
         (("dmesg", "-n", "0"), ("out of range",)),
+        (("serve", "--frames", "0"), ("out of range",)),
+        (("serve", "--dom0-memory", "-1"), ("out of range",)),
+        (("serve", "--its-rate", "0"), ("--its-rate",)),
+        (("serve", "--frames", "100", "--dom0-memory", "200"), ("nr_frames too small",)),
+        (("demo", "--frames", "0"), ("out of range",)),
+        (("bench", "--plot", "/no/such/dir/x.png"), ("not a directory",)),
         (("list", "--bogus"), ("No such option",)),
         (("frobnicate",), ("No such command",)),
     ],
@@ -93,6 +99,7 @@ def test_bad_dirs(tmp_path: Path) -> None:
     afile.write_text("")
     one_line(xl(afile, "list"), 2, "is a file")
     one_line(xenemu("--dir", str(tmp_path / ("b" * 120)), "serve"), 2, "too long")
+    one_line(xenemu("--dir", "/proc/no-such-dir", "serve"), 2, "cannot use --dir")
     not_ours = tmp_path / "open"
     not_ours.mkdir(mode=0o777)
     not_ours.chmod(0o777)

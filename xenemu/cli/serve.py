@@ -142,6 +142,9 @@ def serve(directory: Path, /, log_json: bool, log_level: str, **kw: Any) -> None
     except StateDirError as exc:
         echo_err(str(exc))
         raise SystemExit(EXIT_USAGE) from None
+    except OSError as exc:  # cannot be created, or not reached: the parent is missing or not ours
+        echo_err(f"cannot use --dir {directory}: {exc.strerror or exc}")
+        raise SystemExit(EXIT_USAGE) from None
     from xenemu.core.host import Host
     from xenemu.server.daemon import run_daemon
 
