@@ -70,6 +70,7 @@ def _hostile(results: dict[str, Any]) -> list[str]:
     return [
         f"hostile: victim p99 {hostile['alone_p99']} us alone; while another domain sends "
         + ", ".join(f"{k} batches {hostile[k]['p99']} us" for k in ("invalid", "failing", "sparse"))
+        + (f", a 64K-page guest made and destroyed {hostile['lifecycle']['p99']} us" if "lifecycle" in hostile else "")
         + f"; sparse mappings cost at most {hostile['sparse_bytes_per_mapping_peak']} B each (leaf quota)"
     ]
 

@@ -11,11 +11,11 @@ from typing import Any
 
 import click
 
+from xenemu import programs_dir
 from xenemu.cli.output import say
 from xenemu.cli.params import FRAMES_PER_MIB, POSITIVE, SIZE_MIB
 from xenemu.cli.root import Refused, Usage, main
 
-CLIENTS_DIR = Path(__file__).resolve().parents[2] / "clients"
 #: The most guest memory the demo will map (it maps every frame, one op each): 4 GiB.
 MAX_DEMO_FRAMES = 1 << 20
 
@@ -34,9 +34,9 @@ def demo(memory: int, frames: int | None, log_level: str) -> None:
     if memory > MAX_DEMO_FRAMES:
         raise Usage(f"the demo maps at most {MAX_DEMO_FRAMES // FRAMES_PER_MIB} MiB")
     configure(level=log_level)
-    guest_program = CLIENTS_DIR / "pv_iommu_guest.py"
+    guest_program = programs_dir() / "pv_iommu_guest.py"
     if not guest_program.is_file():
-        raise Refused(f"{guest_program} not found (run from a source checkout)")
+        raise Refused(f"{guest_program} not found (a broken install: reinstall xenemu)")
 
     async def scenario(directory: Path) -> int:
         from xenemu.client import ControlClient
