@@ -36,6 +36,17 @@ class P2M:
         """Whether any GFN of leaf ``index`` was ever populated."""
         return index in self._leaves
 
+    def leaf_indexes(self) -> list[int]:
+        """Every leaf ever populated, ascending (a save image carries them: they decide how the
+        IOMMU's later leaves are filled)."""
+        return sorted(self._leaves)
+
+    def add_leaf(self, index: int) -> None:
+        """Grow leaf ``index`` with nothing populated in it (a restore rebuilding the leaves)."""
+        if index not in self._leaves:
+            leaf = self._leaves[index] = array("q", [ABSENT]) * LEAF_SIZE
+            self.directory.note(index, leaf)
+
     def __contains__(self, gfn: int) -> bool:
         return self.get(gfn) is not None
 
