@@ -17,6 +17,7 @@ the checksum, every JSON field's type and range, and every cross-reference betwe
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import struct
 from array import array
@@ -24,8 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xenemu.core.errors import EBADMSG, EINVAL, EPROTONOSUPPORT, HypercallError
-from xenemu.core.iommu.entries import RW, Kind
 from xenemu.core.iommu.device import normalise_bdf
+from xenemu.core.iommu.entries import RW, Kind
 from xenemu.core.memory.frames import PAGE_SIZE
 from xenemu.core.memory.leaves import LEAF_SHIFT
 
@@ -72,8 +73,10 @@ def encode(image: Image) -> bytes:
     for ref, page in image.pages:
         data += REF.pack(ref) + page
     entries = b"".join(ENTRY.pack(bfn, ref, kind, perms) for bfn, ref, kind, perms in image.entries)
-    for tag, payload in zip(TAGS, (meta, array("Q", image.gfns).tobytes(), data, entries), strict=True):
-        body += RECORD.pack(tag, 0, len(payload)) + payload
+    payloads: tuple[bytes, ...] = (meta, array("Q", image.gfns).tobytes(), bytes(data), entries)
+    for tag, payload in zip(TAGS, payloads, strict=True):
+        body += RECORD.pack(tag, 0, len(payload))
+        body += payload
     head = HEADER.pack(MAGIC, VERSION, 0, len(body), 0)
     return head + bytes(body) + hashlib.sha256(head + body).digest()
 
@@ -155,7 +158,7 @@ def _ints(value: Any, what: str, high: int = 1 << 64) -> list[int]:
 
 
 def _ascending(values: list[int], what: str) -> None:
-    if any(b <= a for a, b in zip(values, values[1:], strict=False)):
+    if any(b <= a for a, b in itertools.pairwise(values)):
         raise refuse(f"{what} not strictly ascending")
 
 

@@ -105,13 +105,15 @@ def _finish(host: Host, dom: Domain, image: Image) -> None:
     meta, domid, frames = image.meta, dom.domid, host.frames
     if meta["held"] > frames.nr_free:
         raise HypercallError(-ENOMEM, "frames ran out while the domain was restored")
-    held = [frames.allocate(domid) for _ in range(meta["held"])]
+    held: list[int] = []
+    for _ in range(meta["held"]):
+        mfn = frames.allocate(domid)
+        assert mfn is not None  # counted free just above
+        held.append(mfn)
 
     def mfn_of(ref: int) -> int:
         if ref & HELD:
-            mfn = held[ref - HELD]
-            assert mfn is not None
-            return mfn
+            return held[ref - HELD]
         got = dom.p2m.get(ref)
         assert got is not None
         return got
@@ -154,5 +156,4 @@ def _finish(host: Host, dom: Domain, image: Image) -> None:
         ctx.flushes = dict(saved_ctx["flushes"])
         ctx.fault_count = saved_ctx["fault_count"]
     for mfn in held:  # now held by its map_page entries alone, as before the save
-        assert mfn is not None
         frames.unpopulate(mfn)

@@ -15,8 +15,8 @@ from __future__ import annotations
 from typing import Any
 
 from xenemu.core.errors import EBUSY, EOPNOTSUPP, EPERM, HypercallError
-from xenemu.core.host import Host
 from xenemu.core.grants.table import GTF_readonly, GTF_type_mask
+from xenemu.core.host import Host
 from xenemu.core.iommu.entries import Kind, entry_kind, entry_mfn, entry_perms
 from xenemu.core.memory.domain import Domain
 from xenemu.core.migration.image import HELD, Image
