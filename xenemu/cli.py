@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from xenemu import __version__
+from xenemu.cli_migration import restore, save
 from xenemu.client import ConnectionLost, SyncControlClient, XenError
 from xenemu.core.options import HostOptions
 from xenemu.logs import configure
@@ -495,5 +496,5 @@ def demo(memory: int, log_level: str) -> None:
         sys.exit(trio.run(scenario, Path(tmp)))
 
 
-if __name__ == "__main__":
-    main()
+main.add_command(save)
+main.add_command(restore)

@@ -238,6 +238,29 @@ class ControlApi(_Api):
     def host_info(self) -> Any:
         return self._request("host_info", {}, _checked("host_info"))
 
+    # -- save and restore (``xl save`` / ``xl restore``): images cross in chunks of <= 1 MiB --
+    def save_domain(self, domid: int, keep: bool = False) -> Any:
+        """The reply with ``image``, ``size``, ``sha256``; the domain goes unless ``keep``."""
+        return self._request("save_domain", {"domid": domid, "keep": keep}, _checked("save_domain"))
+
+    def image_read(self, image: int, offset: int, length: int) -> Any:
+        args = {"image": image, "offset": offset, "length": length}
+        return self._request("image_read", args, lambda r: _checked("image_read")(r)["data"])
+
+    def image_close(self, image: int) -> Any:
+        return self._request("image_close", {"image": image}, _checked("image_close"))
+
+    def restore_begin(self, size: int) -> Any:
+        return self._request("restore_begin", {"size": size}, lambda r: _checked("restore_begin")(r)["image"])
+
+    def image_write(self, image: int, offset: int, data: bytes) -> Any:
+        args = {"image": image, "offset": offset, "data": data}
+        return self._request("image_write", args, _checked("image_write"))
+
+    def restore_domain(self, image: int) -> Any:
+        """The reply with the new ``domid``, ``token`` and ``pages``."""
+        return self._request("restore_domain", {"image": image}, _checked("restore_domain"))
+
 
 def _decoded(decoder: FrameDecoder) -> Message | None:
     """The next whole message the decoder holds, or None until more bytes come."""
