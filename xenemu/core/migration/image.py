@@ -164,7 +164,9 @@ def _ascending(values: list[int], what: str) -> None:
 
 def check_meta(meta: Any) -> None:
     """Every field of META: present, of its type, in its range (no unknown field)."""
-    meta = _keys(meta, "META", {"domain", "its", "devices", "iommu", "p2m_leaves", "held", "grants"})
+    meta = _keys(meta, "META", {"domain", "its", "gic", "devices", "iommu", "p2m_leaves", "held", "grants"})
+    gic = _keys(meta["gic"], "gic", {"window", "pits"})
+    _int(gic["window"], "GIC window"), _int(gic["pits"], "pITS count", 0, 256)
     dom = _keys(meta["domain"], "domain", {"type", "name", "pages", "max_pages", "max_mappings", "servers_created"})
     if dom["type"] != "hvm":
         raise refuse("only HVM domains are saved")
@@ -174,7 +176,7 @@ def check_meta(meta: Any) -> None:
     _int(dom["max_pages"], "max_pages", 0, 1 << 40)
     _int(dom["max_mappings"], "max_mappings", 0, (1 << 32) + 1)
     _int(dom["servers_created"], "servers_created", 0, 257)
-    its = _keys(meta["its"], "its", {"vcpus", "pin", "propbaser", "redists"})
+    its = _keys(meta["its"], "its", {"vcpus", "pin", "propbaser", "redists", "vits", "in_service"})
     vcpus = _int(its["vcpus"], "vcpus", 1, 65)
     if len(_ints(its["pin"], "pin", 1 << 16)) != vcpus or not isinstance(its["redists"], list):
         raise refuse("pin and redistributors must be one per vCPU")
@@ -190,7 +192,7 @@ def check_meta(meta: Any) -> None:
         raise refuse("devices is not a list of at most 256")
     bdfs = []
     for device in meta["devices"]:
-        d = _keys(device, "device", {"bdf", "rmrr"})
+        d = _keys(device, "device", {"bdf", "rmrr", "its"})
         if not isinstance(d["bdf"], str) or len(d["bdf"]) > 16:
             raise refuse("a device's BDF is not a short string")
         try:
@@ -214,13 +216,13 @@ def check_meta(meta: Any) -> None:
         raise refuse("an IOMMU context goes with assigned devices, and only with them")
     if iommu is not None:
         _keys(iommu, "iommu", {"leaves", "sparse", "emptied", "flushes", "fault_count"})
-        _ascending(_ints(iommu["leaves"], "leaves", 1 << 52), "leaves")
-        _ascending(_ints(iommu["sparse"], "sparse leaves", 1 << 52), "sparse leaves")
+        _ascending(_ints(iommu["leaves"], "leaves", 1 << (64 - LEAF_SHIFT)), "leaves")
+        _ascending(_ints(iommu["sparse"], "sparse leaves", 1 << (64 - LEAF_SHIFT)), "sparse leaves")
         if not set(iommu["sparse"]) <= set(iommu["leaves"]) or not isinstance(iommu["emptied"], bool):
             raise refuse("sparse leaves must be written leaves")
         flushes = _keys(iommu["flushes"], "flushes", {"added", "modified"})
         _int(flushes["added"], "flushes"), _int(flushes["modified"], "flushes"), _int(iommu["fault_count"], "faults")
-    _ascending(_ints(meta["p2m_leaves"], "p2m leaves", 1 << 52), "p2m leaves")
+    _ascending(_ints(meta["p2m_leaves"], "p2m leaves", 1 << (64 - LEAF_SHIFT)), "p2m leaves")
     _int(meta["held"], "held frames", 0, 1 << 40)
     grants = _keys(meta["grants"], "grants", {"entries", "next_handle"})
     _int(grants["next_handle"], "next_handle", 0, 4096)
@@ -247,8 +249,6 @@ def check_references(image: Image) -> None:
     if len(gfns) != dom["pages"]:
         raise refuse(f"{len(gfns)} GFNs for {dom['pages']} pages")
     _ascending(gfns, "GFNs")
-    if gfns and gfns[-1] >= 1 << 52:
-        raise refuse("a GFN beyond 2^52")
     populated = set(gfns)
     p2m_leaves = meta["p2m_leaves"]
     if not {g >> LEAF_SHIFT for g in gfns} <= set(p2m_leaves) or len(p2m_leaves) > len(gfns) + SPARE_P2M_LEAVES:

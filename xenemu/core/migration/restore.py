@@ -23,6 +23,7 @@ from xenemu.core.iommu.preempt import PREEMPT
 from xenemu.core.memory.domain import Domain
 from xenemu.core.memory.frames import PAGE_SIZE
 from xenemu.core.memory.leaves import LEAF_SHIFT, LEAF_SIZE
+from xenemu.core.migration import vits
 from xenemu.core.migration.image import HELD, Image, rmrr_frames
 
 #: Frames populated between two pauses of a restore (about a millisecond, as ballooning's slices).
@@ -45,6 +46,8 @@ def check(host: Host, image: Image) -> None:
         raise HypercallError(-EINVAL, f"a vCPU is pinned beyond this host's {host.options.its_cpus} CPUs")
     if meta["devices"] and not host.options.iommu:
         raise HypercallError(-EOPNOTSUPP, "no IOMMU on this host: an HVM domain cannot be given its devices")
+    vits.check(meta)
+    vits.check_host(host, meta)
     check_devices(host, image)
 
 
@@ -76,6 +79,7 @@ def restore(host: Host, image: Image) -> Generator[str, None, Domain]:
         finally:
             dom.busy_ops -= 1
         check_devices(host, image)  # others may have changed meanwhile; nothing can fail after this
+        vits.check_host(host, meta)
         _finish(host, dom, image)
         built = True
     finally:
@@ -128,16 +132,21 @@ def _finish(host: Host, dom: Domain, image: Image) -> None:
     host.grants.maptracks[domid].next_handle = meta["grants"]["next_handle"]
     if meta["domain"]["servers_created"]:
         host.ioreq.created_by[domid] = meta["domain"]["servers_created"]
-    vits = host.its.domains[domid]
-    vits.propbaser = meta["its"]["propbaser"]
-    for redist, saved in zip(vits.redists, meta["its"]["redists"], strict=True):
+    its_dom = host.its.domains[domid]
+    its_dom.propbaser = meta["its"]["propbaser"]
+    for redist, saved in zip(its_dom.redists, meta["its"]["redists"], strict=True):
         redist.enable_lpis, redist.pendbaser, redist.ptz = saved["enable_lpis"], saved["pendbaser"], saved["ptz"]
-    for device in meta["devices"]:
-        host.assign_device(domid, device["bdf"], [(s, c) for s, c in device["rmrr"]])
+    # Devices without MSIs first, then MSI devices in the order that gives each its vdevid again.
+    for device in sorted(meta["devices"], key=lambda d: (d["its"] is not None, d["its"] and d["its"]["vdevid"])):
+        its = device["its"] or {"devid": None, "events": 0, "pits": 0}
+        rmrr = [(s, c) for s, c in device["rmrr"]]
+        host.assign_device(domid, device["bdf"], rmrr, its["devid"], its["events"], its["pits"])
+    vits.restore(host, domid, meta)
     iommu = host.iommu
     ctx = iommu.contexts.get(domid)
     if ctx is not None and meta["iommu"] is not None:
         saved_ctx = meta["iommu"]
+        doorbells = {bfn: ctx.table.get(bfn) for bfn in ctx.doorbells}  # assignment's, not the image's
         leaves = {index: ctx.table.leaf(index << LEAF_SHIFT) for index in saved_ctx["leaves"]}
         for leaf in leaves.values():
             leaf[0:LEAF_SIZE] = ZERO_LEAF  # in place: the compiled path holds the leaf's address
@@ -148,6 +157,8 @@ def _finish(host: Host, dom: Domain, image: Image) -> None:
             if kind == Kind.MAP:
                 frames.get(mfn, bool(perms & PERM_W))
             mappings += kind in (Kind.MAP, Kind.MAP_NOREF)
+        for bfn, entry in doorbells.items():
+            ctx.table.set(bfn, entry)
         iommu.count_mappings(domid, mappings)
         ctx.table.sparse = set(saved_ctx["sparse"])
         ctx.table.emptied = saved_ctx["emptied"]

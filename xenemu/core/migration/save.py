@@ -19,6 +19,7 @@ from xenemu.core.grants.table import GTF_readonly, GTF_type_mask
 from xenemu.core.host import Host
 from xenemu.core.iommu.entries import Kind, entry_kind, entry_mfn, entry_perms
 from xenemu.core.memory.domain import Domain
+from xenemu.core.migration import vits
 from xenemu.core.migration.image import HELD, Image
 
 ZERO_PAGE = bytes(4096)
@@ -43,17 +44,17 @@ def refusal(host: Host, dom: Domain) -> HypercallError | None:
         return HypercallError(-EBUSY, f"d{domid}'s grants are mapped by others: they must unmap them first")
     if any(True for _ in host.iommu.m2b.held_by(domid)):
         return HypercallError(-EBUSY, f"d{domid} holds foreign mappings")
-    its = host.its.domains.get(domid)
-    if its is not None and (its.vits or its.in_service):
-        return HypercallError(-EOPNOTSUPP, f"d{domid} has MSI devices: saving a vITS is not supported yet")
+    its_busy = vits.refusal(host, domid)
+    if its_busy is not None:
+        return its_busy
     ctx = host.iommu.contexts.get(domid)
     if ctx is not None:
         own = _own_refs(host, dom)
         for bfn, entry in ctx.table.materialized():
             kind = entry_kind(entry)
-            if kind not in (Kind.DEFAULT, Kind.MAP, Kind.MAP_NOREF, Kind.RMRR):
+            if kind not in (Kind.DEFAULT, Kind.MAP, Kind.MAP_NOREF, Kind.RMRR, Kind.DOORBELL):
                 return HypercallError(-EBUSY, f"d{domid} has a {kind.name.lower()} entry at BFN {bfn:#x}")
-            if kind != Kind.RMRR and entry_mfn(entry) not in own:
+            if kind not in (Kind.RMRR, Kind.DOORBELL) and entry_mfn(entry) not in own:
                 return HypercallError(-EBUSY, f"BFN {bfn:#x} of d{domid} maps a frame it no longer owns")
     return None
 
@@ -82,6 +83,17 @@ def _own_refs(host: Host, dom: Domain) -> dict[int, int]:
     return refs
 
 
+def _device(host: Host, bdf: str) -> dict[str, Any]:
+    device = host.devices[bdf]
+    info = device.its
+    its = (
+        None
+        if info is None
+        else {"devid": info.pdevid, "events": info.events, "pits": info.pits, "vdevid": info.vdevid}
+    )
+    return {"bdf": bdf, "rmrr": [list(r) for r in device.rmrr], "its": its}
+
+
 def snapshot(host: Host, domid: int) -> Image:
     """The domain's image (it keeps running; the caller decides whether it goes)."""
     dom = host.domain(domid)
@@ -100,6 +112,8 @@ def snapshot(host: Host, domid: int) -> Image:
     if ctx is not None:
         for bfn, entry in sorted(ctx.table.materialized()):
             kind = entry_kind(entry)
+            if kind == Kind.DOORBELL:
+                continue  # the device's assignment maps it again
             ref = bfn if kind == Kind.RMRR else own[entry_mfn(entry)]
             entries.append((bfn, ref, int(kind), entry_perms(entry)))
         iommu = {
@@ -130,8 +144,10 @@ def snapshot(host: Host, domid: int) -> Image:
             "pin": list(its.pin),
             "propbaser": its.propbaser,
             "redists": [{"enable_lpis": r.enable_lpis, "pendbaser": r.pendbaser, "ptz": r.ptz} for r in its.redists],
-        },
-        "devices": [{"bdf": bdf, "rmrr": [list(r) for r in host.devices[bdf].rmrr]} for bdf in sorted(dom.devices)],
+        }
+        | vits.save(host, domid),
+        "gic": vits.gic(host),
+        "devices": [_device(host, bdf) for bdf in sorted(dom.devices)],
         "iommu": iommu,
         "p2m_leaves": dom.p2m.leaf_indexes(),
         "held": sum(1 for ref in own.values() if ref & HELD),
