@@ -1,9 +1,10 @@
 """``xenemu save DOMID FILE`` and ``xenemu restore FILE``, as ``xl save`` and ``xl restore``.
 
 The daemon makes and checks the image; these verbs carry it between the control socket and a
-file in chunks of ``CHUNK`` bytes (a frame holds at most 4 MiB), with a progress bar for a
-person and ``--json`` for a program. The file is written beside its final name and renamed
-into place, so an interrupted save never leaves a partial image under that name.
+file (``SyncControlClient.save_image``/``restore_image``, in 1 MiB chunks: a frame holds at most
+4 MiB), with a progress bar for a person and ``--json`` for a program. The file is written
+beside its final name and renamed into place, so an interrupted save never leaves a partial
+image under that name.
 """
 
 from __future__ import annotations
@@ -20,35 +21,6 @@ import click
 
 if TYPE_CHECKING:
     from xenemu.client import SyncControlClient
-
-#: Bytes per image_read / image_write (the daemon's own bound; a frame holds 4 MiB).
-CHUNK = 1 << 20
-Progress = Callable[[int], None]
-
-
-def save_image(ctl: SyncControlClient, domid: int, keep: bool = False, progress: Progress | None = None) -> bytes:
-    """The domain's image, read out chunk by chunk (the daemon destroys it unless ``keep``)."""
-    reply = ctl.save_domain(domid, keep)
-    image, size = reply["image"], reply["size"]
-    parts: list[bytes] = []
-    try:
-        for offset in range(0, size, CHUNK):
-            parts.append(ctl.image_read(image, offset, min(CHUNK, size - offset)))
-            if progress is not None:
-                progress(len(parts[-1]))
-    finally:
-        ctl.image_close(image)
-    return b"".join(parts)
-
-
-def restore_image(ctl: SyncControlClient, data: bytes, progress: Progress | None = None) -> Any:
-    """A new domain from ``data``: the reply with its ``domid``, ``token`` and ``pages``."""
-    image = ctl.restore_begin(len(data))
-    for offset in range(0, len(data), CHUNK):
-        ctl.image_write(image, offset, data[offset : offset + CHUNK])
-        if progress is not None:
-            progress(min(CHUNK, len(data) - offset))
-    return ctl.restore_domain(image)
 
 
 def _run(directory: Path, fn: Callable[[SyncControlClient], Any]) -> Any:
@@ -93,7 +65,7 @@ def save(directory: Path, domid: int, file: Path, keep: bool, as_json: bool) -> 
     def work(ctl: SyncControlClient) -> bytes:
         with _bar("saving", as_json) as bar:
             task = bar.add_task("save", total=None)
-            return save_image(ctl, domid, keep, lambda n: bar.update(task, advance=n))
+            return ctl.save_image(domid, keep, lambda n: bar.update(task, advance=n))
 
     data = _run(directory, work)
     fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.", dir=file.parent or Path("."))
@@ -124,7 +96,7 @@ def restore(directory: Path, file: Path, as_json: bool) -> None:
     def work(ctl: SyncControlClient) -> Any:
         with _bar("restoring", as_json) as bar:
             task = bar.add_task("restore", total=len(data))
-            return restore_image(ctl, data, lambda n: bar.update(task, advance=n))
+            return ctl.restore_image(data, lambda n: bar.update(task, advance=n))
 
     reply = _run(directory, work)
     if as_json:

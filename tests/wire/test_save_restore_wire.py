@@ -15,7 +15,6 @@ from click.testing import CliRunner
 from tests.conformance.beds import DaemonProcess
 from xenemu.abi import pv_iommu as ops
 from xenemu.cli import main
-from xenemu.cli_migration import restore_image, save_image
 from xenemu.client import SyncControlClient, SyncHypercallClient, XenError
 
 BDF = "0000:00:03.0"
@@ -95,7 +94,7 @@ def test_bad_files_are_refused_in_one_line_with_nothing_created(
     a, b = daemons
     with SyncControlClient.connect(a.control_path) as ctl:
         guest = ctl.create_domain("hvm", 64)
-        data = save_image(ctl, guest["domid"], keep=True)
+        data = ctl.save_image(guest["domid"], keep=True)
         assert [d["domid"] for d in ctl.list_domains()] == [0, guest["domid"]]
     cases = {
         "truncated": data[:-100],
@@ -117,5 +116,5 @@ def test_bad_files_are_refused_in_one_line_with_nothing_created(
         assert info.value.ret == -7
         assert ctl.stats()["free_frames"] == free and [d["domid"] for d in ctl.list_domains()] == [0]
         assert ctl.audit() == []
-        copy = restore_image(ctl, data)
+        copy = ctl.restore_image(data)
         assert copy["pages"] == 64 and ctl.audit() == []

@@ -14,7 +14,6 @@ import pytest
 from tests.conformance.beds import DaemonProcess
 from xenemu.abi import its_cmd as c
 from xenemu.abi.its_cmd import ItsCommand
-from xenemu.cli_migration import restore_image, save_image
 from xenemu.client import SyncControlClient, SyncHypercallClient, XenError
 
 LPI = 8192
@@ -82,14 +81,14 @@ def move(a: DaemonProcess, domid: int, g: Guest, b: DaemonProcess) -> Guest:
     with SyncControlClient.connect(a.control_path) as ctl:
         while True:  # a vITS is saved between commands: -EBUSY means try again
             try:
-                data = save_image(ctl, domid)
+                data = ctl.save_image(domid)
                 break
             except XenError as exc:
                 assert exc.ret == -16 and time.monotonic() < deadline, exc
                 time.sleep(0.01)
         assert ctl.audit() == []
     with SyncControlClient.connect(b.control_path) as ctl:
-        restored = restore_image(ctl, data)
+        restored = ctl.restore_image(data)
         doorbell = ctl.its_info(restored["domid"])["its_frames"]["0"] + 0x10040
         h = Guest(b, restored["token"], doorbell, g.offset)
         while ctl.its_stats()["pits"][0]["queued"]:  # the pITS runs Xen's MAPD and MAPTIs for it
