@@ -66,7 +66,9 @@ class ImageStore:
 
     def begin(self, size: int) -> int:
         """An image of ``size`` bytes will be written in."""
-        if not 0 < size <= self.max_image:
+        if size <= 0:
+            raise HypercallError(-EINVAL, "an image has a size")
+        if size > self.max_image:
             raise HypercallError(-E2BIG, f"an image of {size} bytes; this host takes at most {self.max_image}")
         return self._open(Transfer("in", bytearray(), size))
 
