@@ -255,3 +255,22 @@ def test_a_restore_pauses_between_slices_and_a_cut_leaves_nothing() -> None:
         assert stop.value.pages == 5000 and not stop.value.busy_ops
     assert pauses == 2
     bed.check()
+
+
+def test_transfers_are_bounded_checked_and_the_oldest_evicted(bed: Bed) -> None:
+    assert errno(bed.act, 0, RestoreBegin(0)) == -22
+    assert errno(bed.act, 0, RestoreBegin(1 << 40)) == -7
+    image = bed.act(0, RestoreBegin(100))["image"]
+    assert errno(bed.act, 0, ImageWrite(image, 5, b"x")) == -22  # not where the last chunk ended
+    assert errno(bed.act, 0, ImageWrite(image, 0, bytes(101))) == -22  # beyond the declared size
+    assert errno(bed.act, 0, ImageRead(image, 0, 10)) == -2  # an incoming image is not read out
+    assert bed.act(0, ImageWrite(image, 0, bytes(60)))["received"] == 60
+    assert errno(bed.act, 0, RestoreDomain(image)) == -22  # 60 zero bytes: no magic; consumed
+    assert errno(bed.act, 0, RestoreDomain(image)) == -2
+    opened = [bed.act(0, RestoreBegin(10))["image"] for _ in range(9)]
+    assert errno(bed.act, 0, ImageWrite(opened[0], 0, b"x")) == -2  # the ninth evicted the oldest
+    assert bed.act(0, ImageWrite(opened[1], 0, b"x"))["received"] == 1
+    dom = bed.guest(memory=8, device=None)
+    saved = bed.act(0, SaveDomain(dom.domid, keep=True))
+    assert errno(bed.act, 0, ImageRead(saved["image"], 0, CHUNK + 1)) == -22
+    assert errno(bed.act, 0, ImageRead(saved["image"], saved["size"] + 1, 1)) == -22
