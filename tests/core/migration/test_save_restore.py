@@ -274,3 +274,26 @@ def test_transfers_are_bounded_checked_and_the_oldest_evicted(bed: Bed) -> None:
     saved = bed.act(0, SaveDomain(dom.domid, keep=True))
     assert errno(bed.act, 0, ImageRead(saved["image"], 0, CHUNK + 1)) == -22
     assert errno(bed.act, 0, ImageRead(saved["image"], saved["size"] + 1, 1)) == -22
+
+
+def test_emulators_mapping_a_saved_guest_are_told_before_it_goes(bed: Bed) -> None:
+    """xl save drops the domain: every foreign mapping of its frames gets IOREQ_TYPE_INVALIDATE;
+    the emulator unmaps, and serves the restored domain afresh under its new domid."""
+    from xenemu.abi.ioreq import read_ring
+
+    host = bed.host
+    guest = bed.guest(memory=16)
+    host.assign_device(0, "00:06.0")  # the emulator runs in dom0, with a device of its own
+    server = host.emulators.create_server(0, guest.domid)
+    got = bed.call(0, [ops.map_foreign_page(0x4000 + g, g, guest.domid, server.id) for g in (2, 3)])
+    assert ops.statuses(got) == ["OK", "OK"]
+    data = save(bed, guest.domid)
+    entries, _ = read_ring(bytes(server.page))
+    assert [e.data for e in entries] == [0x4000 + 2, 0x4000 + 3] and server.target is None
+    got = bed.call(0, [ops.unmap_foreign_page(0x4000 + g, server.id) for g in (2, 3)])
+    assert ops.statuses(got) == ["OK", "OK"]
+    copy = host.domain(load(bed, data)["domid"])
+    again = host.emulators.create_server(0, copy.domid)
+    got = bed.call(0, [ops.map_foreign_page(0x4000 + g, g, copy.domid, again.id) for g in (2, 3)])
+    assert ops.statuses(got) == ["OK", "OK"]
+    bed.check()
