@@ -27,7 +27,7 @@ BDF = "0000:00:03.0"
 def save(bed: Bed, domid: int, keep: bool = False) -> bytes:
     reply = bed.act(0, SaveDomain(domid, keep))
     data = b"".join(bed.act(0, ImageRead(reply["image"], at, CHUNK))["data"] for at in range(0, reply["size"], CHUNK))
-    assert len(data) == reply["size"] and hashlib.sha256(data).hexdigest() == reply["sha256"]
+    assert len(data) == reply["size"] and hashlib.sha256(data[:-32]).hexdigest() == reply["digest"]
     return data
 
 

@@ -3,7 +3,6 @@ chunked transfer of their images over the control socket."""
 
 from __future__ import annotations
 
-import hashlib
 import weakref
 from collections.abc import Generator
 from dataclasses import dataclass
@@ -11,7 +10,7 @@ from typing import Any
 
 from xenemu.core.actions.base import ControlAction, handles
 from xenemu.core.host import Host
-from xenemu.core.migration.image import decode, encode
+from xenemu.core.migration.image import checksum_steps, decode, encode_steps
 from xenemu.core.migration.restore import restore
 from xenemu.core.migration.save import snapshot
 from xenemu.core.migration.store import ImageStore
@@ -38,16 +37,16 @@ class SaveDomain(ControlAction):
 
 
 @handles(SaveDomain)
-def _save_domain(host: Host, caller: int, action: SaveDomain) -> dict[str, Any]:
-    image = snapshot(host, action.domid)
-    data = encode(image)
+def _save_domain(host: Host, caller: int, action: SaveDomain) -> Generator[str, None, dict[str, Any]]:
+    image = snapshot(host, action.domid)  # the consistent point: one step, a copy of its pages
     if not action.keep:
         host.destroy_domain(action.domid)
+    data = yield from encode_steps(image)  # summed in slices, from the copy
     return {
         "ret": 0,
         "image": store(host).put(data),
         "size": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
+        "digest": data[-32:].hex(),
         "pages": len(image.gfns),
     }
 
@@ -113,6 +112,8 @@ class RestoreDomain(ControlAction):
 
 @handles(RestoreDomain)
 def _restore_domain(host: Host, caller: int, action: RestoreDomain) -> Generator[str, None, dict[str, Any]]:
-    image = decode(store(host).take(action.image))
+    raw = store(host).take(action.image)
+    yield from checksum_steps(raw)
+    image = decode(raw, summed=True)
     dom = yield from restore(host, image)
     return {"ret": 0, "domid": dom.domid, "token": dom.token, "pages": dom.pages}

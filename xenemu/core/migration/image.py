@@ -21,15 +21,19 @@ import itertools
 import json
 import struct
 from array import array
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any
 
 from xenemu.core.errors import EBADMSG, EINVAL, EPROTONOSUPPORT, HypercallError
 from xenemu.core.iommu.device import normalise_bdf
 from xenemu.core.iommu.entries import RW, Kind
+from xenemu.core.iommu.preempt import PREEMPT
 from xenemu.core.memory.frames import PAGE_SIZE
 from xenemu.core.memory.leaves import LEAF_SHIFT
 
+#: Pages (or parts) hashed between two pauses: 4 MiB, about 4 ms of SHA-256.
+HASH_SLICE = 1024
 MAGIC = b"XNMUSAVE"
 VERSION = 1
 HEADER = struct.Struct("<8sIIQQ")
@@ -60,28 +64,67 @@ class Image:
     #: GFNs the domain had populated, ascending.
     gfns: list[int] = field(default_factory=list)
     #: (frame ref, 4096 bytes) of every frame with contents, by ref.
-    pages: list[tuple[int, bytes]] = field(default_factory=list)
+    pages: list[tuple[int, bytes | memoryview]] = field(default_factory=list)
     #: (BFN, frame ref, kind, perms) of every present entry of its written leaves, by BFN.
     entries: list[tuple[int, int, int, int]] = field(default_factory=list)
 
 
-def encode(image: Image) -> bytes:
-    """The image's bytes."""
+def encode_steps(image: Image) -> Generator[str, None, bytes]:
+    """The image's bytes, hashed a slice at a time with a pause between slices (a large guest's
+    image takes a while to sum, and the daemon serves others meanwhile)."""
     meta = json.dumps(image.meta, sort_keys=True, separators=(",", ":")).encode()
-    body = bytearray()
-    data = bytearray()
+    data: list[bytes | memoryview] = []
     for ref, page in image.pages:
-        data += REF.pack(ref) + page
+        data += (REF.pack(ref), page)
     entries = b"".join(ENTRY.pack(bfn, ref, kind, perms) for bfn, ref, kind, perms in image.entries)
-    payloads: tuple[bytes, ...] = (meta, array("Q", image.gfns).tobytes(), bytes(data), entries)
-    for tag, payload in zip(TAGS, payloads, strict=True):
-        body += RECORD.pack(tag, 0, len(payload))
-        body += payload
-    head = HEADER.pack(MAGIC, VERSION, 0, len(body), 0)
-    return head + bytes(body) + hashlib.sha256(head + body).digest()
+    records: tuple[list[bytes | memoryview], ...] = ([meta], [array("Q", image.gfns).tobytes()], data, [entries])
+    lengths = (len(meta), len(records[1][0]), len(image.pages) * (8 + PAGE_SIZE), len(entries))
+    body = sum(lengths) + len(TAGS) * RECORD.size
+    parts: list[bytes | memoryview] = [HEADER.pack(MAGIC, VERSION, 0, body, 0)]
+    for tag, payload, length in zip(TAGS, records, lengths, strict=True):
+        parts.append(RECORD.pack(tag, 0, length))
+        parts += payload
+    digest = hashlib.sha256()
+    for done, part in enumerate(parts):
+        digest.update(part)
+        if done % HASH_SLICE == HASH_SLICE - 1:
+            yield PREEMPT
+    parts.append(digest.digest())
+    return b"".join(parts)
 
 
-def declared_length(head: bytes) -> int:
+def encode(image: Image) -> bytes:
+    """``encode_steps`` run to its end (tests and scripts)."""
+    steps = encode_steps(image)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            out: bytes = stop.value
+            return out
+
+
+def checksum_steps(raw: bytes | bytearray) -> Generator[str, None, None]:
+    """The framing and the trailer's SHA-256 checked a slice at a time, pausing between slices."""
+    total = _whole(raw)
+    view = memoryview(raw)
+    digest = hashlib.sha256()
+    step = HASH_SLICE * PAGE_SIZE
+    for at in range(0, total - DIGEST, step):
+        digest.update(view[at : min(at + step, total - DIGEST)])
+        yield PREEMPT
+    if digest.digest() != view[-DIGEST:]:
+        raise refuse("checksum mismatch")
+
+
+def _whole(raw: bytes | bytearray) -> int:
+    total = declared_length(raw)
+    if len(raw) != total:
+        raise refuse(f"{'truncated' if len(raw) < total else 'trailing bytes'}: {len(raw)} of {total} bytes")
+    return total
+
+
+def declared_length(head: bytes | bytearray) -> int:
     """The whole image's length from its header (what a receiver may check before the rest)."""
     if len(head) < HEADER.size or head[:8] != MAGIC:
         raise HypercallError(-EINVAL, "not a xenemu save image (bad magic)")
@@ -93,14 +136,14 @@ def declared_length(head: bytes) -> int:
     return int(HEADER.size + body + DIGEST)
 
 
-def decode(raw: bytes) -> Image:
-    """Check and parse an image; ``-EINVAL``, ``-EPROTONOSUPPORT`` or ``-EBADMSG`` saying why."""
-    total = declared_length(raw)
-    if len(raw) != total:
-        raise refuse(f"{'truncated' if len(raw) < total else 'trailing bytes'}: {len(raw)} of {total} bytes")
+def decode(raw: bytes | bytearray, summed: bool = False) -> Image:
+    """Check and parse an image; ``-EINVAL``, ``-EPROTONOSUPPORT`` or ``-EBADMSG`` saying why.
+    ``summed``: ``checksum_steps`` has checked the framing and the checksum already."""
+    total = _whole(raw)
     view = memoryview(raw)
-    if hashlib.sha256(view[:-DIGEST]).digest() != view[-DIGEST:]:
-        raise refuse("checksum mismatch")
+    if not summed:
+        for _ in checksum_steps(raw):
+            pass
     payloads: list[memoryview] = []
     at, end = HEADER.size, total - DIGEST
     for tag in TAGS:
@@ -128,8 +171,8 @@ def decode(raw: bytes) -> Image:
         raise refuse("a record's length is not a whole number of items")
     gfns = array("Q")
     gfns.frombytes(gfn_raw)
-    pages = [
-        (REF.unpack_from(data_raw, i)[0], bytes(data_raw[i + 8 : i + 8 + PAGE_SIZE]))
+    pages: list[tuple[int, bytes | memoryview]] = [
+        (REF.unpack_from(data_raw, i)[0], data_raw[i + 8 : i + 8 + PAGE_SIZE])  # views: no copy yet
         for i in range(0, len(data_raw), 8 + PAGE_SIZE)
     ]
     entries = [ENTRY.unpack_from(entry_raw, i) for i in range(0, len(entry_raw), ENTRY.size)]

@@ -21,7 +21,6 @@ from xenemu.core.host import Host
 from xenemu.core.iommu.entries import PERM_W, Kind, make_entry
 from xenemu.core.iommu.preempt import PREEMPT
 from xenemu.core.memory.domain import Domain
-from xenemu.core.memory.frames import PAGE_SIZE
 from xenemu.core.memory.leaves import LEAF_SHIFT, LEAF_SIZE
 from xenemu.core.migration import vits
 from xenemu.core.migration.image import HELD, Image, rmrr_frames
@@ -90,6 +89,7 @@ def restore(host: Host, image: Image) -> Generator[str, None, Domain]:
 
 def _populate(host: Host, dom: Domain, image: Image) -> Generator[str, None, None]:
     frames = host.frames
+    contents = {ref: page for ref, page in image.pages if not ref & HELD}
     for index in image.meta["p2m_leaves"]:
         dom.p2m.add_leaf(index)
     for done, gfn in enumerate(image.gfns):
@@ -102,6 +102,9 @@ def _populate(host: Host, dom: Domain, image: Image) -> Generator[str, None, Non
             raise HypercallError(-ENOMEM, "frames ran out while the domain was restored")
         dom.p2m[gfn] = mfn
         dom.pages += 1
+        page = contents.get(gfn)
+        if page is not None:
+            frames.write(mfn, 0, page)
 
 
 def _finish(host: Host, dom: Domain, image: Image) -> None:
@@ -123,7 +126,8 @@ def _finish(host: Host, dom: Domain, image: Image) -> None:
         return got
 
     for ref, page in image.pages:
-        frames.write(mfn_of(ref), 0, page[:PAGE_SIZE])
+        if ref & HELD:  # the populated frames got theirs as they were populated
+            frames.write(mfn_of(ref), 0, page)
     table = host.grants.tables[domid]
     for ref, granted, gfn, readonly in meta["grants"]["entries"]:
         entry = table.entries[ref]

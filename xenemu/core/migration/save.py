@@ -102,7 +102,7 @@ def snapshot(host: Host, domid: int) -> Image:
         raise refused
     own = _own_refs(host, dom)
     frames = host.frames
-    pages = []
+    pages: list[tuple[int, bytes | memoryview]] = []
     for mfn, ref in sorted(own.items(), key=lambda item: item[1]):
         page = frames.data.get(mfn)
         if page is not None and page != ZERO_PAGE:

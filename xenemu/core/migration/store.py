@@ -26,7 +26,7 @@ OVERHEAD = 64 << 20
 class Transfer:
     #: "out": a saved image being read; "in": a restore's image being written.
     direction: str
-    data: bytearray = field(default_factory=bytearray)
+    data: bytes | bytearray = field(default_factory=bytearray)
     #: Bytes an incoming image will have (declared at ``begin``).
     size: int = 0
 
@@ -56,7 +56,7 @@ class ImageStore:
 
     def put(self, data: bytes) -> int:
         """A saved image, to be read out."""
-        return self._open(Transfer("out", bytearray(data), len(data)))
+        return self._open(Transfer("out", data, len(data)))
 
     def read(self, image: int, offset: int, length: int) -> bytes:
         transfer = self._get(image, "out")
@@ -75,6 +75,7 @@ class ImageStore:
     def write(self, image: int, offset: int, data: bytes) -> int:
         """Append a chunk (at the offset where the last one ended); returns the bytes held."""
         transfer = self._get(image, "in")
+        assert isinstance(transfer.data, bytearray)
         if offset != len(transfer.data) or len(data) > CHUNK or offset + len(data) > transfer.size:
             raise HypercallError(
                 -EINVAL, f"write chunks in order, at most {CHUNK} bytes, within the {transfer.size} declared"
@@ -82,11 +83,11 @@ class ImageStore:
         transfer.data += data
         return len(transfer.data)
 
-    def take(self, image: int) -> bytes:
+    def take(self, image: int) -> bytes | bytearray:
         """The incoming image, whole or not (the decoder says what is wrong), closed."""
         transfer = self._get(image, "in")
         del self.transfers[image]
-        return bytes(transfer.data)
+        return transfer.data
 
     def close(self, image: int) -> None:
         if self.transfers.pop(image, None) is None:
