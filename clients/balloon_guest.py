@@ -19,7 +19,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from exchange import report, resolve
+from exchange import report, resolve, run_program
 
 from xenemu.abi import pv_iommu as ops
 from xenemu.client import HypercallClient
@@ -88,4 +88,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_program(main))

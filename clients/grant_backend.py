@@ -17,7 +17,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from exchange import program_args, publish, report, resolve, sector_data, wait_for
+from exchange import program_args, publish, report, resolve, run_program, sector_data, wait_for
 
 from xenemu.abi import grant_table as grants
 from xenemu.abi.grant_table import UnmapGrant
@@ -75,4 +75,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_program(main))

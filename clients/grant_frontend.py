@@ -16,7 +16,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from exchange import program_args, publish, report, resolve, sector_data, wait_for
+from exchange import program_args, publish, report, resolve, run_program, sector_data, wait_for
 
 from xenemu.client import SyncHypercallClient, XenError
 
@@ -61,4 +61,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_program(main))

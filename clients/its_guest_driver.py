@@ -26,7 +26,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from exchange import program_args, report, resolve, write_result
+from exchange import program_args, report, resolve, run_program, write_result
 
 from xenemu.abi import its_cmd as c
 from xenemu.abi.its_cmd import ItsCommand
@@ -233,4 +233,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_program(main))

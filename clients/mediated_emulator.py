@@ -26,7 +26,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from exchange import report, resolve, write_result
+from exchange import report, resolve, run_program, write_result
 
 from xenemu.abi import pv_iommu as ops
 from xenemu.abi.ioreq import BufferedRequest, SyncRequest
@@ -222,4 +222,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_program(main))

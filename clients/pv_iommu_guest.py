@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from exchange import resolve, write_result
+from exchange import resolve, run_program, write_result
 
 from xenemu.abi import pv_iommu as ops
 from xenemu.client import HypercallClient
@@ -122,4 +122,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_program(main))

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from xenemu.client import SyncControlClient
+from xenemu.client import ConnectionLost, SyncControlClient, XenError
 
 
 def parse_domain(spec: str) -> dict[str, str]:
@@ -90,4 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (OSError, XenError, ConnectionLost) as exc:  # the daemon refused, or is not there
+        sys.exit(f"toolstack: {type(exc).__name__}: {exc}")

@@ -27,7 +27,7 @@ def test_quick_bench_reports_every_figure() -> None:
     assert set(results["fairness_us"]) == {"alone_p50", "alone_p99", "flood_p50", "flood_p99"}
     assert set(results["balloon_frames_per_s"]) == {"invalidate", "swap_mfn"}
     hostile = results["hostile_us"]
-    assert set(hostile) == {"alone_p99", "invalid", "failing", "sparse", "sparse_bytes_per_mapping_peak"}
+    assert set(hostile) == {"alone_p99", "invalid", "failing", "sparse", "lifecycle", "sparse_bytes_per_mapping_peak"}
     assert all(set(hostile[k]) == {"p50", "p99"} for k in ("invalid", "failing", "sparse"))
     assert results["audit_clean"] is True
     migration = results["migration"]

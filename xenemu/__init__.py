@@ -11,4 +11,15 @@ import-linter contracts enforce it):
 - ``bench`` and ``cli`` (the ``xl``-like toolstack), at the top.
 """
 
+from pathlib import Path
+
 __version__ = "0.1.0"
+
+
+def programs_dir() -> Path:
+    """Where the guest programs the demo runs are: inside an installed wheel
+    (``xenemu/_clients``, copied from ``clients/`` at build time), else the source checkout's
+    ``clients/``."""
+    package = Path(__file__).resolve().parent
+    shipped = package / "_clients"
+    return shipped if shipped.is_dir() else package.parent / "clients"

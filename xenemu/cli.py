@@ -19,7 +19,7 @@ import trio
 from rich.console import Console
 from rich.table import Table
 
-from xenemu import __version__
+from xenemu import __version__, programs_dir
 from xenemu.cli_migration import restore, save
 from xenemu.client import ConnectionLost, SyncControlClient, XenError
 from xenemu.core.options import HostOptions
@@ -30,9 +30,6 @@ from xenemu.server.limits import Limits
 def console() -> Console:
     """A console sized to the terminal as it is now (COLUMNS is honoured)."""
     return Console()
-
-
-CLIENTS_DIR = Path(__file__).resolve().parent.parent / "clients"
 
 
 class BasedInt(click.ParamType[int]):
@@ -453,9 +450,9 @@ def bench(quick: bool, rev: str | None, as_json: bool) -> None:
 def demo(memory: int, log_level: str) -> None:
     """Start a daemon, create dom0 plus an HVM guest with a device, and run the guest program."""
     configure(level=log_level)
-    guest_program = CLIENTS_DIR / "pv_iommu_guest.py"
+    guest_program = programs_dir() / "pv_iommu_guest.py"
     if not guest_program.is_file():
-        raise click.ClickException(f"{guest_program} not found (run from a source checkout)")
+        raise click.ClickException(f"{guest_program} not found (a broken install: reinstall xenemu)")
 
     async def scenario(directory: Path) -> int:
         from xenemu.client import ControlClient

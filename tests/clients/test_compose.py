@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -52,3 +53,26 @@ def test_scenario_runs_locally_from_the_compose_file(profile: str, tmp_path: Pat
     text = "\n".join(output)
     assert status == 0, text
     assert f"VERDICT: PASS ({profile})" in text and "audit: clean" in text
+    # As `up --exit-code-from verdict-PROFILE`: the verdict's exit, and nothing before it, ended the run.
+    assert text.index(f"verdict-{profile} exited with code 0\nAborting on container exit...") > text.index("VERDICT")
+    assert text.count("Aborting on container exit...") == 1
+
+
+def test_every_one_shot_service_is_unattached_so_only_the_verdict_ends_a_run() -> None:
+    """`--exit-code-from` implies `--abort-on-container-exit`: any watched service's exit ends `up`."""
+    for profile in PROFILES:
+        services = compose_local.resolved_config(ROOT / "docker-compose.yml", profile)["services"]
+        watched = {name for name, spec in services.items() if spec.get("attach") is not False}
+        assert watched == {"hypervisor", f"verdict-{profile}"}, profile
+
+
+def test_an_attached_one_shot_toolstack_would_stop_the_stack_before_the_verdict(tmp_path: Path) -> None:
+    """The mistake the README's command once made, caught as Compose would make it."""
+    tool("docker-compose")
+    mistake = tmp_path / "attached.json"
+    mistake.write_text(json.dumps({"services": {"toolstack-grants": {"attach": True}}}))
+    status, output = compose_local.run("grants", [ROOT / "docker-compose.yml", mistake], tmp_path, timeout=300)
+    text = "\n".join(output)
+    assert "toolstack-grants exited with code 0\nAborting on container exit..." in text
+    # Compose's status is then the toolstack's 0 with no verdict at all: a false success.
+    assert status == 0 and "VERDICT" not in text, text

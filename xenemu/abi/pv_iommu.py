@@ -49,9 +49,13 @@ _MEMBER = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Op:
-    """One op as Python values; fields a subop does not use stay 0."""
+    """One op as Python values; fields a subop does not use stay 0.
+
+    It prints by its subop's name, with the fields that are set:
+    ``Op(map_page, flags=0x3, bfn=0x1000, gfn=0x5, status=OK)``.
+    """
 
     subop: int
     flags: int = 0
@@ -71,6 +75,17 @@ class Op:
 
     def with_status(self, status: int) -> Op:
         return replace(self, status=status)
+
+    def __repr__(self) -> str:
+        parts = [SUBOP_NAMES.get(self.subop, f"subop={self.subop}")]
+        parts += [f"{name}={value:#x}" for name, value in self._set_fields()]
+        parts.append(f"status={self.status_name}")
+        return f"Op({', '.join(parts)})"
+
+    def _set_fields(self) -> list[tuple[str, int]]:
+        fields = [("flags", self.flags), ("bfn", self.bfn), ("gfn", self.gfn)]
+        fields += [("domid", self.domid), ("ioserver", self.ioserver)]
+        return [(name, value) for name, value in fields if value]
 
 
 def _flags(perms: int, order: int, extra: int = 0) -> int:

@@ -54,6 +54,11 @@ def table(results: dict[str, Any]) -> str:
         lines.append(
             f"hostile: victim p99 {hostile['alone_p99']} us alone; while another domain sends "
             + ", ".join(f"{k} batches {hostile[k]['p99']} us" for k in ("invalid", "failing", "sparse"))
+            + (
+                f", a 64K-page guest made and destroyed {hostile['lifecycle']['p99']} us"
+                if "lifecycle" in hostile
+                else ""
+            )
             + f"; sparse mappings cost at most {hostile['sparse_bytes_per_mapping_peak']} B each (leaf quota)"
         )
     bal = results["balloon_frames_per_s"]

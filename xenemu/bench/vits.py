@@ -40,7 +40,7 @@ class VitsGuest:
         for start in range(0, len(blocks), 64):
             chunk = blocks[start : start + 64]
             while True:
-                room = (self.xc.its_mmio("its", 0, 0x90, 8) - self.cwriter - 32) % 65536 // 32
+                room = (self.xc.its_read("its", 0, 0x90, 8) - self.cwriter - 32) % 65536 // 32
                 n = min(len(chunk), room, (4096 - self.cwriter % 4096) // 32)
                 if n:
                     break

@@ -43,8 +43,22 @@ def audit(host: Host) -> list[str]:
     problems += _check_grant_pins(host, pins)
 
     contexts = host.iommu.contexts
+    limbo = host.memory.limbo
+    if overlap := limbo.keys() & host.domains.keys():
+        problems.append(f"domains {sorted(overlap)} are both live and being built or destroyed")
     for name, keyed in (("IOMMU context", contexts), ("grant table", host.grants.tables)):
-        problems += [f"{name} of d{domid}, which does not exist" for domid in keyed if domid not in host.domains]
+        problems += [
+            f"{name} of d{domid}, which does not exist"
+            for domid in keyed
+            if domid not in host.domains and (name != "IOMMU context" or domid not in limbo)
+        ]
+    for domid, retired in host.iommu.retired.items():
+        if domid not in limbo or domid in contexts:
+            problems.append(f"retired IOMMU context of d{domid}, which is not being destroyed")
+        _count_references(retired, general, writable)
+    for domid in limbo:
+        if domid in contexts:  # its IOREQ servers are still being torn down
+            _count_references(contexts[domid], general, writable)
     if host.grants.tables.keys() != host.domains.keys() or host.grants.maptracks.keys() != host.domains.keys():
         problems.append("grant tables and maptracks are not one per live domain")
     for dom in host.domains.values():
@@ -56,15 +70,16 @@ def audit(host: Host) -> list[str]:
             problems.append(f"d{dom.domid}: context is {'missing' if wants else 'present'} but map_cap is {wants}")
         problems += _check_memory(host, dom.domid)
     for key, entry in owning.items():
-        if key[0] not in host.domains or key[0] not in contexts:
+        if (key[0] not in host.domains and key[0] not in limbo) or key[0] not in contexts:
             problems.append(f"M2B entry {entry} owns an IOMMU entry in a domain without a context")
     held: Counter[int] = Counter()
     for entry in host.iommu.m2b:
         held[entry.mapper] += 1
     for mapper, maptrack in host.grants.maptracks.items():
         held[mapper] += len(maptrack.mappings)
-    for domid, ctx in contexts.items():
+    for domid, ctx in [*contexts.items(), *host.iommu.retired.items()]:
         held[domid] += sum(1 for _, e in ctx.table.materialized() if entry_kind(e) in (Kind.MAP, Kind.MAP_NOREF))
+        held[domid] += len(ctx.scratch)  # a swapped foreign mapping stays its emulator's
     if +held != +host.iommu.mappings_held:
         problems.append(f"mappings held per domain {dict(host.iommu.mappings_held)}, recounted {dict(held)}")
     for server in host.ioreq.servers.values():
@@ -72,6 +87,9 @@ def audit(host: Host) -> list[str]:
             problems.append(f"IOREQ server {server.id}: buffered ring holds more than it has slots")
         if server.creator not in host.domains:
             problems.append(f"IOREQ server {server.id}: its emulator d{server.creator} is gone")
+    for server in host.ioreq.ending.values():
+        if server.id in host.ioreq.servers:
+            problems.append(f"IOREQ server {server.id}: both live and being torn down")
     problems += audit_its(host.its)
     if host.iommu.touched:
         problems.append(f"{len(host.iommu.touched)} contexts left with a pending flush")
@@ -91,7 +109,7 @@ def audit(host: Host) -> list[str]:
             problems.append(f"frame {mfn:#x}: owner {owner:#x} with {have} references")
         if not frames.free_map_agrees(mfn):
             problems.append(f"frame {mfn:#x}: the free map disagrees with its owner {owner:#x}")
-        if frames.populated[mfn] and owner not in host.domains:
+        if frames.populated[mfn] and owner not in host.domains and owner not in limbo:
             problems.append(f"frame {mfn:#x}: populated for d{owner}, which does not exist")
 
     for bdf, device in host.devices.items():
@@ -99,6 +117,14 @@ def audit(host: Host) -> list[str]:
         if holder is None or bdf not in holder.devices:
             problems.append(f"device {bdf}: assigned to d{device.domid}, which does not list it")
     return problems
+
+
+def _count_references(ctx: IommuContext, general: Counter[int], writable: Counter[int]) -> None:
+    """The references a context no device reaches still holds (a domain being destroyed)."""
+    for _bfn, entry in ctx.table.materialized():
+        if entry_kind(entry) == Kind.MAP:
+            general[entry_mfn(entry)] += 1
+            writable[entry_mfn(entry)] += bool(entry_perms(entry) & PERM_W)
 
 
 def _check_memory(host: Host, domid: int) -> list[str]:
@@ -158,7 +184,7 @@ def _check_context(
             seen_rmrr.add(bfn)
         elif kind == Kind.SCRATCH:
             seen_scratch.add(bfn)
-            server = host.ioreq.get(ctx.scratch.get(bfn, -1))
+            server = host.ioreq.known(ctx.scratch.get(bfn, -1))
             if server is None or mfn != server.scratch_mfn:
                 problems.append(f"{where}: scratch entry at BFN {bfn:#x} -> {mfn:#x}, not its server's scratch frame")
         elif kind == Kind.FOREIGN:
@@ -208,7 +234,7 @@ def _check_m2b(host: Host) -> list[str]:
             problems.append(f"M2B {entry}: missing from the per-server-frame index")
         if m2b.mapper_of.get(entry.ioserver) != entry.mapper:
             problems.append(f"M2B {entry}: its server's mapper is recorded as {m2b.mapper_of.get(entry.ioserver)}")
-        server = host.ioreq.get(entry.ioserver)
+        server = host.ioreq.known(entry.ioserver)
         if server is None or server.creator != entry.mapper:
             problems.append(f"M2B {entry}: its IOREQ server is gone or not the mapper's")
         if host.frames.is_free(entry.mfn):
@@ -216,6 +242,9 @@ def _check_m2b(host: Host) -> list[str]:
     for frame_server, bfns in m2b.by_frame_server.items():
         if m2b.lowest.get(frame_server) != min(bfns):
             problems.append(f"M2B: lowest BFN of frame/server {frame_server} is stale")
+    mappers = Counter(entry.mapper for entry in m2b.by_key.values())
+    if mappers != m2b.per_mapper:
+        problems.append(f"M2B: entries per mapper counted {dict(m2b.per_mapper)}, recounted {dict(mappers)}")
     if sum(len(v) for v in m2b.by_mfn.values()) != len(m2b.by_key):
         problems.append("M2B: per-frame index has entries the main index lacks")
     return problems

@@ -12,13 +12,15 @@ they never block or do I/O, so the core can be driven directly by tests.
 
 from __future__ import annotations
 
-from xenemu.core.errors import EBUSY, EINVAL, ENOENT, ENOMEM, ENOSPC, EOPNOTSUPP, EPERM, HypercallError
+from collections.abc import Generator
+
+from xenemu.core.errors import EBUSY, EINVAL, ENOENT, ENOMEM, ENOSPC, EOPNOTSUPP, EPERM, ESRCH, HypercallError
 from xenemu.core.grants.ops import Grants
-from xenemu.core.iommu import xen_changes
+from xenemu.core.iommu import preempt, xen_changes
 from xenemu.core.iommu.context import DmaFault
 from xenemu.core.iommu.device import DmaResult, PciDevice, normalise_bdf
 from xenemu.core.iommu.state import Iommu
-from xenemu.core.ioreq.balloon import Balloon, Invalidations
+from xenemu.core.ioreq.balloon import Balloon
 from xenemu.core.ioreq.emulators import Emulators
 from xenemu.core.ioreq.servers import IoreqRegistry
 from xenemu.core.its import DOORBELL_MFN, DOORBELL_OFFSET, ItsHost, ItsOptions
@@ -83,7 +85,12 @@ class Host:
         for _ in range(DOMID_FIRST_RESERVED):
             domid = self.next_domid
             self.next_domid = domid + 1 if domid + 1 < DOMID_FIRST_RESERVED else 1
-            if domid not in self.domains and domid not in self.frames.held and domid not in self.its.domains:
+            if (
+                domid not in self.domains
+                and domid not in self.memory.limbo
+                and domid not in self.frames.held
+                and domid not in self.its.domains
+            ):
                 return domid
         raise HypercallError(-ENOSPC, "no free domain id")
 
@@ -98,7 +105,22 @@ class Host:
         pin: list[int] | None = None,
         max_pages: int | None = None,
     ) -> Domain:
-        """A new domain; every argument is checked before anything is allocated."""
+        """``creating`` run to its end (tests and scripts)."""
+        return preempt.drain(self.creating(kind, memory, target, name, max_mappings, vcpus, pin, max_pages))
+
+    def creating(
+        self,
+        kind: DomainKind,
+        memory: int,
+        target: int | None = None,
+        name: str = "",
+        max_mappings: int | None = None,
+        vcpus: int = 1,
+        pin: list[int] | None = None,
+        max_pages: int | None = None,
+    ) -> Generator[str, None, Domain]:
+        """A new domain; every argument is checked before anything is allocated, and its
+        memory is populated in slices (``GuestMemory.build``) before any request can find it."""
         if kind not in ("pv", "hvm"):
             raise HypercallError(-EINVAL, f"bad domain type {kind!r}")
         if not 0 <= memory <= self.frames.nr_frames or (
@@ -109,8 +131,7 @@ class Host:
             raise HypercallError(-EINVAL, f"max_pages out of range (0..{self.frames.nr_frames})")
         if len(name) > MAX_NAME:
             raise HypercallError(-EINVAL, f"domain name longer than {MAX_NAME} characters")
-        if target is not None:
-            self.domain(target)
+        served = self.domain(target) if target is not None else None
         if not 1 <= vcpus <= 64 or (
             pin is not None and (len(pin) != vcpus or not all(0 <= p < self.options.its_cpus for p in pin))
         ):
@@ -118,7 +139,11 @@ class Host:
         if memory > self.frames.nr_free:  # before an id is taken: a failed create consumes none
             raise HypercallError(-ENOMEM, f"{memory} frames wanted, {self.frames.nr_free} free")
         domid = self._allocate_domid()
-        dom = self.memory.populate(domid, kind, memory, name)
+        dom = yield from self.memory.build(domid, kind, memory, name)
+        if target is not None and self.domains.get(target) is not served:  # destroyed meanwhile
+            self.memory.unbuild(dom)
+            raise HypercallError(-ESRCH, f"d{target} was destroyed while the domain was built")
+        self.memory.go_live(dom)
         dom.target = target
         dom.max_mappings = self.options.max_mappings if max_mappings is None else max_mappings
         dom.max_pages = memory if max_pages is None else max(memory, max_pages)  # xl: maxmem >= memory
@@ -134,32 +159,41 @@ class Host:
         dom.max_pages = max_pages
 
     def destroy_domain(self, domid: int) -> None:
-        """Release everything the domain holds; frames others still hold stay until let go."""
+        """``destroying`` run to its end (tests and scripts)."""
+        preempt.drain(self.destroying(domid))
+
+    def destroying(self, domid: int) -> Generator[str, None, None]:
+        """Destroy a domain as Xen's ``domain_kill`` does: out of service at once (no request
+        finds it, its devices, grants and IOREQ servers go, work in flight for it ends), then
+        what it holds is given back in slices, pausing between them (its IOREQ servers' M2B
+        and scratch entries, its context's entries, its frames: a guest may hold millions).
+        Meanwhile it is in ``limbo``: its id is not given to another domain.  Frames others
+        still hold stay until let go."""
         dom = self.domain(domid)
         if dom.is_hwdom:
             raise HypercallError(-EPERM, "the hardware domain cannot be destroyed")
-        for server in [s for s in self.ioreq.servers.values() if s.creator == domid]:
-            self.emulators.end(server)
-        self.grants.release_domain(domid)
-        self.iommu.drop_context(dom)
+        del self.domains[domid]
+        self.memory.limbo[domid] = dom
         for bdf in list(dom.devices):
             del self.devices[bdf]
         dom.devices.clear()
+        servers = [s for s in self.ioreq.servers.values() if s.creator == domid]
+        for server in servers:
+            self.emulators.retire(server)
+        self.grants.release_domain(dom)
         self.emulators.forget_domain(domid)
         for other in self.domains.values():
             if other.target == domid:
                 other.target = None
-        del self.domains[domid]
         self.its.begin_teardown(domid)
-        # Emulators still holding its frames are told (or swapped), but nobody waits for them.
-        owed = Invalidations()
-        for mfn in self.memory.own_frames(dom):
-            self.balloon.release_frame(mfn, owed)
-            self.frames.unpopulate(mfn)
-        dom.p2m.clear()
-        dom.pages = 0
         self.iommu.flush_touched()
-        owed.send(self.ioreq)
+        for server in servers:
+            yield from self.emulators.end(server)
+        self.iommu.retire_context(dom)
+        self.iommu.flush_touched()
+        yield from self.iommu.release_retired(domid)
+        yield from self.balloon.relinquish(dom)
+        del self.memory.limbo[domid]
 
     # -- devices ------------------------------------------------------------------------------
     def assign_device(

@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from xenemu.core.actions.base import ControlAction, MaxLen, handles
+from xenemu.core.actions.base import ControlAction, MaxLen, Outcome, handles
 from xenemu.core.audit import audit
-from xenemu.core.errors import EINVAL, ENOENT, HypercallError
+from xenemu.core.errors import EINVAL, ENOENT, ESRCH, HypercallError
 from xenemu.core.host import Host
 from xenemu.core.iommu.entries import entry_kind, entry_mfn, entry_perms
+from xenemu.core.iommu.preempt import PREEMPT
 from xenemu.core.memory.domain import Domain
 from xenemu.core.memory.frames import OWNER_NONE
 
@@ -31,8 +32,8 @@ class CreateDomain(ControlAction):
 
 
 @handles(CreateDomain)
-def _create_domain(host: Host, caller: int, action: CreateDomain) -> dict[str, Any]:
-    dom = host.create_domain(
+def _create_domain(host: Host, caller: int, action: CreateDomain) -> Outcome:
+    dom = yield from host.creating(
         action.type,
         action.memory,
         action.target,
@@ -65,8 +66,8 @@ class DestroyDomain(ControlAction):
 
 
 @handles(DestroyDomain)
-def _destroy_domain(host: Host, caller: int, action: DestroyDomain) -> dict[str, Any]:
-    host.destroy_domain(action.domid)
+def _destroy_domain(host: Host, caller: int, action: DestroyDomain) -> Outcome:
+    yield from host.destroying(action.domid)
     return {"ret": 0}
 
 
@@ -84,10 +85,13 @@ def describe(host: Host, dom: Domain) -> dict[str, Any]:
         "iommu_context": ctx is not None,
         "flushes": dict(ctx.flushes) if ctx else {},
         "dma_faults": ctx.fault_count if ctx else 0,
-        "m2b_entries": sum(1 for _ in host.iommu.m2b.held_by(dom.domid)),
+        "m2b_entries": host.iommu.m2b.per_mapper[dom.domid],
         "mappings": host.iommu.mappings_held[dom.domid],
         "max_mappings": dom.max_mappings,
         "max_pages": dom.max_pages,
+        # The daemon's own memory this domain's page tables and p2m cost (charged to it).
+        "page_table_bytes": ctx.table.bytes_used() if ctx else 0,
+        "p2m_bytes": dom.p2m.bytes_used(),
     }
 
 
@@ -172,12 +176,15 @@ def _stats(host: Host, caller: int, action: Stats) -> dict[str, Any]:
         "frames": frames.nr_frames,
         "free_frames": frames.nr_free,
         "domains": len(host.domains),
+        # Being built or destroyed a slice at a time: they still hold frames and their ids.
+        "domains_in_limbo": len(host.memory.limbo),
         "m2b_entries": len(host.iommu.m2b),
-        "ioreq_servers": len(host.ioreq.servers),
+        # A server being torn down exists until what it holds is given back.
+        "ioreq_servers": len(host.ioreq.servers) + len(host.ioreq.ending),
         "flushes_added": sum(c.flushes["added"] for c in contexts),
         "flushes_modified": sum(c.flushes["modified"] for c in contexts),
         "dma_faults": sum(c.fault_count for c in contexts) + host.iommu.machine_dma_faults,
-        "page_table_bytes": sum(c.table.bytes_used() for c in contexts),
+        "page_table_bytes": sum(c.table.bytes_used() for c in [*contexts, *host.iommu.retired.values()]),
     }
 
 
@@ -191,9 +198,16 @@ def _audit(host: Host, caller: int, action: Audit) -> dict[str, Any]:
     return {"ret": 0, "violations": audit(host)}
 
 
+#: Rows in one ``dump_mappings`` reply (about 3 MB of msgpack, within a frame).
+MAX_DUMP = 65536
+
+
 @dataclass(frozen=True)
 class DumpMappings(ControlAction):
-    """A domain's IOMMU entries from ``start``, at most ``limit`` of them."""
+    """A domain's IOMMU entries from ``start``, at most ``limit`` of them, and ``next``: the
+    BFN to ask from for more (None at the end).  A reply may hold fewer than ``limit`` (at most
+    ``MAX_DUMP``); it is gathered a few leaves at a time, pausing between, so no dump stalls
+    the host however large the context."""
 
     name = "dump_mappings"
     domid: int
@@ -202,14 +216,22 @@ class DumpMappings(ControlAction):
 
 
 @handles(DumpMappings)
-def _dump_mappings(host: Host, caller: int, action: DumpMappings) -> dict[str, Any]:
+def _dump_mappings(host: Host, caller: int, action: DumpMappings) -> Outcome:
     dom = host.domain(action.domid)
+    if not 0 <= action.start < 1 << 64 or action.limit < 0:
+        raise HypercallError(-EINVAL, "start must be a BFN and limit not negative")
+    limit = min(action.limit, MAX_DUMP)
+    entries: list[tuple[int, int]] = []
+    resume: int | None = action.start
+    while resume is not None and len(entries) < limit:  # a few leaves at a time, pausing between
+        if entries:
+            yield PREEMPT
+            if host.memory.domains.get(dom.domid) is not dom:
+                raise HypercallError(-ESRCH, f"d{dom.domid} was destroyed meanwhile")
+        more, resume = host.iommu.entries_from(dom, resume, limit - len(entries))
+        entries += more
     rows: list[dict[str, Any]] = []
-    for bfn, entry in host.iommu.context_entries(dom):
-        if bfn < action.start:
-            continue
-        if len(rows) >= max(action.limit, 0):
-            break
+    for bfn, entry in entries:
         perms = entry_perms(entry)
         rows.append(
             {
@@ -219,7 +241,13 @@ def _dump_mappings(host: Host, caller: int, action: DumpMappings) -> dict[str, A
                 "kind": entry_kind(entry).name.lower(),
             }
         )
-    return {"ret": 0, "domid": dom.domid, "iommu_context": dom.domid in host.iommu.contexts, "mappings": rows}
+    return {
+        "ret": 0,
+        "domid": dom.domid,
+        "iommu_context": dom.domid in host.iommu.contexts,
+        "mappings": rows,
+        "next": resume,
+    }
 
 
 @dataclass(frozen=True)
@@ -265,5 +293,5 @@ def _frame_info(host: Host, caller: int, action: FrameInfo) -> dict[str, Any]:
         "count": frames.count[mfn],
         "type_count": frames.type_count[mfn],
         "m2b_entries": len(host.iommu.m2b.for_frame(mfn)),
-        "grant_maps": sum(1 for t in host.grants.maptracks.values() for m in t.mappings.values() if m.mfn == mfn),
+        "grant_maps": host.grants.maps_of_frame[mfn],
     }

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from xenemu.core.actions.base import Action, handles
+from xenemu.core.actions.base import Action, Outcome, handles
 from xenemu.core.errors import EINVAL, ENOENT, HypercallError
 from xenemu.core.host import Host
 
@@ -29,8 +29,8 @@ class DestroyIoreqServer(Action):
 
 
 @handles(DestroyIoreqServer)
-def _destroy_ioreq_server(host: Host, caller: int, action: DestroyIoreqServer) -> dict[str, Any]:
-    host.emulators.destroy_server(caller, action.ioserver)
+def _destroy_ioreq_server(host: Host, caller: int, action: DestroyIoreqServer) -> Outcome:
+    yield from host.emulators.destroying_server(caller, action.ioserver)
     return {"ret": 0}
 
 
@@ -96,5 +96,6 @@ class ReleaseIoreqServers(Action):
 
 
 @handles(ReleaseIoreqServers)
-def _release_ioreq_servers(host: Host, caller: int, action: ReleaseIoreqServers) -> dict[str, Any]:
-    return {"ret": host.emulators.release_servers(action.domid)}
+def _release_ioreq_servers(host: Host, caller: int, action: ReleaseIoreqServers) -> Outcome:
+    released = yield from host.emulators.releasing_servers(action.domid)
+    return {"ret": released}

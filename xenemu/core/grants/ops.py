@@ -7,6 +7,7 @@ others' it has mapped); it writes IOMMU entries through the ``Iommu`` it is hand
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from xenemu.abi import ffi
@@ -64,6 +65,9 @@ class Grants:
         self.iommu = iommu
         self.tables: dict[int, GrantTable] = {}
         self.maptracks: dict[int, Maptrack] = {}
+        #: Grant mappings of each frame, so a toolstack's question about one frame does not
+        #: scan every domain's maptrack.
+        self.maps_of_frame: Counter[int] = Counter()
 
     def add_domain(self, domid: int) -> None:
         self.tables[domid] = GrantTable()
@@ -74,10 +78,11 @@ class Grants:
         self.memory.domain(domid)
         return self.tables[domid]
 
-    def release_domain(self, domid: int) -> None:
-        """A dying domain lets go of every grant of others it mapped (no flush), and its own
-        table goes: mappings of its grants stay until their mappers unmap them."""
-        mapper = self.memory.domain(domid)
+    def release_domain(self, mapper: Domain) -> None:
+        """A dying domain lets go of every grant of others it mapped (no flush; at most
+        ``MAX_MAPTRACK``), and its own table goes: mappings of its grants stay until their
+        mappers unmap them."""
+        domid = mapper.domid
         for mapping in list(self.maptracks[domid].mappings.values()):
             self.release_mapping(mapper, mapping)
         del self.maptracks[domid]
@@ -156,6 +161,7 @@ class Grants:
             handle, granter.domid, self.tables[granter.domid], ref, mfn, readonly, op.host_addr, bfn, dev_bus_addr
         )
         self.iommu.frames.get(mfn, not readonly)
+        self.maps_of_frame[mfn] += 1
         self.iommu.count_mappings(mapper.domid, 1)
         self.tables[granter.domid].pin(ref, readonly)
         if bfn is not None:
@@ -194,6 +200,9 @@ class Grants:
         if mapping.bfn is not None:
             xen_changes.unmap_grant(self.iommu, mapper.domid, mapping.bfn)
         self.iommu.frames.put(mapping.mfn, not mapping.readonly)
+        self.maps_of_frame[mapping.mfn] -= 1
+        if not self.maps_of_frame[mapping.mfn]:
+            del self.maps_of_frame[mapping.mfn]
         self.iommu.count_mappings(mapper.domid, -1)
         if self.tables.get(mapping.granter) is mapping.granter_table:  # the same granter, still alive
             mapping.granter_table.unpin(mapping.ref, mapping.readonly)

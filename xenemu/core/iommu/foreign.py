@@ -12,7 +12,7 @@ from collections.abc import Generator
 
 from xenemu.abi import pv_iommu as pv
 from xenemu.core.errors import EACCES, EDQUOT, EEXIST, EINVAL, EIO, ENODEV, ENOENT, ENOSPC, ENXIO, EOPNOTSUPP, EPERM
-from xenemu.core.iommu import preempt
+from xenemu.core.iommu import preempt, xen_changes
 from xenemu.core.iommu.checks import Op, order_of
 from xenemu.core.iommu.entries import RW, FlushType, Kind, entry_kind, make_entry
 from xenemu.core.iommu.m2b import M2BEntry
@@ -149,8 +149,7 @@ def _undo_foreign(
         if entry is not None and entry.mfn == mfn:
             iommu.drop_m2b_entry(entry)
         elif ctx is not None and ctx.scratch.get(b) == ioserver:
-            del ctx.scratch[b]
-            ctx.table.clear(b)
+            xen_changes.drop_scratch(iommu, ctx, b)
         if ctx is not None and i < len(replaced) and replaced[i]:
             ctx.table.set(b, replaced[i])  # a default entry it replaced comes back
         if ctx is not None:
@@ -238,7 +237,5 @@ def _unmap_foreign_page(iommu: Iommu, dom: Domain, op: Op) -> Generator[str, Non
         if current is not None:
             iommu.drop_m2b_entry(current)
         elif ctx is not None and ctx.scratch.get(b) == ioserver:
-            del ctx.scratch[b]
-            ctx.table.clear(b)
-            iommu.note_flush(ctx, FlushType.MODIFIED)
+            xen_changes.drop_scratch(iommu, ctx, b)
     return 0

@@ -6,10 +6,17 @@ what keeps such frames alive (one reference per entry) until each emulator lets 
 
 from __future__ import annotations
 
+import heapq
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from xenemu.core.iommu.entries import PERM_W
+
+#: A frame held by one server at more BFNs than this keeps them in a heap too, so that
+#: losing its lowest BFN costs a logarithm, not a scan (an emulator may map one frame at
+#: millions of BFNs and unmap them lowest first: a scan per unmap made each cost milliseconds).
+HEAP_AFTER = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,8 +52,13 @@ class M2B:
         #: BFN kept current so a lookup costs the same however many entries share the frame.
         self.by_frame_server: dict[tuple[int, int], set[int]] = {}
         self.lowest: dict[tuple[int, int], int] = {}
+        #: For frame/server pairs of many BFNs: a min-heap of them (with stale ones that lazy
+        #: deletion has not reached yet; rebuilt when those outnumber the live ones).
+        self.heaps: dict[tuple[int, int], list[int]] = {}
         #: An IOREQ server's entries are all its creator's.
         self.mapper_of: dict[int, int] = {}
+        #: Entries each mapper holds (so listing domains does not scan them all).
+        self.per_mapper: Counter[int] = Counter()
         self.by_server: dict[int, set[tuple[int, int, int]]] = {}
 
     def __len__(self) -> int:
@@ -61,11 +73,19 @@ class M2B:
         self.by_key[key] = entry
         self.by_mfn.setdefault(entry.mfn, {})[key] = entry
         frame_server = (entry.mfn, entry.ioserver)
-        self.by_frame_server.setdefault(frame_server, set()).add(entry.bfn)
+        bfns = self.by_frame_server.setdefault(frame_server, set())
+        bfns.add(entry.bfn)
+        heap = self.heaps.get(frame_server)
+        if heap is not None:
+            heapq.heappush(heap, entry.bfn)
+        elif len(bfns) > HEAP_AFTER:
+            self.heaps[frame_server] = heap = list(bfns)
+            heapq.heapify(heap)
         if entry.bfn < self.lowest.get(frame_server, entry.bfn + 1):
             self.lowest[frame_server] = entry.bfn
         self.by_server.setdefault(entry.ioserver, set()).add(key)
         self.mapper_of[entry.ioserver] = entry.mapper
+        self.per_mapper[entry.mapper] += 1
 
     def remove(self, entry: M2BEntry) -> None:
         key = entry.key
@@ -80,13 +100,31 @@ class M2B:
         if not bfns:
             del self.by_frame_server[frame_server]
             del self.lowest[frame_server]
+            self.heaps.pop(frame_server, None)
         elif self.lowest[frame_server] == entry.bfn:
-            self.lowest[frame_server] = min(bfns)
+            self.lowest[frame_server] = self._next_lowest(frame_server, bfns)
+        self.per_mapper[entry.mapper] -= 1
+        if not self.per_mapper[entry.mapper]:
+            del self.per_mapper[entry.mapper]
         keys = self.by_server[entry.ioserver]
         keys.discard(key)
         if not keys:
             del self.by_server[entry.ioserver]
             del self.mapper_of[entry.ioserver]
+
+    def _next_lowest(self, frame_server: tuple[int, int], bfns: set[int]) -> int:
+        heap = self.heaps.get(frame_server)
+        if heap is None:
+            return min(bfns)  # at most HEAP_AFTER of them
+        if len(bfns) <= HEAP_AFTER // 2:
+            del self.heaps[frame_server]
+            return min(bfns)
+        if len(heap) > 2 * len(bfns) + HEAP_AFTER:  # mostly stale: rebuild, amortised O(1)
+            heap[:] = bfns
+            heapq.heapify(heap)
+        while heap[0] not in bfns:
+            heapq.heappop(heap)
+        return heap[0]
 
     def lowest_for(self, mfn: int, ioserver: int) -> M2BEntry | None:
         bfn = self.lowest.get((mfn, ioserver))

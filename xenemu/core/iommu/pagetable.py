@@ -69,8 +69,12 @@ class PageTable:
         self.release_if_empty(bfn >> LEAF_SHIFT)
 
     def release_if_empty(self, index: int) -> None:
-        """A sparse leaf whose last entry went is given back at once."""
-        if index in self.sparse and not any(self.leaves[index]):
+        """A leaf whose last entry went is given back at once if no default entry can be
+        there (sparse, or its guest memory has gone since: its p2m leaf went)."""
+        leaf = self.leaves.get(index)
+        if leaf is None or any(leaf):
+            return
+        if index in self.sparse or (self.blank is not None and self.blank(index)):
             del self.leaves[index]
             self.directory.forget(index)
             self.sparse.discard(index)

@@ -9,10 +9,11 @@ server serves a guest, the only two things of other subsystems the IOMMU's rules
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Generator, Iterable
 from typing import Protocol
 
 from xenemu.core.errors import EPERM, HypercallError
+from xenemu.core.iommu import preempt
 from xenemu.core.iommu.context import DmaFault, IommuContext
 from xenemu.core.iommu.entries import PERM_MASK, PERM_R, PERM_W, RW, FlushType, Kind, entry_mfn, make_entry
 from xenemu.core.iommu.fastpath import FastIommu, available
@@ -21,9 +22,11 @@ from xenemu.core.iommu.pagetable import BlankLeaf, DefaultRule, PageTable
 from xenemu.core.memory.domain import Domain
 from xenemu.core.memory.frames import DOMID_XEN
 from xenemu.core.memory.guest import GuestMemory
-from xenemu.core.memory.leaves import LEAF_SHIFT
+from xenemu.core.memory.leaves import LEAF_SHIFT, LEAF_SIZE
 from xenemu.core.options import HostOptions
 
+#: Leaves one ``entries_from`` looks at (a few milliseconds of work at most).
+DUMP_LEAVES = 16
 #: Mappings that pay for one sparse page-table leaf beyond the free ``max_sparse_leaves``.
 MAPPINGS_PER_LEAF = 64
 
@@ -44,6 +47,9 @@ class Iommu:
         self.servers = servers
         #: domid -> its context; a domain gets one with its first device.
         self.contexts: dict[int, IommuContext] = {}
+        #: Contexts of domains being destroyed: no device reaches them any more, and their
+        #: entries are given back a slice at a time (``release_retired``).
+        self.retired: dict[int, IommuContext] = {}
         self.m2b = M2B()
         #: (domid, bfn) at which subops' IOMMU writes fail with -EIO.
         self.injected_faults: set[tuple[int, int]] = set()
@@ -189,6 +195,35 @@ class Iommu:
                     present[bfn] = entry
         return sorted(present.items())
 
+    def entries_from(self, dom: Domain, start: int, limit: int) -> tuple[list[tuple[int, int]], int | None]:
+        """Present entries from BFN ``start`` in BFN order, virtual defaults included: at most
+        ``limit``, looking at no more than ``DUMP_LEAVES`` leaves; and the BFN to go on from
+        (None when there is nothing beyond).  The toolstack pages through a context this way
+        however many entries it holds."""
+        ctx = self.contexts.get(dom.domid)
+        if ctx is None:
+            return [], None
+        table = ctx.table
+        first = start >> LEAF_SHIFT
+        indexes = {i for i in table.leaves if i >= first}
+        if self.is_non_strict_hwdom(dom) or not dom.is_hvm:  # defaults over RAM, BFN = MFN
+            indexes.update(range(first, ((self.frames.nr_frames - 1) >> LEAF_SHIFT) + 1))
+        else:
+            indexes.update(i for i in dom.p2m.leaf_indexes() if i >= first)
+        out: list[tuple[int, int]] = []
+        for n, index in enumerate(sorted(indexes)):
+            base = index << LEAF_SHIFT
+            if n == DUMP_LEAVES:
+                return out, max(start, base)
+            leaf = table.leaves.get(index)
+            for bfn in range(max(base, start), base + LEAF_SIZE):
+                entry = leaf[bfn - base] if leaf is not None else table.default_rule(bfn)
+                if entry:
+                    if len(out) == limit:
+                        return out, bfn
+                    out.append((bfn, entry))
+        return out, None
+
     def drop_m2b_entry(self, entry: M2BEntry) -> None:
         """Remove an M2B entry, the IOMMU entry it owns, and its references (no flush)."""
         self.m2b.remove(entry)
@@ -200,16 +235,40 @@ class Iommu:
                 self.note_flush(ctx, FlushType.MODIFIED)
         self.frames.put(entry.mfn, entry.writable)
 
-    def drop_context(self, dom: Domain) -> None:
-        """A dying domain's context goes: its map_page entries let go of their frames."""
+    def retire_context(self, dom: Domain) -> None:
+        """A dying domain's context leaves service at once (its devices are gone, nothing
+        flushes it again); what its entries hold is given back by ``release_retired``."""
         ctx = self.contexts.pop(dom.domid, None)
         if ctx is not None:
-            for _bfn, entry in ctx.table.materialized():
-                if (entry >> 2) & 15 == Kind.MAP:
-                    self.frames.put(entry_mfn(entry), bool(entry & PERM_W))
             self.touched.discard(ctx)
+            self.retired[dom.domid] = ctx
         self.injected_faults = {f for f in self.injected_faults if f[0] != dom.domid}
-        self.mappings_held.pop(dom.domid, None)
+
+    def release_retired(self, domid: int) -> Generator[str, None, None]:
+        """Give back a retired context leaf by leaf: each ``map_page`` entry's references, and
+        the leaf's memory, pausing every slice of work (a guest may hold millions)."""
+        ctx = self.retired.get(domid)
+        budget = preempt.Budget()
+        table = ctx.table if ctx is not None else None
+        while table is not None and table.leaves:
+            index, leaf = table.leaves.popitem()
+            table.directory.forget(index)
+            table.sparse.discard(index)
+            held = 0
+            for entry in leaf:
+                if entry:
+                    kind = (entry >> 2) & 15
+                    if kind == Kind.MAP:
+                        self.frames.put(entry_mfn(entry), bool(entry & PERM_W))
+                        held += 1
+                    elif kind == Kind.MAP_NOREF:
+                        held += 1
+            if held:
+                self.count_mappings(domid, -held)
+            if table.leaves and budget.spend(preempt.LEAF_COST + preempt.RELEASE_COST * held):
+                yield preempt.PREEMPT
+        self.retired.pop(domid, None)
+        self.mappings_held.pop(domid, None)
 
     # -- device DMA -----------------------------------------------------------------------------
     def translate(self, ctx: IommuContext | None, bfn: int, write: bool) -> tuple[int | None, str]:

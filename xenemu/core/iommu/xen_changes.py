@@ -8,14 +8,17 @@ RMRR or scratch records themselves, so every write to a context stays inside thi
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from typing import Literal
 
 from xenemu.core.errors import EBUSY, HypercallError
+from xenemu.core.iommu import preempt
 from xenemu.core.iommu.context import IommuContext
 from xenemu.core.iommu.entries import PERM_R, PERM_W, RW, FlushType, Kind, entry_kind, make_entry
 from xenemu.core.iommu.m2b import M2BEntry
 from xenemu.core.iommu.state import Iommu
 from xenemu.core.memory.domain import Domain
+from xenemu.core.memory.leaves import LEAF_SHIFT
 
 # -- defaults that follow the p2m -------------------------------------------------------------
 
@@ -33,6 +36,15 @@ def drop_default(iommu: Iommu, dom: Domain, bfn: int, mfn: int) -> None:
     if ctx.table.is_materialized(bfn):
         ctx.table.clear(bfn)
     iommu.note_flush(ctx, FlushType.MODIFIED)
+
+
+def memory_left(iommu: Iommu, dom: Domain, gfn: int) -> None:
+    """After a GFN left the p2m: an emptied page-table leaf over memory that is now all gone
+    goes back (else a guest cycling populate, map, unmap and balloon-out 512 GFNs apart left
+    a 4 KiB leaf behind each time)."""
+    ctx = iommu.contexts.get(dom.domid)
+    if ctx is not None and dom.is_hvm:
+        ctx.table.release_if_empty(gfn >> LEAF_SHIFT)
 
 
 def add_default(iommu: Iommu, dom: Domain, bfn: int, mfn: int) -> None:
@@ -89,25 +101,42 @@ def swap_to_scratch(iommu: Iommu, entry: M2BEntry, scratch_mfn: int) -> None:
     """Re-point a ``swap_mfn`` foreign mapping at its server's scratch frame (no reference)."""
     ctx = iommu.contexts.get(entry.mapper)
     assert ctx is not None and entry.owns_iommu_entry
-    iommu.m2b.remove(entry)
-    iommu.count_mappings(entry.mapper, -1)
+    iommu.m2b.remove(entry)  # the mapping stays the emulator's (and on its quota) as a scratch entry
     ctx.table.set(entry.bfn, make_entry(scratch_mfn, Kind.SCRATCH, entry.flags & RW))
     ctx.scratch[entry.bfn] = entry.ioserver
     iommu.note_flush(ctx, FlushType.MODIFIED)
     iommu.frames.put(entry.mfn, entry.writable)
 
 
-def end_server(iommu: Iommu, creator: int, ioserver: int) -> None:
+def drop_scratch(iommu: Iommu, ctx: IommuContext, bfn: int) -> None:
+    """Remove a scratch entry: its BFN is unmapped and the emulator's quota gets it back."""
+    del ctx.scratch[bfn]
+    ctx.table.clear(bfn)
+    iommu.count_mappings(ctx.domid, -1)
+    iommu.note_flush(ctx, FlushType.MODIFIED)
+
+
+def end_server(iommu: Iommu, creator: int, ioserver: int) -> Generator[str, None, None]:
     """An IOREQ server goes: its M2B entries, their references and IOMMU entries, and its
-    scratch entries (no flush: the caller flushes once)."""
-    for entry in iommu.m2b.for_server(ioserver):
-        iommu.drop_m2b_entry(entry)
+    scratch entries, in slices (an emulator may hold millions): flushed before each pause and
+    left for the caller to flush at the end."""
+    while keys := iommu.m2b.by_server.get(ioserver):
+        for _ in range(min(len(keys), preempt.M2B_PER_SLICE)):
+            iommu.drop_m2b_entry(iommu.m2b.by_key[keys.pop()])  # pop: no rescan of emptied slots
+        if ioserver in iommu.m2b.by_server:
+            iommu.flush_touched()
+            yield preempt.PREEMPT
     ctx = iommu.contexts.get(creator)
-    if ctx is not None:
-        for bfn in [b for b, s in ctx.scratch.items() if s == ioserver]:
-            del ctx.scratch[bfn]
-            ctx.table.clear(bfn)
-            iommu.note_flush(ctx, FlushType.MODIFIED)
+    if ctx is None:
+        return
+    bfns = list(ctx.scratch)  # a copy of keys; each is looked at once, a slice at a time
+    for start in range(0, len(bfns), preempt.M2B_PER_SLICE):
+        if start:
+            iommu.flush_touched()
+            yield preempt.PREEMPT
+        for bfn in bfns[start : start + preempt.M2B_PER_SLICE]:
+            if ctx.scratch.get(bfn) == ioserver:
+                drop_scratch(iommu, ctx, bfn)
 
 
 # -- devices ----------------------------------------------------------------------------------

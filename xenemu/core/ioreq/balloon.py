@@ -14,7 +14,7 @@ from typing import Any
 
 from xenemu.abi import pv_iommu as pv
 from xenemu.core.errors import EBUSY, EEXIST, ENOENT, ENOMEM, EPERM, ESRCH
-from xenemu.core.iommu import xen_changes
+from xenemu.core.iommu import preempt, xen_changes
 from xenemu.core.iommu.preempt import PREEMPT
 from xenemu.core.iommu.state import Iommu
 from xenemu.core.ioreq.servers import IoreqRegistry
@@ -74,16 +74,59 @@ class Balloon:
             return
         if self.iommu.options.iommu and all(e.flags & pv.SWAP_MFN and e.owns_iommu_entry for e in entries):
             for entry in entries:
-                xen_changes.swap_to_scratch(self.iommu, entry, self.registry.servers[entry.ioserver].scratch_mfn)
+                xen_changes.swap_to_scratch(self.iommu, entry, self._scratch_of(entry.ioserver))
             return
         # One frame's invalidates go out by server then BFN; frames go in the call's order.
         owed.targets.extend(sorted((entry.ioserver, entry.bfn) for entry in entries))
+
+    def _scratch_of(self, ioserver: int) -> int:
+        server = self.registry.known(ioserver)
+        assert server is not None, f"M2B entry of unknown IOREQ server {ioserver}"
+        return server.scratch_mfn
+
+    def relinquish(self, dom: Domain) -> Generator[str, None, None]:
+        """A dying domain's frames leave it a slice at a time (Xen's relinquish_memory): each
+        one's foreign mappings are swapped to scratch or owed invalidates, sent before every
+        pause (nobody waits for them), and its allocation reference goes.  A PV domain's frames
+        are found by scanning the frame table, a slice of frames at a time."""
+        owed = Invalidations()
+        budget = preempt.Budget()
+        frames = self.iommu.frames
+
+        def release(mfns: list[int]) -> int:
+            entries = 0
+            for mfn in mfns:
+                entries += len(self.iommu.m2b.by_mfn.get(mfn, ()))
+                self.release_frame(mfn, owed)
+                frames.unpopulate(mfn)
+            dom.pages -= len(mfns)
+            return preempt.RELEASE_COST * len(mfns) + preempt.M2B_COST * entries
+
+        def paused() -> Generator[str, None, None]:
+            self.iommu.flush_touched()
+            owed.send(self.registry)
+            yield PREEMPT
+
+        if dom.is_hvm:
+            while (mfns := dom.p2m.take_leaf()) is not None:
+                if budget.spend(preempt.LEAF_COST + release(mfns)) and dom.p2m.nr_leaves:
+                    yield from paused()
+        else:
+            step = preempt.SLICE // 4  # frames scanned per slice (each a table read or two)
+            for start in range(0, frames.nr_frames, step):
+                spent = step + release(self.memory.pv_frames_in(dom, start, start + step))
+                if budget.spend(spent) and start + step < frames.nr_frames:
+                    yield from paused()
+        dom.p2m.clear()
+        self.iommu.flush_touched()
+        owed.send(self.registry)
 
     def take_frame_away(self, dom: Domain, gfn: int, mfn: int, owed: Invalidations) -> None:
         """Remove one GFN from its domain: p2m, default entry, allocation reference, emulators."""
         xen_changes.drop_default(self.iommu, dom, gfn if dom.is_hvm else mfn, mfn)
         if dom.is_hvm:
             dom.p2m.pop(gfn)
+            xen_changes.memory_left(self.iommu, dom, gfn)
         dom.pages -= 1
         self.release_frame(mfn, owed)
         self.iommu.frames.unpopulate(mfn)

@@ -8,8 +8,10 @@ is handed, leaving ``servers`` a plain registry.
 
 from __future__ import annotations
 
+from collections.abc import Generator
+
 from xenemu.core.errors import EBUSY, ENOENT, ENOMEM, ENOSPC, EPERM, HypercallError
-from xenemu.core.iommu import xen_changes
+from xenemu.core.iommu import preempt, xen_changes
 from xenemu.core.iommu.state import Iommu
 from xenemu.core.ioreq.servers import IoreqRegistry, IoreqServer
 from xenemu.core.memory.domain import DOMID_SELF
@@ -52,17 +54,26 @@ class Emulators:
         return server
 
     def destroy_server(self, caller: int, ioserver: int) -> None:
+        """``destroying_server`` run to its end (tests and scripts)."""
+        preempt.drain(self.destroying_server(caller, ioserver))
+
+    def release_servers(self, creator: int) -> int:
+        """``releasing_servers`` run to its end (tests and scripts)."""
+        return preempt.drain(self.releasing_servers(creator))
+
+    def destroying_server(self, caller: int, ioserver: int) -> Generator[str, None, None]:
+        """``destroy_ioreq_server``: checked at once, then torn down in slices."""
         server = self.own_server(caller, ioserver)
         if self.memory.domain(caller).busy_ops:  # one of its foreign ops may be using it
             raise HypercallError(-EBUSY, f"d{caller} has an IOMMU op in flight")
-        self.end(server)
+        yield from self.end(server)
         self.iommu.flush_touched()
 
-    def release_servers(self, creator: int) -> int:
+    def releasing_servers(self, creator: int) -> Generator[str, None, int]:
         """End every server ``creator`` made (its emulator went away); how many there were."""
         servers = [s for s in self.registry.servers.values() if s.creator == creator]
         for server in servers:
-            self.end(server)
+            yield from self.end(server)
         self.iommu.flush_touched()
         return len(servers)
 
@@ -78,11 +89,18 @@ class Emulators:
             if server.target == domid:
                 server.target = None
 
-    def end(self, server: IoreqServer) -> None:
+    def retire(self, server: IoreqServer) -> None:
+        """The server is gone for every request from now on (``end`` gives back what it holds)."""
+        if self.registry.servers.pop(server.id, None) is not None:
+            self.registry.ending[server.id] = server
+            self.registry.notify.discard(server.id)
+
+    def end(self, server: IoreqServer) -> Generator[str, None, None]:
         """Remove a server with its M2B entries and scratch entries, then free its scratch
-        frame (no flush: the caller flushes once)."""
-        xen_changes.end_server(self.iommu, server.creator, server.id)
-        del self.registry.servers[server.id]
-        self.registry.notify.discard(server.id)
+        frame (no flush at the end: the caller flushes once).  It is gone for every request at
+        once; what it holds goes in slices, pausing between them (``preempt``)."""
+        self.retire(server)
+        yield from xen_changes.end_server(self.iommu, server.creator, server.id)
+        del self.registry.ending[server.id]
         self.iommu.frames.put(server.scratch_mfn, writable=False)
         xen_changes.scratch_freed(self.iommu, server.scratch_mfn)

@@ -112,6 +112,9 @@ class IoreqRegistry:
 
     def __init__(self) -> None:
         self.servers: dict[int, IoreqServer] = {}
+        #: Servers being torn down in slices: gone for every request (``get`` does not find
+        #: them), but their M2B and scratch entries and scratch frame are not all given back yet.
+        self.ending: dict[int, IoreqServer] = {}
         self.next_id = 1
         #: Servers with new requests their emulator has not been told of yet.
         self.notify: set[int] = set()
@@ -136,6 +139,10 @@ class IoreqRegistry:
 
     def get(self, ioserver: int) -> IoreqServer | None:
         return self.servers.get(ioserver)
+
+    def known(self, ioserver: int) -> IoreqServer | None:
+        """A live server or one being torn down (whose entries still exist)."""
+        return self.servers.get(ioserver) or self.ending.get(ioserver)
 
     def serves(self, ioserver: int, creator: int, target: int) -> bool:
         server = self.servers.get(ioserver)

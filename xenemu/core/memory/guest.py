@@ -6,10 +6,17 @@ queues or frames, so they depend on memory alone.
 
 from __future__ import annotations
 
+from collections.abc import Generator
+
 from xenemu.core.errors import EINVAL, ENOMEM, ESRCH, HypercallError
 from xenemu.core.memory.domain import DOMID_FIRST_RESERVED, Domain
 from xenemu.core.memory.frames import PAGE_SHIFT, PAGE_SIZE, FrameTable
 from xenemu.core.options import DomainKind
+
+#: Frames a domain being built gets between two pauses (each an allocation: about 2 us).
+FRAMES_PER_SLICE = 512
+#: What building yields at a pause (the same effect as a preempted batch's).
+PAUSE = "preempt"
 
 
 class GuestMemory:
@@ -18,6 +25,9 @@ class GuestMemory:
     def __init__(self, frames: FrameTable) -> None:
         self.frames = frames
         self.domains: dict[int, Domain] = {}
+        #: Domains being built or destroyed, a slice at a time: they own frames (their ids are
+        #: taken) but no request finds them (every lookup here is of ``domains``).
+        self.limbo: dict[int, Domain] = {}
 
     def domain(self, domid: int) -> Domain:
         dom = self.domains.get(domid)
@@ -38,25 +48,59 @@ class GuestMemory:
         return gfn if self.frames.belongs_to(gfn, dom.domid) else None
 
     def populate(self, domid: int, kind: DomainKind, memory: int, name: str) -> Domain:
-        """A new domain with ``memory`` frames, GFN 0 upwards (HVM) or wherever free (PV)."""
+        """A new live domain with ``memory`` frames, built at once (the hardware domain, tests)."""
+        build = self.build(domid, kind, memory, name)
+        while True:
+            try:
+                next(build)
+            except StopIteration as stop:
+                dom: Domain = stop.value
+                self.go_live(dom)
+                return dom
+
+    def build(self, domid: int, kind: DomainKind, memory: int, name: str) -> Generator[str, None, Domain]:
+        """A new domain with ``memory`` frames, GFN 0 upwards (HVM) or wherever free (PV),
+        built in ``limbo`` and pausing every ``FRAMES_PER_SLICE`` frames (a guest of many GiB
+        is many slices); ``go_live`` makes it one that requests find.  If other domains took
+        the frames meanwhile, what it got goes back and the creation fails ``-ENOMEM``."""
         if memory > self.frames.nr_free:
             raise HypercallError(-ENOMEM, f"{memory} frames wanted, {self.frames.nr_free} free")
         dom = Domain(domid=domid, kind=kind, name=name or f"domain-{domid}")
-        self.domains[domid] = dom
+        self.limbo[domid] = dom
         for gfn in range(memory):
+            if gfn and not gfn % FRAMES_PER_SLICE:
+                yield PAUSE
             mfn = self.frames.allocate(domid)
-            assert mfn is not None
+            if mfn is None:
+                self.unbuild(dom)
+                raise HypercallError(-ENOMEM, f"{memory} frames wanted, others took them meanwhile")
             if dom.is_hvm:
                 dom.p2m[gfn] = mfn
-        dom.pages = memory
+            dom.pages += 1
         return dom
+
+    def unbuild(self, dom: Domain) -> None:
+        """A domain that never went live gives back its frames (nothing else holds them)."""
+        for mfn in self.own_frames(dom):
+            self.frames.unpopulate(mfn)
+        dom.p2m.clear()
+        dom.pages = 0
+        del self.limbo[dom.domid]
+
+    def go_live(self, dom: Domain) -> None:
+        del self.limbo[dom.domid]
+        self.domains[dom.domid] = dom
 
     def own_frames(self, dom: Domain) -> list[int]:
         """Every frame the domain owns and has populated."""
         if dom.is_hvm:
             return list(dom.p2m.values())
+        return self.pv_frames_in(dom, 0, self.frames.nr_frames)
+
+    def pv_frames_in(self, dom: Domain, start: int, stop: int) -> list[int]:
+        """The frames a PV domain owns and has populated among machine frames ``[start, stop)``."""
         owner, populated = self.frames.owner, self.frames.populated
-        return [m for m in range(self.frames.nr_frames) if owner[m] == dom.domid and populated[m]]
+        return [m for m in range(start, min(stop, self.frames.nr_frames)) if owner[m] == dom.domid and populated[m]]
 
     def access(self, domid: int, gfn: int, offset: int, data: bytes | None, length: int = 0) -> bytes:
         """A guest's CPU reading (``data`` None) or writing its own memory, within one page."""

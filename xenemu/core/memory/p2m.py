@@ -33,13 +33,8 @@ class P2M:
         return self.directory.disagreements(self._leaves)
 
     def has_leaf(self, index: int) -> bool:
-        """Whether any GFN of leaf ``index`` was ever populated."""
+        """Whether any GFN of leaf ``index`` is populated (an emptied leaf goes)."""
         return index in self._leaves
-
-    def leaf_indexes(self) -> list[int]:
-        """Every leaf ever populated, ascending (a save image carries them: they decide how the
-        IOMMU's later leaves are filled)."""
-        return sorted(self._leaves)
 
     def add_leaf(self, index: int) -> None:
         """Grow leaf ``index`` with nothing populated in it (a restore rebuilding the leaves)."""
@@ -63,12 +58,26 @@ class P2M:
         leaf[gfn & LEAF_MASK] = mfn
 
     def pop(self, gfn: int) -> int | None:
-        """Remove ``gfn``; its MFN, or None if it was not populated."""
+        """Remove ``gfn``; its MFN, or None if it was not populated.  A leaf left empty goes
+        back at once, so the p2m never holds more leaves than the domain has pages (a guest
+        populating and giving back GFNs 512 apart used to leave 4 KiB behind each time)."""
         mfn = self.get(gfn)
         if mfn is not None:
-            self._leaves[gfn >> LEAF_SHIFT][gfn & LEAF_MASK] = ABSENT
+            index = gfn >> LEAF_SHIFT
+            leaf = self._leaves[index]
+            leaf[gfn & LEAF_MASK] = ABSENT
             self._count -= 1
+            if leaf.count(ABSENT) == LEAF_SIZE:
+                del self._leaves[index]
+                self.directory.forget(index)
         return mfn
+
+    def leaf_indexes(self) -> list[int]:
+        return list(self._leaves)
+
+    @property
+    def nr_leaves(self) -> int:
+        return len(self._leaves)
 
     def __len__(self) -> int:
         return self._count
@@ -85,6 +94,17 @@ class P2M:
 
     def values(self) -> Iterator[int]:
         return (mfn for _, mfn in self.items())
+
+    def take_leaf(self) -> list[int] | None:
+        """Remove some leaf whole: the MFNs it held, None when no leaf is left (a dying
+        domain's p2m goes a leaf at a time)."""
+        if not self._leaves:
+            return None
+        index, leaf = self._leaves.popitem()
+        self.directory.forget(index)
+        mfns = [mfn for mfn in leaf if mfn != ABSENT]
+        self._count -= len(mfns)
+        return mfns
 
     def clear(self) -> None:
         self._leaves.clear()

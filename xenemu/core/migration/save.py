@@ -149,7 +149,7 @@ def snapshot(host: Host, domid: int) -> Image:
         "gic": vits.gic(host),
         "devices": [_device(host, bdf) for bdf in sorted(dom.devices)],
         "iommu": iommu,
-        "p2m_leaves": dom.p2m.leaf_indexes(),
+        "p2m_leaves": sorted(dom.p2m.leaf_indexes()),
         "held": sum(1 for ref in own.values() if ref & HELD),
         "grants": {"entries": grants, "next_handle": host.grants.maptracks[domid].next_handle},
     }
