@@ -354,6 +354,7 @@ class ControlApi:
 
     @request
     def image_close(self, image: int) -> Request[Message]:
+        """Close a transfer (a saved image once read out)."""
         return Request("image_close", {"image": image}, _reply("image_close"))
 
     @request

@@ -40,7 +40,7 @@ class SaveDomain(ControlAction):
 def _save_domain(host: Host, caller: int, action: SaveDomain) -> Generator[str, None, dict[str, Any]]:
     image = snapshot(host, action.domid)  # the consistent point: one step, a copy of its pages
     if not action.keep:
-        host.destroy_domain(action.domid)
+        yield from host.destroying(action.domid)
     data = yield from encode_steps(image)  # summed in slices, from the copy
     return {
         "ret": 0,

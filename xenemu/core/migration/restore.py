@@ -67,7 +67,7 @@ def restore(host: Host, image: Image) -> Generator[str, None, Domain]:
     check(host, image)
     meta, saved = image.meta, image.meta["domain"]
     its = meta["its"]
-    dom = host.create_domain(
+    dom = yield from host.creating(
         "hvm", 0, None, saved["name"], saved["max_mappings"], its["vcpus"], its["pin"], saved["max_pages"]
     )
     built = False
