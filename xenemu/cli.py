@@ -493,5 +493,8 @@ def demo(memory: int, log_level: str) -> None:
         sys.exit(trio.run(scenario, Path(tmp)))
 
 
+main.add_command(__import__("xenemu.conformance.cli", fromlist=["conformance"]).conformance)
 main.add_command(save)
 main.add_command(restore)
+if __name__ == "__main__":
+    main()

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from tests.conformance.beds import DaemonProcess
-from tests.conformance.test_protocol import Raw
 from xenemu.client import SyncControlClient
+from xenemu.conformance.target import Raw
 from xenemu.wire import encode
 
 __all__ = ["Raw", "attacked", "connect", "connections", "log_events", "stall", "wait_for"]
@@ -79,7 +79,7 @@ def stall(raw: Raw, message: dict[str, Any], limit: int = 4096) -> int:
         while sent < limit:
             raw.sock.sendall(frame)
             sent += 1
-    except (TimeoutError, BlockingIOError):
-        pass
+    except (TimeoutError, BlockingIOError, BrokenPipeError, ConnectionResetError):
+        pass  # full buffers, or (on a loaded machine) already cut for not reading: both are the point
     raw.sock.settimeout(20)
     return sent

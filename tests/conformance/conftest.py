@@ -1,16 +1,13 @@
-"""Fixtures: each case runs on the pure core and on a real daemon over its sockets.
+"""Fixtures: xenemu daemons, one per distinct set of host options, shared by the cases.
 
-To check another implementation of PROTOCOL.md, point the suite at it:
-
-    XENEMU_CONFORMANCE_CONTROL=/path/control.sock XENEMU_CONFORMANCE_HYPERCALL=/path/hypercall.sock \\
-        pytest tests/conformance -k wire
-
-Cases that need host options the external daemon was not started with are skipped.
+The conformance cases live in ``xenemu.conformance`` (``xenemu conformance`` runs them against
+any implementation); these tests run every rule against xenemu's daemon started with the host
+options the rule needs, with the compiled fast path on and off, and the rules written against
+the ``Bed`` interface on the pure core too.
 """
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from tests.conformance.beds import CoreBed, DaemonProcess, WireBed
+from tests.conformance.beds import DaemonProcess
 
-#: Both beds use the same machine so frame numbers mean the same on each.
+#: Every bed uses the same machine, so frame numbers mean the same on each.
 BASE = {"nr_frames": 8192, "dom0_memory": 512, "fault_injection": True}
 FLAGS = {
     "iommu": lambda v: [] if v else ["--no-iommu"],
@@ -35,7 +32,6 @@ FLAGS = {
     "fault_injection": lambda v: ["--fault-injection"] if v else [],
     "fast_path": lambda v: [] if v else ["--no-fast-path"],
 }
-EXTERNAL = os.environ.get("XENEMU_CONFORMANCE_CONTROL"), os.environ.get("XENEMU_CONFORMANCE_HYPERCALL")
 
 
 def daemon_flags(options: dict[str, Any]) -> list[str]:
@@ -49,14 +45,10 @@ class Daemons:
         self.running: dict[tuple[str, ...], DaemonProcess] = {}
         self.tmp = tempfile.TemporaryDirectory(prefix="xenemu-conformance-")
 
-    def get(self, options: dict[str, Any], fresh: bool = False) -> DaemonProcess:
+    def get(self, options: dict[str, Any]) -> DaemonProcess:
         flags = tuple(daemon_flags(options))
-        if fresh or flags not in self.running:
-            directory = Path(tempfile.mkdtemp(dir=self.tmp.name))
-            daemon = DaemonProcess(directory, *flags)
-            if fresh:
-                return daemon
-            self.running[flags] = daemon
+        if flags not in self.running:
+            self.running[flags] = DaemonProcess(Path(tempfile.mkdtemp(dir=self.tmp.name)), *flags)
         return self.running[flags]
 
     def stop(self) -> None:
@@ -70,56 +62,3 @@ def daemons() -> Iterator[Daemons]:
     pool = Daemons()
     yield pool
     pool.stop()
-
-
-def host_marker(request: pytest.FixtureRequest) -> tuple[dict[str, Any], bool]:
-    marker = request.node.get_closest_marker("host")
-    options = dict(BASE)
-    fresh = False
-    if marker is not None:
-        extra = dict(marker.kwargs)
-        fresh = bool(extra.pop("fresh", False))
-        options.update(extra)
-    return options, fresh
-
-
-@pytest.fixture(params=["core", "core-python", "wire", "wire-python"])
-def cbed(request: pytest.FixtureRequest, daemons: Daemons) -> Iterator[CoreBed | WireBed]:
-    """The bed a conformance case runs on; audit must be clean when the case ends. The
-    ``-python`` beds turn xenemu's compiled fast path off: both must give the same results."""
-    options, fresh = host_marker(request)
-    kind, _, python = str(request.param).partition("-")
-    if python:
-        if all(EXTERNAL):
-            pytest.skip("the fast path is xenemu's own; an external daemon runs once")
-        options["fast_path"] = False
-    bed: CoreBed | WireBed
-    daemon = None
-    if kind == "core":
-        bed = CoreBed(**options)
-    elif all(EXTERNAL):
-        bed = WireBed(Path(EXTERNAL[0] or ""), Path(EXTERNAL[1] or ""))
-        have = bed.control.host_info()["options"]
-        if (
-            any(have.get(k) != v for k, v in options.items() if k not in ("nr_frames", "dom0_memory", "fast_path"))
-            or fresh
-        ):
-            bed.close()
-            pytest.skip("the external daemon runs with other host options")
-    else:
-        daemon = daemons.get(options, fresh)
-        bed = WireBed(daemon.control_path, daemon.hypercall_path)
-    try:
-        yield bed
-        problems = bed.audit()
-        assert not problems, "\n".join(problems)
-    finally:
-        bed.close()
-        if daemon is not None and fresh:
-            daemon.stop()
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "host(**options): host options for a conformance case; fresh=True for its own daemon"
-    )

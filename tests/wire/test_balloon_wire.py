@@ -82,61 +82,6 @@ async def test_balloon_out_of_frames_mapped_by_several_emulators(daemon: DaemonP
     scene.audit()
 
 
-@pytest.mark.parametrize("swap", ["all", "mixed"])
-async def test_swap_mfn(daemon: DaemonProcess, swap: str) -> None:
-    scene = Scene(daemon)
-    guest, dm = await scene.connect(scene.guest_token), await scene.connect(scene.dms[0][1])
-    server = await dm.create_ioreq_server(scene.guest)
-    await guest.guest_write(5, b"old guest data")
-    mfn = scene.mfn(5)
-    batch = [
-        ops.map_foreign_page(0x800, 5, scene.guest, server, swap_mfn=True),
-        ops.map_foreign_page(0x801, 5, scene.guest, server, swap_mfn=swap == "all"),
-    ]
-    assert set(ops.statuses(await dm.iommu_op(batch))) == {"OK"}
-    assert (await guest.decrease_reservation([5]))["ret"] == 1
-    buffered, _, _ = await dm.ioreq_fetch(server)
-    if swap == "all":
-        assert buffered == [] and scene.refs(mfn) == (0, 0, None)
-        dma = await dm.device_dma("00:10.0", 0x800 << 12, length=14)
-        assert dma["ok"] and dma["data"] != b"old guest data"  # the scratch frame
-    else:
-        assert [r.data for r in buffered] == [0x800, 0x801] and scene.refs(mfn)[0] == 2
-    unmapped = await dm.iommu_op([ops.unmap_foreign_page(0x800, server), ops.unmap_foreign_page(0x801, server)])
-    assert set(ops.statuses(unmapped)) == {"OK"}
-    assert scene.refs(mfn) == (0, 0, None)
-    scene.audit()
-
-
-async def test_full_ring_makes_the_balloon_call_wait_for_the_emulator(daemon: DaemonProcess) -> None:
-    scene = Scene(daemon, memory=SLOTS + 20)
-    guest, dm = await scene.connect(scene.guest_token), await scene.connect(scene.dms[0][1])
-    server = await dm.create_ioreq_server(scene.guest)
-    gfns = list(range(SLOTS + 9))
-    got = await dm.iommu_op([ops.map_foreign_page(0x10000 + g, g, scene.guest, server) for g in gfns])
-    assert set(ops.statuses(got)) == {"OK"}
-    result: dict[str, Any] = {}
-
-    async def balloon() -> None:
-        result.update(await guest.decrease_reservation(gfns))
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(balloon)
-        assert await dm.next_event() == {"event": "ioreq", "ioserver": server}
-        buffered, read_pointer, sync = await dm.ioreq_fetch(server)
-        assert len(buffered) == SLOTS and len(sync) == 9
-        assert [r.data for r in sync] == [0x10000 + g for g in gfns[SLOTS:]]
-        assert all(r.size == 8 and r.state == 1 for r in sync)
-        await dm.ioreq_ack(server, read_pointer)
-        await dm.domain_info()  # a round trip: the balloon call is still parked
-        assert not result
-        await dm.iommu_op([ops.unmap_foreign_page(0x10000 + g, server) for g in gfns])
-        for req in sync:
-            await dm.ioreq_complete(server, req.id)
-    assert (result["ret"], result["status"], result["waited"]) == (len(gfns), 0, 9)
-    scene.audit()
-
-
 async def test_emulator_that_disconnects_releases_the_waiting_guest(daemon: DaemonProcess) -> None:
     scene = Scene(daemon, memory=SLOTS + 20)
     guest, dm = await scene.connect(scene.guest_token), await scene.connect(scene.dms[0][1])
@@ -156,35 +101,6 @@ async def test_emulator_that_disconnects_releases_the_waiting_guest(daemon: Daem
     assert result["ret"] == len(gfns) and result["waited"] == 2
     assert all(scene.refs(m) == (0, 0, None) for m in mfns)
     assert scene.ctl.stats()["ioreq_servers"] == 0
-    scene.audit()
-
-
-async def test_self_ballooning_keeps_frames_until_the_guest_unmaps(daemon: DaemonProcess) -> None:
-    scene = Scene(daemon)
-    guest = await scene.connect(scene.guest_token)
-    mfn = scene.mfn(7)
-    assert ops.statuses(await guest.iommu_op([ops.map_page(0x1000, 7)])) == ["OK"]
-    assert (await guest.decrease_reservation([7]))["ret"] == 1
-    assert scene.refs(mfn) == (1, 1, scene.guest)
-    assert (await guest.device_dma("00:03.0", 0x1000 << 12, length=1))["ok"]
-    assert ops.statuses(await guest.iommu_op([ops.unmap_page(0x1000)])) == ["OK"]
-    assert scene.refs(mfn) == (0, 0, None)
-    scene.audit()
-
-
-def test_memory_op_errors(daemon: DaemonProcess) -> None:
-    from xenemu.client import SyncHypercallClient, XenError
-
-    scene = Scene(daemon, memory=8)
-    with SyncHypercallClient.connect(daemon.hypercall_path, scene.guest_token) as xc:
-        assert xc.decrease_reservation([1, 99, 2]) == {"id": 2, "ret": 1, "status": -2, "waited": 0}
-        assert xc.populate_physmap([0, 1])["status"] == -17
-        with pytest.raises(XenError) as info:
-            xc.decrease_reservation(list(range(70000)))
-        assert info.value.errno == 7
-        with pytest.raises(XenError) as info:
-            xc.ioreq_fetch(12345)
-        assert info.value.errno == 2
     scene.audit()
 
 

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 from tests.conformance.beds import DaemonProcess
-from tests.conformance.test_protocol import Raw
 from xenemu.abi import pv_iommu as ops
 from xenemu.client import SyncControlClient, SyncHypercallClient
+from xenemu.conformance.target import Raw
 
 
 def refusals(daemon: DaemonProcess) -> list[dict[str, object]]:

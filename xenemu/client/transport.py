@@ -220,6 +220,7 @@ class _SyncTransport(Blocking):
         """The next pushed event, or None if none came within ``timeout`` seconds."""
         if self.events:
             return self.events.popleft()
+        previous = self._sock.gettimeout()
         self._sock.settimeout(timeout)
         try:
             while True:
@@ -229,7 +230,11 @@ class _SyncTransport(Blocking):
         except TimeoutError:
             return None
         finally:
-            self._sock.settimeout(None)
+            self._sock.settimeout(previous)
+
+    def set_timeout(self, seconds: float | None) -> None:
+        """How long any reply may take (``TimeoutError`` after); None waits for ever."""
+        self._sock.settimeout(seconds)
 
     def close(self) -> None:
         """Close the connection (the daemon releases what it held for it, e.g. IOREQ servers)."""

@@ -31,6 +31,7 @@ from xenemu.core.actions.dispatch import Channel, dispatch, parse
 from xenemu.core.actions.ioreq import ReleaseIoreqServers
 from xenemu.core.errors import EINVAL, EIO, EOPNOTSUPP, EPROTO, ESRCH, HypercallError
 from xenemu.core.host import Host
+from xenemu.server import mutants
 from xenemu.server.admission import Admission, StateDir, listen
 from xenemu.server.limits import Limits
 from xenemu.server.scheduler import Scheduler
@@ -310,6 +311,7 @@ async def run_daemon(
     ``started`` runs once both sockets accept connections. ``state``: ``directory`` already
     claimed (``StateDir``), else the daemon claims it (``StateDirError`` if it may not)."""
     keep_frame_buffers_warm()
+    mutants.apply_from_environment(host)  # the conformance self-test's broken daemons only
     daemon = Daemon(host, directory / "control.sock", directory / "hypercall.sock", limits, state)
     async with trio.open_nursery() as nursery:
         await nursery.start(lambda task_status: daemon.serve(handle_signals=handle_signals, task_status=task_status))
