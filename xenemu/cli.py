@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from xenemu import __version__, programs_dir
+from xenemu.cli_migration import restore, save
 from xenemu.client import ConnectionLost, SyncControlClient, XenError
 from xenemu.core.options import HostOptions
 from xenemu.logs import configure
@@ -493,5 +494,7 @@ def demo(memory: int, log_level: str) -> None:
 
 
 main.add_command(__import__("xenemu.conformance.cli", fromlist=["conformance"]).conformance)
+main.add_command(save)
+main.add_command(restore)
 if __name__ == "__main__":
     main()

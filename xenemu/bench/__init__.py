@@ -6,6 +6,7 @@ machines are noisy. It starts its own daemons as subprocesses and talks to them 
 - ``iommu``: the PV IOMMU sections (throughput, scaling, M2B, memory, fairness, ballooning).
 - ``hostile``: a victim's latency under each kind of hostile batch, and sparse mappings' cost.
 - ``vits``: the vITS section and the elision table.
+- ``migration``: save and restore time per GiB of guest memory, over two daemons.
 - ``report``: the table, and ``--compare REV``'s side-by-side.
 """
 
@@ -27,6 +28,7 @@ from xenemu.bench.iommu import (
     scaling_section,
     throughput_section,
 )
+from xenemu.bench.migration import migration_section
 from xenemu.bench.report import compare, side_by_side, table
 from xenemu.bench.vits import VitsGuest, vits_section
 from xenemu.client import SyncControlClient
@@ -40,6 +42,7 @@ def run_bench(scale: Scale) -> dict[str, Any]:
         # Each memory figure on a daemon of its own, so no freed memory is reused and hidden.
         results.update(memory_section(Path(tmp) / "memory", scale))
         results.update(vits_section(Path(tmp) / "vits", scale))
+        results.update(migration_section(Path(tmp) / "migration", scale))
         daemon = Daemon(Path(tmp) / "main", 1_200_000)
         try:
             with SyncControlClient.connect(daemon.control) as ctl:

@@ -78,6 +78,12 @@ def table(results: dict[str, Any]) -> str:
         f"({lat['passes_per_call_alone']} passes/call); while another guest floods p50 {lat['flood_p50']} ms, "
         f"p99 {lat['flood_p99']} ms ({lat['passes_per_call_flood']} passes/call)"
     )
+    mig = results.get("migration")
+    if mig:
+        lines.append(
+            f"save/restore of a {mig['guest_mib']} MiB guest, every page written (image {mig['image_mib']} MiB, "
+            f"two daemons): save {mig['save_s_per_gib']} s/GiB, restore {mig['restore_s_per_gib']} s/GiB"
+        )
     lines.append("physical commands per guest command:")
     lines.append(f"  {'policy':<7} {'bring-up':>9} {'enable-all-invall':>18} {'toggle-storm':>13}")
     for policy, row in vits["physical_per_guest_command"].items():
