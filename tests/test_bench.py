@@ -100,6 +100,9 @@ def test_quick_bench_reports_every_figure(quick_run: tuple[dict[str, Any], Path,
     assert set(hostile) == {"alone_p99", "invalid", "failing", "sparse", "lifecycle", "sparse_bytes_per_mapping_peak"}
     assert all(set(hostile[k]) == {"p50", "p99"} for k in ("invalid", "failing", "sparse"))
     assert results["audit_clean"] is True
+    migration = results["migration"]
+    assert migration["guest_mib"] == 64 and migration["image_mib"] > 64 and migration["audit_clean"] is True
+    assert migration["save_s_per_gib"] > 0 and migration["restore_s_per_gib"] > 0
     vits = results["vits"]
     assert vits["guest_commands_per_s"] > 0 and vits["msis_per_s"] > 0
     assert set(vits["victim_ms"]) == {

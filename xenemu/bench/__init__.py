@@ -6,6 +6,7 @@ machines are noisy. It starts its own daemons as subprocesses and talks to them 
 - ``iommu``: the PV IOMMU sections (throughput, scaling, M2B, memory, fairness, ballooning).
 - ``hostile``: a victim's latency under each kind of hostile batch, and sparse mappings' cost.
 - ``vits``: the vITS section and the elision table.
+- ``migration``: save and restore time per GiB of guest memory, over two daemons.
 - ``report``: each section's lines as it finishes, the CSV and JSON files, and ``--compare``'s
   side-by-side (another revision run now, or a file an earlier run wrote).
 - ``plot``: ``--plot``'s charts (throughput against batch size, and the elision table), with
@@ -31,6 +32,7 @@ from xenemu.bench.iommu import (
     scaling_section,
     throughput_section,
 )
+from xenemu.bench.migration import migration_section
 from xenemu.bench.report import compare, section_lines, side_by_side, table
 from xenemu.bench.vits import VitsGuest, vits_section
 from xenemu.client import SyncControlClient
@@ -53,6 +55,7 @@ def run_bench(scale: Scale, progress: Progress | None = None) -> dict[str, Any]:
         # Each memory figure on a daemon of its own, so no freed memory is reused and hidden.
         done("memory", memory_section(Path(tmp) / "memory", scale))
         done("vits", vits_section(Path(tmp) / "vits", scale))
+        done("migration", migration_section(Path(tmp) / "migration", scale))
         daemon = Daemon(Path(tmp) / "main", 1_200_000)
         try:
             with SyncControlClient.connect(daemon.control) as ctl:

@@ -100,10 +100,21 @@ def _vits(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _migration(results: dict[str, Any]) -> list[str]:
+    mig = results.get("migration")
+    if not mig:
+        return []
+    return [
+        f"save/restore of a {mig['guest_mib']} MiB guest, every page written (image {mig['image_mib']} MiB, "
+        f"two daemons): save {mig['save_s_per_gib']} s/GiB, restore {mig['restore_s_per_gib']} s/GiB"
+    ]
+
+
 #: Each section's lines, by the name ``run_bench`` reports it under, in the order it runs them.
 SECTIONS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "memory": _memory,
     "vits": _vits,
+    "migration": _migration,
     "fast_path": lambda r: [f"compiled fast path: {'on' if r.get('fast_path') else 'off'}"],
     "scaling": _scaling,
     "throughput": _throughput,

@@ -21,11 +21,14 @@ from __future__ import annotations
 
 from xenemu.cli import benchmark, demo, devices, domains, hostinfo, serve
 from xenemu.cli.root import main
+from xenemu.cli_migration import restore, save
 from xenemu.conformance.cli import conformance
 
 #: The modules whose import registers their verbs on ``main``.
 VERB_MODULES = (domains, devices, hostinfo, serve, demo, benchmark)
 
 main.add_command(conformance)
+main.add_command(save)
+main.add_command(restore)
 
 __all__ = ["VERB_MODULES", "main"]

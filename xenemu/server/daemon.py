@@ -34,7 +34,7 @@ from xenemu.core.host import Host
 from xenemu.logs import RECENT, RING_LINES
 from xenemu.server import mutants
 from xenemu.server.admission import Admission, StateDir, listen
-from xenemu.server.limits import Limits
+from xenemu.server.limits import Limits, LogBudget
 from xenemu.server.scheduler import Scheduler
 from xenemu.server.session import Session, clip, error_reply
 from xenemu.wire import MAX_FRAME, Message
@@ -69,6 +69,8 @@ class Daemon:
         self.admission = Admission(host, self.limits)
         #: The live sessions (the admission room keeps them; this is the same set).
         self.sessions: set[Session] = self.admission.sessions
+        #: Log budgets of the guests whose ITS commands the pITS dropped (by domid).
+        self._its_log: dict[int, LogBudget] = {}
         self.stopping = False
         self._accepting: trio.Nursery | None = None
         self.scheduler = Scheduler(host, self._state_changed)
@@ -282,9 +284,17 @@ class Daemon:
             self._its_kick.set()
         drops, deliveries = self.host.its.take_events()
         for domid, pits, offset, command, error in drops:
-            log.warning(
-                "its command dropped", domid=domid, pits=pits, offset=offset, command=command, error=f"E_ITS_{error}"
-            )
+            budget = self._its_log.setdefault(domid, LogBudget())  # a guest's bad commands, rated
+            if (dropped := budget.take()) is not None:
+                log.warning(
+                    "its command dropped",
+                    domid=domid,
+                    pits=pits,
+                    offset=offset,
+                    command=command,
+                    error=f"E_ITS_{error}",
+                    **({"dropped_before": dropped} if dropped else {}),
+                )
         for delivery in deliveries:
             for session in self.sessions:
                 if session.channel == "hypercall" and session.domain and session.domain.domid == delivery.domid:
@@ -293,6 +303,7 @@ class Daemon:
 
     def _disconnect_domain(self, domid: int) -> None:
         """A destroyed domain's emulator connections close once their current request is done."""
+        self._its_log.pop(domid, None)
         for session in list(self.sessions):
             if session.channel == "hypercall" and session.domain is not None and session.domain.domid == domid:
                 session.close_soon()
