@@ -60,7 +60,7 @@ class Guest:
     def msi(self, event: int) -> None:
         assert self.xc.device_dma(BDF, self.doorbell, event.to_bytes(4, "little"))["ok"]
 
-    def lpi(self, timeout: float = 5.0) -> tuple[int, int] | None:
+    def lpi(self, timeout: float = 30.0) -> tuple[int, int] | None:  # generous: a loaded machine
         event = self.xc.next_event(timeout=timeout)
         return None if event is None else (event["vcpu"], event["intid"])
 
