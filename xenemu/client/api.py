@@ -341,6 +341,12 @@ class ControlApi:
         """``xl info``: the host's options and capacity."""
         return Request("host_info", {}, _reply("host_info"))
 
+    @request
+    def dmesg(self, lines: int = 1000) -> Request[Message]:
+        """``xl dmesg``: the daemon's last ``lines`` log lines (``lines``, oldest first), and
+        ``dropped``, how many older ones its ring no longer holds."""
+        return Request("dmesg", {"lines": lines}, _reply("dmesg"))
+
     # -- save and restore (``xl save`` / ``xl restore``): images cross in chunks of <= 1 MiB --
     @request
     def save_domain(self, domid: int, keep: bool = False) -> Request[Message]:

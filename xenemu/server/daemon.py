@@ -26,11 +26,12 @@ from typing import Any
 import structlog
 import trio
 
-from xenemu.core.actions.control import DestroyDomain
+from xenemu.core.actions.control import DestroyDomain, ListDomains
 from xenemu.core.actions.dispatch import Channel, dispatch, parse
 from xenemu.core.actions.ioreq import ReleaseIoreqServers
 from xenemu.core.errors import EINVAL, EIO, EOPNOTSUPP, EPROTO, ESRCH, HypercallError
 from xenemu.core.host import Host
+from xenemu.logs import RECENT, RING_LINES
 from xenemu.server import mutants
 from xenemu.server.admission import Admission, StateDir, listen
 from xenemu.server.limits import Limits, LogBudget
@@ -45,7 +46,7 @@ MAX_REQUEST_ID = 2**32 - 1
 ITS_TICK = 0.0005
 ITS_IDLE_TICK = 0.01
 #: Requests the shell answers itself, on the control socket (the daemon's own accounting).
-SHELL_REQUESTS = frozenset({"connections"})
+SHELL_REQUESTS = frozenset({"connections", "dmesg"})
 
 
 class Daemon:
@@ -212,7 +213,7 @@ class Daemon:
             await session.refuse(req_id, -EOPNOTSUPP, f"unknown request {clip(op)}", op=op)
             return
         if op in SHELL_REQUESTS and session.channel == "control":
-            await session.send({"id": req_id, **self.admission.describe()})
+            await session.send({"id": req_id, **self._shell_request(op, args)})
             return
         dom = session.domain
         if self.host.domains.get(dom.domid) is not dom:
@@ -223,7 +224,7 @@ class Daemon:
             self._its_catch_up()  # what a guest reads of the ITS reflects the time that passed
         try:
             action = parse(op, args, session.channel)
-            result = await self.scheduler.run(dispatch(self.host, dom.domid, action))
+            result = await self.scheduler.run(dispatch(self.host, dom.domid, action), dom.domid)
         except HypercallError as exc:
             await session.refuse(req_id, exc.errno, exc.message, op=op)
             return
@@ -241,10 +242,33 @@ class Daemon:
             ret=result.get("ret"),
             ms=round((time.perf_counter() - started) * 1000, 3),
         )
+        if isinstance(action, ListDomains):
+            self._annotate(result["domains"])
         reply: Message = {"id": req_id, **result}
         await session.send(reply)
         if isinstance(action, DestroyDomain):
+            self.scheduler.seconds.pop(action.domid, None)
             self._disconnect_domain(action.domid)
+
+    def _shell_request(self, op: str, args: Any) -> Message:
+        """What the shell itself knows: its connections, and its recent log (``xl dmesg``)."""
+        if op == "dmesg":
+            count = args.get("lines", 1000) if isinstance(args, dict) else None
+            if type(count) is not int or not 0 <= count <= RING_LINES:  # not a bool
+                refusal = error_reply(None, -EINVAL, f"lines must be 0..{RING_LINES}")
+                refusal.pop("id")
+                return refusal
+            return {"ret": 0, "lines": RECENT.last(count), "dropped": RECENT.dropped}
+        return self.admission.describe()
+
+    def _annotate(self, domains: list[dict[str, Any]]) -> None:
+        """What ``xl list`` shows that only the shell knows: connected programs (the state
+        letter) and the seconds the hypervisor has spent on the domain's requests (Time)."""
+        for d in domains:
+            d["connections"] = sum(
+                1 for s in self.sessions if s.channel == "hypercall" and s.domain and s.domain.domid == d["domid"]
+            )
+            d["time_s"] = round(self.scheduler.seconds.get(d["domid"], 0.0), 3)
 
     def _state_changed(self) -> None:
         """Deliver IOREQ news to emulators and wake every request waiting on host state."""

@@ -73,6 +73,7 @@ def _destroy_domain(host: Host, caller: int, action: DestroyDomain) -> Outcome:
 
 def describe(host: Host, dom: Domain) -> dict[str, Any]:
     ctx = host.iommu.contexts.get(dom.domid)
+    its = host.its.domains.get(dom.domid)
     return {
         "domid": dom.domid,
         "name": dom.name,
@@ -92,6 +93,9 @@ def describe(host: Host, dom: Domain) -> dict[str, Any]:
         # The daemon's own memory this domain's page tables and p2m cost (charged to it).
         "page_table_bytes": ctx.table.bytes_used() if ctx else 0,
         "p2m_bytes": dom.p2m.bytes_used(),
+        "vcpus": its.vcpus if its else 1,
+        "pin": list(its.pin) if its else [],
+        "dying": bool(its and its.dying),
     }
 
 
