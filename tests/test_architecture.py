@@ -93,7 +93,19 @@ def test_every_package_says_what_it_owns() -> None:
 
 
 def test_a_toolstack_verb_does_not_load_the_server_or_the_hypervisor() -> None:
-    """``xenemu list`` and friends import the client; ``serve`` and ``demo`` load the rest."""
+    """``xenemu list`` and friends import the client when they run; ``serve`` and ``demo`` load
+    the rest. Importing the CLI (all that ``xenemu --help`` does) loads neither the client nor
+    trio, rich, structlog or the bench; tests/cli/test_output.py checks each verb as it runs."""
     loaded = loaded_by("import xenemu.cli")
     assert {m for m in loaded if m.startswith("xenemu.core")} <= {"xenemu.core", "xenemu.core.options"}
     assert {m for m in loaded if m.startswith("xenemu.server")} <= {"xenemu.server", "xenemu.server.limits"}
+    assert not {m for m in loaded if m.split(".")[0] in ("trio", "rich", "structlog", "msgpack")}
+    assert not {m for m in loaded if m.startswith(("xenemu.client", "xenemu.bench", "xenemu.logs", "xenemu.wire"))}
+
+
+def test_the_cli_is_a_package_of_verb_families() -> None:
+    """No verb family grows into the one big module the CLI once was: each module of
+    ``xenemu/cli`` stays well under the cap, and ``xenemu.cli:main`` stays the entry point."""
+    for path in sorted((PACKAGE / "cli").glob("*.py")):
+        assert path.read_text().count("\n") <= 300, path.name
+    assert 'xenemu = "xenemu.cli:main"' in (ROOT / "pyproject.toml").read_text()

@@ -1,18 +1,88 @@
-"""``xenemu bench`` runs end to end and reports every figure (behaviour, never wall time)."""
+"""``xenemu bench`` runs end to end and reports every figure (behaviour, never wall time): each
+section as it finishes, files that ``--load``, ``--compare`` and ``--plot`` read back."""
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BENCH = [sys.executable, "-m", "xenemu", "bench"]
 
 
-def test_quick_bench_reports_every_figure() -> None:
-    run = subprocess.run(
-        [sys.executable, "-m", "xenemu", "bench", "--quick", "--json"], capture_output=True, text=True, timeout=600
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path, list[str], bool]:
+    """One quick run: its JSON, the directory of its files, its streamed section lines, and
+    whether the first section was printed while the benchmark was still running."""
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.Popen(
+        [*BENCH, "--quick", "--json", "--out", str(out / "run.json"), "--csv", str(out / "run.csv")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    assert run.returncode == 0, run.stderr
-    results = json.loads(run.stdout)
+    assert proc.stderr is not None and proc.stdout is not None
+    first = proc.stderr.readline()
+    streamed = proc.poll() is None  # the first section came while later ones were still to run
+    rest = proc.stderr.read()
+    stdout = proc.stdout.read()
+    assert proc.wait(600) == 0, rest
+    return json.loads(stdout), out, [first, *rest.splitlines()], streamed
+
+
+def test_sections_are_printed_as_they_finish(quick_run: tuple[dict[str, Any], Path, list[str], bool]) -> None:
+    _results, _out, lines, streamed = quick_run
+    assert streamed
+    assert lines[0].startswith("memory: ") and "vITS:" in lines[1]
+    assert lines[-1] == "audit after the run: clean"
+
+
+def test_files_load_compare_and_plot(quick_run: tuple[dict[str, Any], Path, list[str], bool]) -> None:
+    results, out, _lines, _streamed = quick_run
+    assert json.loads((out / "run.json").read_text()) == results
+    with (out / "run.csv").open() as f:
+        rows = {row["figure"]: row["value"] for row in csv.DictReader(f)}
+    assert rows["throughput[3].batch"] == "4096" and float(rows["vits.msis_per_s"]) > 0
+    shown = subprocess.run([*BENCH, "--load", str(out / "run.json")], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0 and "map+unmap throughput" in shown.stdout
+    side = subprocess.run(
+        [*BENCH, "--load", str(out / "run.json"), "--compare", str(out / "run.json"), "--plot", str(out / "run.png")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert side.returncode == 0, side.stderr
+    assert "throughput[0].ops_per_s" in side.stdout
+    assert (out / "run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    without = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; sys.modules['matplotlib'] = None; sys.argv = ['xenemu', *sys.argv[1:]]\n"
+            "from xenemu.cli import main; main()",
+            "bench",
+            "--load",
+            str(out / "run.json"),
+            "--plot",
+            str(out / "x.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (
+        without.returncode == 2
+        and without.stderr.strip() == "xenemu: --plot needs matplotlib: pip install 'xenemu[plot]'"
+    )
+
+
+def test_quick_bench_reports_every_figure(quick_run: tuple[dict[str, Any], Path, list[str], bool]) -> None:
+    results = quick_run[0]
     assert [row["batch"] for row in results["throughput"]] == [1, 16, 256, 4096]
     for row in results["throughput"]:
         assert row["ops_per_s"] > 0 and row["echo_ops_per_s"] > 0 and row["ratio"] > 0
@@ -30,6 +100,9 @@ def test_quick_bench_reports_every_figure() -> None:
     assert set(hostile) == {"alone_p99", "invalid", "failing", "sparse", "lifecycle", "sparse_bytes_per_mapping_peak"}
     assert all(set(hostile[k]) == {"p50", "p99"} for k in ("invalid", "failing", "sparse"))
     assert results["audit_clean"] is True
+    migration = results["migration"]
+    assert migration["guest_mib"] == 64 and migration["image_mib"] > 64 and migration["audit_clean"] is True
+    assert migration["save_s_per_gib"] > 0 and migration["restore_s_per_gib"] > 0
     vits = results["vits"]
     assert vits["guest_commands_per_s"] > 0 and vits["msis_per_s"] > 0
     assert set(vits["victim_ms"]) == {

@@ -10,6 +10,7 @@ big replies and never reads them, so the daemon's sender is stuck behind the soc
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -145,4 +146,30 @@ def test_a_hello_refusal_repeats_at_most_a_little_of_the_version(tmp_path: Path)
         reply = raw.recv()
         assert reply is not None and reply["ret"] == -93 and len(reply["message"]) <= 200
         assert all(len(str(e.get("reason", ""))) <= 200 for e in log_events(daemon, "refused"))
+        assert ctl.audit() == []
+
+
+def test_the_log_lines_a_peer_causes_are_rated(tmp_path: Path) -> None:
+    """A guest pipelining bad requests wrote a warning per request (1.7 MB of log a second);
+    now each peer has a budget of lines (20 at once, 10 a second), and the next line let
+    through says how many were dropped.  Counted against the time the attack took."""
+    with attacked(tmp_path) as daemon, SyncControlClient.connect(daemon.control_path) as ctl:
+        token = ctl.create_domain("hvm", 16)["token"]
+        raw = Raw(daemon.hypercall_path)
+        assert (raw.hello(token) or {}).get("ret") == 0
+        started = time.monotonic()
+        for chunk in range(20):  # pipelined, a hundred at a time (so the replies are read)
+            for i in range(100):
+                raw.send({"id": chunk * 100 + i, "op": "no_such_request", "args": {}})
+            for _ in range(100):
+                reply = raw.recv()
+                assert reply is not None and reply["ret"] == -95  # each still answered
+        elapsed = time.monotonic() - started
+        wait_for(lambda: log_events(daemon, "refused"))
+        refused = log_events(daemon, "refused")
+        assert len(refused) <= 20 + 10 * elapsed + 2, (len(refused), elapsed)
+        time.sleep(0.2)  # the budget refills
+        raw.send({"id": 1, "op": "no_such_request", "args": {}})
+        assert (raw.recv() or {}).get("ret") == -95
+        wait_for(lambda: any(e.get("dropped_before") for e in log_events(daemon, "refused")))
         assert ctl.audit() == []

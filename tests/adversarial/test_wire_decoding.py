@@ -61,6 +61,27 @@ def test_a_long_list_is_refused_before_its_elements_are_looked_at(tmp_path: Path
         assert ctl.audit() == []
 
 
+NESTED = {
+    # Each within every per-container limit, yet millions of objects if decoded in full.
+    "nested-empty-arrays": {"gfns": [[]] * 131072, "more": [[]] * 131072},
+    "maps-in-a-list": {"gfns": [{}] * 131072},
+    "many-full-lists": {"gfns": [[0] * 65536] * 3},
+}
+
+
+@pytest.mark.parametrize("case", list(NESTED))
+def test_a_message_of_very_many_small_containers_is_refused_while_decoding(tmp_path: Path, case: str) -> None:
+    """msgpack's limits are per container: the decoder also bounds the arrays and maps of one
+    message and their elements in all, and stops as soon as a message is past either."""
+    with attacked(tmp_path) as daemon, SyncControlClient.connect(daemon.control_path) as ctl:
+        raw = guest_raw(ctl, daemon.hypercall_path)
+        reply = ask(raw, "populate_physmap", NESTED[case])
+        assert reply["ret"] == EBADMSG, reply
+        assert "arrays and maps" in reply["message"]
+        assert ask(raw, "domain_info", {})["ret"] == 0
+        assert ctl.audit() == []
+
+
 def bare_lists(hint: Any, bounded: bool = False) -> int:
     """How many lists in a field's type are not directly bounded by a MaxLen."""
     origin = typing.get_origin(hint)

@@ -37,6 +37,7 @@ def test_sigterm_finishes_in_flight_batches(tmp_path: Path) -> None:
     done = raw.recv()
     assert done is not None and done["ret"] == 0
     assert set(ops.statuses(ops.unpack(done["buf"]))) == {"OK"}
+    assert daemon.proc.wait(60) == 0  # it exits by itself once the batch is answered
     assert daemon.stop() == 0
     assert not daemon.hypercall_path.exists() and not daemon.control_path.exists()
     events = [json.loads(line) for line in daemon.log_text().splitlines() if line.startswith("{")]

@@ -241,6 +241,70 @@ class Reference:
         self._announce()
         return 0
 
+    def save_restore(self, domid: int) -> int:
+        """``xl save`` (the domain goes, as destroy) then ``xl restore`` of its image: the new
+        domid, or the errno that refused the save (nothing changed) or the restore (it is gone)."""
+        dom = self.doms.get(domid)
+        if dom is None:
+            return -ESRCH
+        if dom.hwdom:
+            return -EPERM
+        if dom.kind != "hvm" or dom.target is not None:
+            return -EOPNOTSUPP
+        if any(v["creator"] == domid for v in self.servers.values()) or dom.maptrack or dom.pins:
+            return -EBUSY
+        if any(e.mapper == domid for e in self.m2b):
+            return -EBUSY
+        ctx = dom.ctx
+        held = sorted(
+            {
+                e.mfn
+                for e in (ctx or {}).values()
+                if e.kind == "map" and self.frames[e.mfn].owner == domid and not self.frames[e.mfn].populated
+            }
+        )
+        own: dict[int, tuple[str, int]] = {m: ("gfn", g) for g, m in dom.p2m.items()}
+        own.update({m: ("held", i) for i, m in enumerate(held)})
+        saved: dict[int, tuple[tuple[str, int] | None, str, int]] = {}
+        for bfn, e in (ctx or {}).items():
+            if e.kind not in ("default", "map", "noref", "rmrr") or (e.kind != "rmrr" and e.mfn not in own):
+                return -EBUSY
+            saved[bfn] = (None if e.kind == "rmrr" else own[e.mfn], e.kind, e.perms)
+        gfns, devices = sorted(dom.p2m), set(dom.devices)
+        grants, next_handle, max_pages = dict(dom.grants), dom.next_handle, dom.max_pages
+        created = self.created_by.get(domid, 0)
+        self.destroy_domain(domid)
+        if len(gfns) + len(held) > sum(1 for f in self.frames if f.owner is None):
+            return -ENOMEM
+        new = self.create_domain("hvm", 0, None)
+        restored = self.doms[new]
+        restored.max_pages, restored.grants, restored.next_handle = max_pages, grants, next_handle
+        if created:
+            self.created_by[new] = created
+        for gfn in gfns:
+            mfn = self._alloc(new)
+            assert mfn is not None
+            restored.p2m[gfn] = mfn
+        new_held = [self._alloc(new) for _ in held]
+        restored.devices = devices
+        if ctx is not None:
+            restored.ctx = {}
+            for bfn, (ref, kind, perms) in saved.items():
+                if ref is None:
+                    mfn = bfn
+                else:
+                    got = restored.p2m[ref[1]] if ref[0] == "gfn" else new_held[ref[1]]
+                    assert got is not None
+                    mfn = got
+                restored.ctx[bfn] = Entry(mfn, kind, perms)
+                if kind == "map":
+                    self._get(mfn, bool(perms & W))
+        for mfn in new_held:
+            assert mfn is not None
+            self.frames[mfn].populated = False
+            self._put(mfn, False)
+        return new
+
     def _announce(self) -> None:
         """Send the call's invalidates in the order they were owed; the test's emulators emptied
         every ring before the call, so each has all its slots."""

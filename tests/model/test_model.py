@@ -23,12 +23,15 @@ from tests.model.reference import Reference
 from xenemu.abi.grant_table import MapGrant, UnmapGrant, pack_map, pack_unmap, unpack_map, unpack_unmap
 from xenemu.abi.ioreq import read_ring, read_sync
 from xenemu.abi.pv_iommu import Op, pack, unpack
+from xenemu.core.actions.dispatch import run
+from xenemu.core.actions.migration import ImageRead, ImageWrite, RestoreBegin, RestoreDomain, SaveDomain
 from xenemu.core.audit import audit
 from xenemu.core.errors import HypercallError
 from xenemu.core.host import Host
 from xenemu.core.iommu.entries import Kind, entry_kind, entry_mfn, entry_perms
 from xenemu.core.iommu.subops import run_iommu_op
 from xenemu.core.ioreq.balloon import WaitForIoreqs
+from xenemu.core.migration.store import CHUNK
 from xenemu.core.options import HostOptions
 
 NR_FRAMES, XEN_FRAMES, DOM0_MEMORY = 160, 16, 24
@@ -156,6 +159,28 @@ class PvIommuModel(RuleBasedStateMachine):
         c, t = self.pick(caller), self.pick(guest)
         got = self.errno(self.host.emulators.create_server, c, t)
         assert (got if isinstance(got, int) else got.id) == self.ref.create_server(c, t)
+
+    @rule(index=st.integers(0, 8))
+    def save_restore(self, index: int) -> None:
+        """``xl save`` then ``xl restore`` through the actions and the image bytes: from here on
+        the model follows the domain under its new domid, and nothing else may differ."""
+        domid = self.pick(index)
+        try:
+            saved = run(self.host, 0, SaveDomain(domid))
+        except HypercallError as exc:
+            event(f"save refused: {exc.errno}")
+            assert exc.errno == self.ref.save_restore(domid)
+            return
+        data = b"".join(
+            run(self.host, 0, ImageRead(saved["image"], at, CHUNK))["data"] for at in range(0, saved["size"], CHUNK)
+        )
+        incoming = run(self.host, 0, RestoreBegin(len(data)))["image"]
+        run(self.host, 0, ImageWrite(incoming, 0, data))
+        got = self.errno(lambda: run(self.host, 0, RestoreDomain(incoming))["domid"])
+        want = self.ref.save_restore(domid)
+        self.collect_invalidates()
+        event(f"save/restore: {'restored' if want > 0 else want}")
+        assert got == want
 
     @rule(caller=st.integers(0, 8), server=st.integers(0, 6))
     def destroy_server(self, caller: int, server: int) -> None:

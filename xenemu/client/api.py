@@ -340,3 +340,40 @@ class ControlApi:
     def host_info(self) -> Request[Message]:
         """``xl info``: the host's options and capacity."""
         return Request("host_info", {}, _reply("host_info"))
+
+    @request
+    def dmesg(self, lines: int = 1000) -> Request[Message]:
+        """``xl dmesg``: the daemon's last ``lines`` log lines (``lines``, oldest first), and
+        ``dropped``, how many older ones its ring no longer holds."""
+        return Request("dmesg", {"lines": lines}, _reply("dmesg"))
+
+    # -- save and restore (``xl save`` / ``xl restore``): images cross in chunks of <= 1 MiB --
+    @request
+    def save_domain(self, domid: int, keep: bool = False) -> Request[Message]:
+        """The reply with ``image``, ``size``, ``digest``; the domain goes unless ``keep``."""
+        return Request("save_domain", {"domid": domid, "keep": keep}, _reply("save_domain"))
+
+    @request
+    def image_read(self, image: int, offset: int, length: int) -> Request[bytes]:
+        """At most 1 MiB of a saved image, from ``offset``."""
+        return Request("image_read", {"image": image, "offset": offset, "length": length}, _field("image_read", "data"))
+
+    @request
+    def image_close(self, image: int) -> Request[Message]:
+        """Close a transfer (a saved image once read out)."""
+        return Request("image_close", {"image": image}, _reply("image_close"))
+
+    @request
+    def restore_begin(self, size: int) -> Request[int]:
+        """An incoming image of ``size`` bytes: its transfer id."""
+        return Request("restore_begin", {"size": size}, _field("restore_begin", "image"))
+
+    @request
+    def image_write(self, image: int, offset: int, data: bytes) -> Request[Message]:
+        """The next chunk (at most 1 MiB) of an incoming image, where the last one ended."""
+        return Request("image_write", {"image": image, "offset": offset, "data": data}, _reply("image_write"))
+
+    @request
+    def restore_domain(self, image: int) -> Request[Message]:
+        """``xl restore`` of a written image: the reply with the new ``domid``, ``token``, ``pages``."""
+        return Request("restore_domain", {"image": image}, _reply("restore_domain"))

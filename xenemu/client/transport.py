@@ -22,6 +22,8 @@ from xenemu.client.errors import ConnectionLost, Message, checked
 from xenemu.wire import PROTOCOL_VERSION, FrameDecoder, WireError, encode
 
 T = TypeVar("T")
+#: Bytes per image_read / image_write (the daemon's bound; a frame holds 4 MiB).
+IMAGE_CHUNK = 1 << 20
 
 
 def _decoded(decoder: FrameDecoder) -> Message | None:
@@ -263,3 +265,25 @@ class SyncControlClient(_SyncTransport, ControlApi):
     def connect(cls, path: str | Path) -> SyncControlClient:
         """Connect to ``control.sock`` and say hello (it speaks for dom0)."""
         return cls._open(path, None)
+
+    def save_image(self, domid: int, keep: bool = False, progress: Callable[[int], None] | None = None) -> bytes:
+        """``xl save``'s whole image, read out in chunks (the domain goes unless ``keep``)."""
+        reply = self.save_domain(domid, keep)
+        image, size, parts = reply["image"], reply["size"], []
+        try:
+            for offset in range(0, size, IMAGE_CHUNK):
+                parts.append(self.image_read(image, offset, min(IMAGE_CHUNK, size - offset)))
+                if progress is not None:
+                    progress(len(parts[-1]))
+        finally:
+            self.image_close(image)
+        return b"".join(parts)
+
+    def restore_image(self, data: bytes, progress: Callable[[int], None] | None = None) -> Any:
+        """``xl restore``: a new domain from ``data``; the reply with ``domid``, ``token``, ``pages``."""
+        image = self.restore_begin(len(data))
+        for offset in range(0, len(data), IMAGE_CHUNK):
+            self.image_write(image, offset, data[offset : offset + IMAGE_CHUNK])
+            if progress is not None:
+                progress(min(IMAGE_CHUNK, len(data) - offset))
+        return self.restore_domain(image)

@@ -242,6 +242,9 @@ def _check_m2b(host: Host) -> list[str]:
     for frame_server, bfns in m2b.by_frame_server.items():
         if m2b.lowest.get(frame_server) != min(bfns):
             problems.append(f"M2B: lowest BFN of frame/server {frame_server} is stale")
+    unswappable = Counter(entry.mfn for entry in m2b.by_key.values() if not entry.swappable)
+    if unswappable != m2b.unswappable:
+        problems.append("M2B: the count of entries that cannot be swapped disagrees with the entries")
     mappers = Counter(entry.mapper for entry in m2b.by_key.values())
     if mappers != m2b.per_mapper:
         problems.append(f"M2B: entries per mapper counted {dict(m2b.per_mapper)}, recounted {dict(mappers)}")

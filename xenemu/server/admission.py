@@ -203,7 +203,7 @@ class Admission:
         return session
 
     async def _refuse_at_the_door(self, session: Session, reason: str) -> None:
-        log.warning("refused", peer=session.peer, channel=session.channel, error="-EMFILE", reason=reason)
+        session.warn("refused", channel=session.channel, error="-EMFILE", reason=reason)
         try:
             with trio.move_on_after(DOOR_SEND_TIMEOUT):
                 await session.stream.send_all(encode(error_reply(None, -EMFILE, reason)))

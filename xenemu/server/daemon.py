@@ -26,14 +26,15 @@ from typing import Any
 import structlog
 import trio
 
-from xenemu.core.actions.control import DestroyDomain
+from xenemu.core.actions.control import DestroyDomain, ListDomains
 from xenemu.core.actions.dispatch import Channel, dispatch, parse
 from xenemu.core.actions.ioreq import ReleaseIoreqServers
 from xenemu.core.errors import EINVAL, EIO, EOPNOTSUPP, EPROTO, ESRCH, HypercallError
 from xenemu.core.host import Host
+from xenemu.logs import RECENT, RING_LINES
 from xenemu.server import mutants
 from xenemu.server.admission import Admission, StateDir, listen
-from xenemu.server.limits import Limits
+from xenemu.server.limits import Limits, LogBudget
 from xenemu.server.scheduler import Scheduler
 from xenemu.server.session import Session, clip, error_reply
 from xenemu.wire import MAX_FRAME, Message
@@ -48,7 +49,7 @@ ITS_IDLE_TICK = 0.01
 #: hardware time left over is kept, so it runs on at the next tick.
 ITS_HARDWARE_SLICE = 256
 #: Requests the shell answers itself, on the control socket (the daemon's own accounting).
-SHELL_REQUESTS = frozenset({"connections"})
+SHELL_REQUESTS = frozenset({"connections", "dmesg"})
 
 
 class Daemon:
@@ -71,6 +72,8 @@ class Daemon:
         self.admission = Admission(host, self.limits)
         #: The live sessions (the admission room keeps them; this is the same set).
         self.sessions: set[Session] = self.admission.sessions
+        #: Log budgets of the guests whose ITS commands the pITS dropped (by domid).
+        self._its_log: dict[int, LogBudget] = {}
         self.stopping = False
         self._accepting: trio.Nursery | None = None
         self.scheduler = Scheduler(host, self._state_changed)
@@ -213,7 +216,7 @@ class Daemon:
             await session.refuse(req_id, -EOPNOTSUPP, f"unknown request {clip(op)}", op=op)
             return
         if op in SHELL_REQUESTS and session.channel == "control":
-            await session.send({"id": req_id, **self.admission.describe()})
+            await session.send({"id": req_id, **self._shell_request(op, args)})
             return
         dom = session.domain
         if self.host.domains.get(dom.domid) is not dom:
@@ -224,7 +227,7 @@ class Daemon:
             self._its_catch_up()  # what a guest reads of the ITS reflects the time that passed
         try:
             action = parse(op, args, session.channel)
-            result = await self.scheduler.run(dispatch(self.host, dom.domid, action))
+            result = await self.scheduler.run(dispatch(self.host, dom.domid, action), dom.domid)
         except HypercallError as exc:
             await session.refuse(req_id, exc.errno, exc.message, op=op)
             return
@@ -242,10 +245,33 @@ class Daemon:
             ret=result.get("ret"),
             ms=round((time.perf_counter() - started) * 1000, 3),
         )
+        if isinstance(action, ListDomains):
+            self._annotate(result["domains"])
         reply: Message = {"id": req_id, **result}
         await session.send(reply)
         if isinstance(action, DestroyDomain):
+            self.scheduler.seconds.pop(action.domid, None)
             self._disconnect_domain(action.domid)
+
+    def _shell_request(self, op: str, args: Any) -> Message:
+        """What the shell itself knows: its connections, and its recent log (``xl dmesg``)."""
+        if op == "dmesg":
+            count = args.get("lines", 1000) if isinstance(args, dict) else None
+            if type(count) is not int or not 0 <= count <= RING_LINES:  # not a bool
+                refusal = error_reply(None, -EINVAL, f"lines must be 0..{RING_LINES}")
+                refusal.pop("id")
+                return refusal
+            return {"ret": 0, "lines": RECENT.last(count), "dropped": RECENT.dropped}
+        return self.admission.describe()
+
+    def _annotate(self, domains: list[dict[str, Any]]) -> None:
+        """What ``xl list`` shows that only the shell knows: connected programs (the state
+        letter) and the seconds the hypervisor has spent on the domain's requests (Time)."""
+        for d in domains:
+            d["connections"] = sum(
+                1 for s in self.sessions if s.channel == "hypercall" and s.domain and s.domain.domid == d["domid"]
+            )
+            d["time_s"] = round(self.scheduler.seconds.get(d["domid"], 0.0), 3)
 
     def _state_changed(self) -> None:
         """Deliver IOREQ news to emulators and wake every request waiting on host state."""
@@ -261,9 +287,17 @@ class Daemon:
             self._its_kick.set()
         drops, deliveries = self.host.its.take_events()
         for domid, pits, offset, command, error in drops:
-            log.warning(
-                "its command dropped", domid=domid, pits=pits, offset=offset, command=command, error=f"E_ITS_{error}"
-            )
+            budget = self._its_log.setdefault(domid, LogBudget())  # a guest's bad commands, rated
+            if (dropped := budget.take()) is not None:
+                log.warning(
+                    "its command dropped",
+                    domid=domid,
+                    pits=pits,
+                    offset=offset,
+                    command=command,
+                    error=f"E_ITS_{error}",
+                    **({"dropped_before": dropped} if dropped else {}),
+                )
         for delivery in deliveries:
             for session in self.sessions:
                 if session.channel == "hypercall" and session.domain and session.domain.domid == delivery.domid:
@@ -272,6 +306,7 @@ class Daemon:
 
     def _disconnect_domain(self, domid: int) -> None:
         """A destroyed domain's emulator connections close once their current request is done."""
+        self._its_log.pop(domid, None)
         for session in list(self.sessions):
             if session.channel == "hypercall" and session.domain is not None and session.domain.domid == domid:
                 session.close_soon()

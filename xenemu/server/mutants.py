@@ -82,9 +82,9 @@ def invalidate_order(host: Host) -> None:
     """A call's invalidates go out last owed first."""
     send = balloon.Invalidations.send
 
-    def mutant(self: balloon.Invalidations, registry: Any) -> list[tuple[int, int]]:
+    def mutant(self: balloon.Invalidations, registry: Any, notify: bool = True) -> list[tuple[int, int]]:
         self.targets.reverse()
-        return send(self, registry)
+        return send(self, registry, notify)
 
     balloon.Invalidations.send = mutant  # type: ignore[method-assign]
 
@@ -92,8 +92,9 @@ def invalidate_order(host: Host) -> None:
 def swap_ignored(host: Host) -> None:
     """A frame mapped only with swap_mfn is announced by invalidates instead of re-pointed."""
 
-    def mutant(self: balloon.Balloon, mfn: int, owed: balloon.Invalidations) -> None:
+    def mutant(self: balloon.Balloon, mfn: int, owed: balloon.Invalidations, budget: Any) -> Generator[str, None, None]:
         owed.targets.extend(sorted((entry.ioserver, entry.bfn) for entry in self.iommu.m2b.for_frame(mfn)))
+        yield from ()
 
     balloon.Balloon.release_frame = mutant  # type: ignore[method-assign]
 

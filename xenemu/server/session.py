@@ -30,12 +30,15 @@ import structlog
 import trio
 
 from xenemu.core.actions.dispatch import Channel
-from xenemu.core.errors import ETIMEDOUT, errno_name
+from xenemu.core.errors import EMSGSIZE, ETIMEDOUT, errno_name
 from xenemu.core.memory.domain import Domain
-from xenemu.server.limits import Limits
+from xenemu.server.limits import Limits, LogBudget
 from xenemu.wire import HELLO_LIMITS, REQUEST_LIMITS, FrameDecoder, Message, WireError, encode_parts
 
 log = structlog.get_logger("xenemu")
+#: The lines every peer that has not said hello may cause, together (any local process may
+#: open connections without a token, one after another).
+ANONYMOUS_LOG = LogBudget(rate=20.0, burst=50)
 
 READ_CHUNK = 1 << 16
 #: Replies smaller than this go out in one write.
@@ -94,6 +97,8 @@ class Session:
     hello_deadline: float = math.inf
     started: float = 0.0
     send_lock: trio.Lock = field(default_factory=trio.Lock)
+    #: The log lines this connection may cause once it speaks for a domain.
+    log_budget: LogBudget = field(default_factory=LogBudget)
     #: No send ends later than this (set at shutdown).
     send_cutoff: float = math.inf
     _sends: set[trio.CancelScope] = field(default_factory=set)
@@ -149,8 +154,14 @@ class Session:
                 await self.send({"event": "lpi", "vcpu": vcpu, "intid": intid})
 
     async def send(self, message: Message) -> None:
-        """Send one frame; a peer that does not take it within the send timeout is cut."""
-        header, payload = encode_parts(message)
+        """Send one frame; a peer that does not take it within the send timeout is cut.  A
+        reply too big for a frame is answered ``-EMSGSIZE`` instead (every reply is bounded by
+        design; this keeps a slip from killing the connection's task)."""
+        try:
+            header, payload = encode_parts(message)
+        except ValueError:
+            log.error("reply too big for a frame", peer=self.peer, op=clip(message.get("op")))
+            header, payload = encode_parts(error_reply(message.get("id"), -EMSGSIZE, "reply too big for a frame"))
         deadline = min(trio.current_time() + self.limits.send_timeout, self.send_cutoff)
         with trio.move_on_at(deadline) as scope:
             self._sends.add(scope)
@@ -173,9 +184,8 @@ class Session:
         self, req_id: int | None, errno: int, message: str, *, close: bool = False, op: Any = None
     ) -> None:
         """Log and answer a request with an error; ``close`` ends the session after it."""
-        log.warning(
+        self.warn(
             "refused",
-            peer=self.peer,
             channel=self.channel,
             domid=self.domain.domid if self.domain else None,
             op=clip(op),
@@ -186,14 +196,18 @@ class Session:
             self.closing = True
         await self.send(error_reply(req_id, errno, message))
 
+    def warn(self, event: str, **fields: Any) -> None:
+        """A warning this peer caused, within its log budget (the control socket's are not
+        counted: the toolstack is the daemon's owner)."""
+        if self.channel == "control":
+            log.warning(event, peer=self.peer, **fields)
+            return
+        dropped = (self.log_budget if self.domain is not None else ANONYMOUS_LOG).take()
+        if dropped is not None:
+            log.warning(event, peer=self.peer, **fields, **({"dropped_before": dropped} if dropped else {}))
+
     def log_closed(self, reason: str) -> None:
-        log.warning(
-            "closed",
-            peer=self.peer,
-            channel=self.channel,
-            domid=self.domain.domid if self.domain else None,
-            reason=reason,
-        )
+        self.warn("closed", channel=self.channel, domid=self.domain.domid if self.domain else None, reason=reason)
 
     def close_soon(self) -> None:
         self.closing = True
@@ -274,13 +288,13 @@ class Session:
                     return
                 if not data:
                     if decoder.buffered:
-                        log.warning("truncated frame", peer=self.peer, buffered=decoder.buffered)
+                        self.warn("truncated frame", buffered=decoder.buffered)
                     return
                 decoder.feed(data)
                 continue
             begun = None
             if isinstance(message, WireError):
-                log.warning("malformed frame", peer=self.peer, error=clip(message.message))
+                self.warn("malformed frame", error=clip(message.message))
                 await self.send(error_reply(None, -message.errno, message.message))
                 if message.fatal:
                     return

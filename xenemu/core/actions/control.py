@@ -73,6 +73,7 @@ def _destroy_domain(host: Host, caller: int, action: DestroyDomain) -> Outcome:
 
 def describe(host: Host, dom: Domain) -> dict[str, Any]:
     ctx = host.iommu.contexts.get(dom.domid)
+    its = host.its.domains.get(dom.domid)
     return {
         "domid": dom.domid,
         "name": dom.name,
@@ -92,6 +93,9 @@ def describe(host: Host, dom: Domain) -> dict[str, Any]:
         # The daemon's own memory this domain's page tables and p2m cost (charged to it).
         "page_table_bytes": ctx.table.bytes_used() if ctx else 0,
         "p2m_bytes": dom.p2m.bytes_used(),
+        "vcpus": its.vcpus if its else 1,
+        "pin": list(its.pin) if its else [],
+        "dying": bool(its and its.dying),
     }
 
 
@@ -198,8 +202,9 @@ def _audit(host: Host, caller: int, action: Audit) -> dict[str, Any]:
     return {"ret": 0, "violations": audit(host)}
 
 
-#: Rows in one ``dump_mappings`` reply (about 3 MB of msgpack, within a frame).
-MAX_DUMP = 65536
+#: Rows in one ``dump_mappings`` reply: encoding a reply is one step of the shell (65,536 rows
+#: took a quarter of a second), so a longer dump pages by ``next``.
+MAX_DUMP = 1024
 
 
 @dataclass(frozen=True)
@@ -292,6 +297,6 @@ def _frame_info(host: Host, caller: int, action: FrameInfo) -> dict[str, Any]:
         "populated": bool(frames.populated[mfn]),
         "count": frames.count[mfn],
         "type_count": frames.type_count[mfn],
-        "m2b_entries": len(host.iommu.m2b.for_frame(mfn)),
+        "m2b_entries": len(host.iommu.m2b.by_mfn.get(mfn, ())),
         "grant_maps": host.grants.maps_of_frame[mfn],
     }

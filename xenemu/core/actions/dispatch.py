@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from xenemu.core.actions import control, grant, iommu, ioreq, its, memory
+from xenemu.core.actions import control, grant, iommu, ioreq, its, memory, migration
 from xenemu.core.actions.base import ACTIONS, HANDLERS, Action, Channel, Outcome
 from xenemu.core.errors import EOPNOTSUPP, EPERM, HypercallError
 from xenemu.core.host import Host
@@ -50,4 +50,4 @@ def run(host: Host, caller: int, action: Action) -> Any:
 
 
 #: The hypercall families; importing each registered its actions' handlers.
-FAMILIES = (control, grant, iommu, ioreq, its, memory)
+FAMILIES = (control, grant, iommu, ioreq, its, memory, migration)

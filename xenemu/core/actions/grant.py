@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from xenemu.core.actions.base import Action, handles
+from xenemu.core.actions.base import Action, Outcome, handles
 from xenemu.core.host import Host
 
 
@@ -51,9 +51,9 @@ class GrantTableOp(Action):
 
 
 @handles(GrantTableOp)
-def _grant_table_op(host: Host, caller: int, action: GrantTableOp) -> dict[str, Any]:
+def _grant_table_op(host: Host, caller: int, action: GrantTableOp) -> Outcome:
     buf = bytearray(action.buf)
     grants = host.grants
-    run = grants.map_grant_refs if action.cmd == "map_grant_ref" else grants.unmap_grant_refs
-    ret = run(caller, buf, action.count)
+    run = grants.mapping if action.cmd == "map_grant_ref" else grants.unmapping
+    ret = yield from run(caller, buf, action.count)
     return {"ret": ret, "buf": bytes(buf)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 from xenemu.core.actions.base import Action, Outcome, handles
@@ -34,6 +35,10 @@ def _destroy_ioreq_server(host: Host, caller: int, action: DestroyIoreqServer) -
     return {"ret": 0}
 
 
+#: Synchronous requests one ``ioreq_fetch`` returns (lowest ids first; ``more`` says others wait).
+MAX_FETCH = 4096
+
+
 @dataclass(frozen=True)
 class IoreqFetch(Action):
     """The emulator reads its shared pages: the buffered ring and the pending synchronous requests."""
@@ -45,10 +50,12 @@ class IoreqFetch(Action):
 @handles(IoreqFetch)
 def _ioreq_fetch(host: Host, caller: int, action: IoreqFetch) -> dict[str, Any]:
     server = host.emulators.own_server(caller, action.ioserver)
+    first = list(islice(server.pending.items(), MAX_FETCH))  # ids rise in the order sent
     return {
         "ret": 0,
         "page": bytes(server.page),
-        "sync": [[req_id, bytes(req)] for req_id, req in sorted(server.pending.items())],
+        "sync": [[req_id, bytes(req)] for req_id, req in first],
+        "more": len(server.pending) > len(first),
     }
 
 

@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from xenemu.abi import pv_iommu as pv
 from xenemu.core.iommu.entries import PERM_W
 
 #: A frame held by one server at more BFNs than this keeps them in a heap too, so that
@@ -41,6 +42,11 @@ class M2BEntry:
     def key(self) -> tuple[int, int, int]:
         return (self.mapper, self.ioserver, self.bfn)
 
+    @property
+    def swappable(self) -> bool:
+        """Whether ballooning its frame out may re-point it at its server's scratch frame."""
+        return bool(self.flags & pv.SWAP_MFN) and self.owns_iommu_entry
+
 
 class M2B:
     """MFN -> entries, indexed so each lookup costs the same however many entries share a frame."""
@@ -59,6 +65,9 @@ class M2B:
         self.mapper_of: dict[int, int] = {}
         #: Entries each mapper holds (so listing domains does not scan them all).
         self.per_mapper: Counter[int] = Counter()
+        #: Entries of each frame that are not ``swappable``: whether a balloon-out swaps or
+        #: announces is known without looking at every entry of the frame.
+        self.unswappable: Counter[int] = Counter()
         self.by_server: dict[int, set[tuple[int, int, int]]] = {}
 
     def __len__(self) -> int:
@@ -86,6 +95,8 @@ class M2B:
         self.by_server.setdefault(entry.ioserver, set()).add(key)
         self.mapper_of[entry.ioserver] = entry.mapper
         self.per_mapper[entry.mapper] += 1
+        if not entry.swappable:
+            self.unswappable[entry.mfn] += 1
 
     def remove(self, entry: M2BEntry) -> None:
         key = entry.key
@@ -106,6 +117,10 @@ class M2B:
         self.per_mapper[entry.mapper] -= 1
         if not self.per_mapper[entry.mapper]:
             del self.per_mapper[entry.mapper]
+        if not entry.swappable:
+            self.unswappable[entry.mfn] -= 1
+            if not self.unswappable[entry.mfn]:
+                del self.unswappable[entry.mfn]
         keys = self.by_server[entry.ioserver]
         keys.discard(key)
         if not keys:

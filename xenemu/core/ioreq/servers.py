@@ -8,6 +8,7 @@ synchronous request is a record the emulator completes later, and whoever waits 
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +44,9 @@ class IoreqServer:
     scratch_mfn: int
     page: bytearray = field(default_factory=lambda: bytearray(PAGE_BYTES))
     #: Synchronous requests the emulator has not completed yet, by request id.
-    pending: dict[int, bytearray] = field(default_factory=dict)
+    #: Synchronous requests by id, oldest first (so the oldest are found at once however many
+    #: were completed before them).
+    pending: OrderedDict[int, bytearray] = field(default_factory=OrderedDict)
     next_sync_id: int = 1
     buffered_sent: int = 0
     sync_sent: int = 0

@@ -135,7 +135,7 @@ class FrameTable:
             return bytes(length)
         return bytes(page[offset : offset + length])
 
-    def write(self, mfn: int, offset: int, data: bytes) -> None:
+    def write(self, mfn: int, offset: int, data: bytes | memoryview) -> None:
         page = self.data.get(mfn)
         if page is None:
             page = self.data[mfn] = bytearray(PAGE_SIZE)

@@ -36,6 +36,12 @@ class P2M:
         """Whether any GFN of leaf ``index`` is populated (an emptied leaf goes)."""
         return index in self._leaves
 
+    def add_leaf(self, index: int) -> None:
+        """Grow leaf ``index`` with nothing populated in it (a restore rebuilding the leaves)."""
+        if index not in self._leaves:
+            leaf = self._leaves[index] = array("q", [ABSENT]) * LEAF_SIZE
+            self.directory.note(index, leaf)
+
     def __contains__(self, gfn: int) -> bool:
         return self.get(gfn) is not None
 

@@ -1,0 +1,144 @@
+"""kvm-unit-tests' its-migration, its-pending-migration and its-migrate-unmapped-collection,
+replayed over the wire: a guest brings up its vITS on one daemon, is saved, and is restored on
+another, where its mappings and queue carry on, a pending LPI arrives exactly once, and a
+collection mapped only after the move routes what was mapped to it before."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conformance.beds import DaemonProcess
+from xenemu.abi import its_cmd as c
+from xenemu.abi.its_cmd import ItsCommand
+from xenemu.client import SyncControlClient, SyncHypercallClient, XenError
+
+LPI = 8192
+QUEUE_GFN, PROP_GFN, ITT_GFN = 16, 20, 30
+BDF = "0000:00:07.0"
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[tuple[DaemonProcess, DaemonProcess]]:
+    a = DaemonProcess(tmp_path / "a", "--frames", "8192", "--dom0-memory", "512")
+    b = DaemonProcess(tmp_path / "b", "--frames", "8192", "--dom0-memory", "700")
+    yield a, b
+    a.stop()
+    b.stop()
+
+
+class Guest:
+    """The guest's side over its hypercall connection: its queue, its doorbell, its LPIs."""
+
+    def __init__(self, daemon: DaemonProcess, token: str, doorbell: int, offset: int = 0) -> None:
+        self.xc = SyncHypercallClient.connect(daemon.hypercall_path, token)
+        self.doorbell, self.offset = doorbell, offset
+
+    def bring_up(self) -> None:
+        xc = self.xc
+        xc.its_mmio("its", 0, 0x80, 8, 1 << 63 | QUEUE_GFN << 12)
+        xc.its_mmio("its", 0, 0x100, 8, 1 << 63)
+        xc.its_mmio("its", 0, 0x108, 8, 1 << 63)
+        for vcpu in range(2):
+            xc.its_mmio("redist", vcpu, 0x70, 8, PROP_GFN << 12 | 15)
+            xc.its_mmio("redist", vcpu, 0x0, 4, 1)
+        xc.its_mmio("its", 0, 0x0, 4, 1)
+        xc.guest_write(PROP_GFN, bytes([0xA3] * 256), 0)  # LPIs 8192..8447 enabled
+
+    def run(self, *commands: ItsCommand) -> None:
+        for command in commands:
+            self.xc.guest_write(QUEUE_GFN, command.encode(), self.offset % 4096)
+            self.offset += 32
+        self.xc.its_mmio("its", 0, 0x88, 8, self.offset % 4096)
+        deadline = time.monotonic() + 10
+        while self.xc.its_mmio("its", 0, 0x90, 8) != self.offset % 4096:  # poll CREADR
+            assert time.monotonic() < deadline, "the queue stalled"
+
+    def msi(self, event: int) -> None:
+        assert self.xc.device_dma(BDF, self.doorbell, event.to_bytes(4, "little"))["ok"]
+
+    def lpi(self, timeout: float = 30.0) -> tuple[int, int] | None:  # generous: a loaded machine
+        event = self.xc.next_event(timeout=timeout)
+        return None if event is None else (event["vcpu"], event["intid"])
+
+
+def guest_on(daemon: DaemonProcess) -> tuple[int, Guest]:
+    with SyncControlClient.connect(daemon.control_path) as ctl:
+        reply = ctl.create_domain("hvm", 64, vcpus=2)
+        ctl.assign_device(reply["domid"], BDF, its_devid=0x33, its_events=8)
+        doorbell = ctl.its_info(reply["domid"])["its_frames"]["0"] + 0x10040
+    g = Guest(daemon, reply["token"], doorbell)
+    g.bring_up()
+    return reply["domid"], g
+
+
+def move(a: DaemonProcess, domid: int, g: Guest, b: DaemonProcess) -> Guest:
+    g.xc.close()
+    deadline = time.monotonic() + 10
+    with SyncControlClient.connect(a.control_path) as ctl:
+        while True:  # a vITS is saved between commands: -EBUSY means try again
+            try:
+                data = ctl.save_image(domid)
+                break
+            except XenError as exc:
+                assert exc.ret == -16 and time.monotonic() < deadline, exc
+                time.sleep(0.01)
+        assert ctl.audit() == []
+    with SyncControlClient.connect(b.control_path) as ctl:
+        restored = ctl.restore_image(data)
+        doorbell = ctl.its_info(restored["domid"])["its_frames"]["0"] + 0x10040
+        h = Guest(b, restored["token"], doorbell, g.offset)
+        while ctl.its_stats()["pits"][0]["queued"]:  # the pITS runs Xen's MAPD and MAPTIs for it
+            assert time.monotonic() < deadline
+        assert ctl.audit() == []
+    return h
+
+
+def test_its_migration(daemons: tuple[DaemonProcess, DaemonProcess]) -> None:
+    a, b = daemons
+    domid, g = guest_on(a)
+    g.run(c.mapc(0, 0), c.mapc(1, 1), c.mapd(0, 2, ITT_GFN << 12))
+    g.run(*[c.mapti(0, e, LPI + 32 + e, e % 2) for e in range(4)], c.invall(0), c.invall(1), c.sync(0))
+    g.msi(2)
+    assert g.lpi() == (0, LPI + 34)
+    g.xc.its_end(0, LPI + 34)
+    h = move(a, domid, g, b)
+    for event, want in ((0, (0, LPI + 32)), (1, (1, LPI + 33)), (3, (1, LPI + 35))):
+        h.msi(event)
+        assert h.lpi() == want
+        h.xc.its_end(*want)
+    h.run(c.event_cmd(c.INT, 0, 2), c.sync(0))  # the queue goes on where it stood
+    assert h.lpi() == (0, LPI + 34)
+    h.xc.close()
+
+
+def test_its_pending_migration(daemons: tuple[DaemonProcess, DaemonProcess]) -> None:
+    a, b = daemons
+    domid, g = guest_on(a)
+    g.run(c.mapc(0, 0), c.mapc(1, 1), c.mapd(0, 2, ITT_GFN << 12), c.mapti(0, 5, LPI + 100, 1))
+    g.run(c.event_cmd(c.INV, 0, 5), c.sync(1))
+    g.msi(5)
+    assert g.lpi() == (1, LPI + 100)
+    g.msi(5)  # in service: pending
+    g.msi(5)  # coalesced
+    assert g.lpi(timeout=0.2) is None
+    h = move(a, domid, g, b)
+    h.xc.its_end(1, LPI + 100)
+    assert h.lpi() == (1, LPI + 100)  # the pending LPI, once
+    h.xc.its_end(1, LPI + 100)
+    assert h.lpi(timeout=0.3) is None  # and not twice
+    h.xc.close()
+
+
+def test_its_migrate_unmapped_collection(daemons: tuple[DaemonProcess, DaemonProcess]) -> None:
+    a, b = daemons
+    domid, g = guest_on(a)
+    g.run(c.mapc(0, 0), c.mapd(0, 2, ITT_GFN << 12), c.mapti(0, 6, LPI + 200, 1), c.sync(0))
+    h = move(a, domid, g, b)
+    h.run(c.mapc(1, 1), c.invall(1), c.sync(1))
+    h.msi(6)
+    assert h.lpi() == (1, LPI + 200)
+    h.xc.close()

@@ -1,0 +1,119 @@
+"""Toolstack requests that save and restore domains (``xl save`` / ``xl restore``), and the
+chunked transfer of their images over the control socket."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import Any
+
+from xenemu.core.actions.base import ControlAction, handles
+from xenemu.core.host import Host
+from xenemu.core.migration.image import checksum_steps, decode, encode_steps
+from xenemu.core.migration.restore import restore
+from xenemu.core.migration.save import snapshot
+from xenemu.core.migration.store import ImageStore
+
+_STORES: weakref.WeakKeyDictionary[Host, ImageStore] = weakref.WeakKeyDictionary()
+
+
+def store(host: Host) -> ImageStore:
+    """The host's open transfers (kept beside it, so the composition root stays as it is)."""
+    found = _STORES.get(host)
+    if found is None:
+        found = _STORES[host] = ImageStore(host.frames.nr_frames)
+    return found
+
+
+@dataclass(frozen=True)
+class SaveDomain(ControlAction):
+    """``xl save``: the domain's image, then the domain is destroyed (``keep``: it runs on, as
+    ``xl save -c``). The image is read out with ``image_read``."""
+
+    name = "save_domain"
+    domid: int
+    keep: bool = False
+
+
+@handles(SaveDomain)
+def _save_domain(host: Host, caller: int, action: SaveDomain) -> Generator[str, None, dict[str, Any]]:
+    image = snapshot(host, action.domid)  # the consistent point: one step, a copy of its pages
+    if not action.keep:
+        yield from host.destroying(action.domid)
+    data = yield from encode_steps(image)  # summed in slices, from the copy
+    return {
+        "ret": 0,
+        "image": store(host).put(data),
+        "size": len(data),
+        "digest": data[-32:].hex(),
+        "pages": len(image.gfns),
+    }
+
+
+@dataclass(frozen=True)
+class ImageRead(ControlAction):
+    name = "image_read"
+    image: int
+    offset: int
+    length: int
+
+
+@handles(ImageRead)
+def _image_read(host: Host, caller: int, action: ImageRead) -> dict[str, Any]:
+    return {"ret": 0, "data": store(host).read(action.image, action.offset, action.length)}
+
+
+@dataclass(frozen=True)
+class ImageClose(ControlAction):
+    name = "image_close"
+    image: int
+
+
+@handles(ImageClose)
+def _image_close(host: Host, caller: int, action: ImageClose) -> dict[str, Any]:
+    store(host).close(action.image)
+    return {"ret": 0}
+
+
+@dataclass(frozen=True)
+class RestoreBegin(ControlAction):
+    """An image of ``size`` bytes will follow in ``image_write`` chunks."""
+
+    name = "restore_begin"
+    size: int
+
+
+@handles(RestoreBegin)
+def _restore_begin(host: Host, caller: int, action: RestoreBegin) -> dict[str, Any]:
+    return {"ret": 0, "image": store(host).begin(action.size)}
+
+
+@dataclass(frozen=True)
+class ImageWrite(ControlAction):
+    name = "image_write"
+    image: int
+    offset: int
+    data: bytes
+
+
+@handles(ImageWrite)
+def _image_write(host: Host, caller: int, action: ImageWrite) -> dict[str, Any]:
+    return {"ret": 0, "received": store(host).write(action.image, action.offset, action.data)}
+
+
+@dataclass(frozen=True)
+class RestoreDomain(ControlAction):
+    """``xl restore``: a new domain (new domid and token) from a written image, which is consumed."""
+
+    name = "restore_domain"
+    image: int
+
+
+@handles(RestoreDomain)
+def _restore_domain(host: Host, caller: int, action: RestoreDomain) -> Generator[str, None, dict[str, Any]]:
+    raw = store(host).take(action.image)
+    yield from checksum_steps(raw)
+    image = decode(raw, summed=True)
+    dom = yield from restore(host, image)
+    return {"ret": 0, "domid": dom.domid, "token": dom.token, "pages": dom.pages}

@@ -1,0 +1,156 @@
+"""Reading a live domain into an ``Image``, or refusing with the reason it cannot be saved yet.
+
+What is saved is everything a restored domain needs to behave as before: its p2m (GFNs, and
+the leaves it has grown, which decide how later IOMMU leaves are filled), its frames' contents,
+every present entry of its IOMMU context's written leaves by BFN with the GFN behind it, the
+frames it still holds through its own ``map_page`` entries after ballooning them out, its
+quotas, devices, grant entries and handle counter, and its vITS registers. What names another
+domain's state (IOREQ servers, foreign and grant mappings, a device model's target) or an
+in-flight operation is refused: such a domain is saved once it has let go, as Xen asks a
+backend to disconnect before a suspend.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from xenemu.core.errors import EBUSY, EOPNOTSUPP, EPERM, HypercallError
+from xenemu.core.grants.table import GTF_readonly, GTF_type_mask
+from xenemu.core.host import Host
+from xenemu.core.iommu.entries import Kind, entry_kind, entry_mfn, entry_perms
+from xenemu.core.memory.domain import Domain
+from xenemu.core.migration import vits
+from xenemu.core.migration.image import HELD, Image
+
+ZERO_PAGE = bytes(4096)
+
+
+def refusal(host: Host, dom: Domain) -> HypercallError | None:
+    """Why ``dom`` cannot be saved now (None: it can), in a fixed order of checks."""
+    domid = dom.domid
+    if dom.is_hwdom:
+        return HypercallError(-EPERM, "the hardware domain cannot be saved")
+    if not dom.is_hvm:
+        return HypercallError(-EOPNOTSUPP, "a PV domain's GFNs are machine frames: only HVM domains are saved")
+    if dom.target is not None:
+        return HypercallError(-EOPNOTSUPP, f"d{domid} is a device model: it is not saved apart from its guest")
+    if dom.busy_ops or dom.p2m_readers:
+        return HypercallError(-EBUSY, f"d{domid} has an operation of many pages in flight")
+    if any(s.creator == domid for s in host.ioreq.servers.values()):
+        return HypercallError(-EBUSY, f"d{domid} runs IOREQ servers: destroy them first")
+    if host.grants.maptracks[domid].mappings:
+        return HypercallError(-EBUSY, f"d{domid} holds grant mappings: unmap them first (a backend disconnects)")
+    if host.grants.tables[domid].pins:
+        return HypercallError(-EBUSY, f"d{domid}'s grants are mapped by others: they must unmap them first")
+    if any(True for _ in host.iommu.m2b.held_by(domid)):
+        return HypercallError(-EBUSY, f"d{domid} holds foreign mappings")
+    its_busy = vits.refusal(host, domid)
+    if its_busy is not None:
+        return its_busy
+    ctx = host.iommu.contexts.get(domid)
+    if ctx is not None:
+        own = _own_refs(host, dom)
+        for bfn, entry in ctx.table.materialized():
+            kind = entry_kind(entry)
+            if kind not in (Kind.DEFAULT, Kind.MAP, Kind.MAP_NOREF, Kind.RMRR, Kind.DOORBELL):
+                return HypercallError(-EBUSY, f"d{domid} has a {kind.name.lower()} entry at BFN {bfn:#x}")
+            if kind not in (Kind.RMRR, Kind.DOORBELL) and entry_mfn(entry) not in own:
+                return HypercallError(-EBUSY, f"BFN {bfn:#x} of d{domid} maps a frame it no longer owns")
+    return None
+
+
+def _held_frames(host: Host, dom: Domain) -> list[int]:
+    """Frames the domain ballooned out but still holds through its own map_page entries."""
+    ctx = host.iommu.contexts.get(dom.domid)
+    if ctx is None:
+        return []
+    frames = host.frames
+    return sorted(
+        {
+            entry_mfn(e)
+            for _, e in ctx.table.materialized()
+            if entry_kind(e) == Kind.MAP
+            and frames.owner[entry_mfn(e)] == dom.domid
+            and not frames.populated[entry_mfn(e)]
+        }
+    )
+
+
+def _own_refs(host: Host, dom: Domain) -> dict[int, int]:
+    """MFN -> frame ref, for every frame the image can name."""
+    refs = {mfn: gfn for gfn, mfn in dom.p2m.items()}
+    refs.update({mfn: HELD | i for i, mfn in enumerate(_held_frames(host, dom))})
+    return refs
+
+
+def _device(host: Host, bdf: str) -> dict[str, Any]:
+    device = host.devices[bdf]
+    info = device.its
+    its = (
+        None
+        if info is None
+        else {"devid": info.pdevid, "events": info.events, "pits": info.pits, "vdevid": info.vdevid}
+    )
+    return {"bdf": bdf, "rmrr": [list(r) for r in device.rmrr], "its": its}
+
+
+def snapshot(host: Host, domid: int) -> Image:
+    """The domain's image (it keeps running; the caller decides whether it goes)."""
+    dom = host.domain(domid)
+    refused = refusal(host, dom)
+    if refused is not None:
+        raise refused
+    own = _own_refs(host, dom)
+    frames = host.frames
+    pages: list[tuple[int, bytes | memoryview]] = []
+    for mfn, ref in sorted(own.items(), key=lambda item: item[1]):
+        page = frames.data.get(mfn)
+        if page is not None and page != ZERO_PAGE:
+            pages.append((ref, bytes(page)))
+    ctx = host.iommu.contexts.get(domid)
+    entries, iommu = [], None
+    if ctx is not None:
+        for bfn, entry in sorted(ctx.table.materialized()):
+            kind = entry_kind(entry)
+            if kind == Kind.DOORBELL:
+                continue  # the device's assignment maps it again
+            ref = bfn if kind == Kind.RMRR else own[entry_mfn(entry)]
+            entries.append((bfn, ref, int(kind), entry_perms(entry)))
+        iommu = {
+            "leaves": sorted(ctx.table.leaves),
+            "sparse": sorted(ctx.table.sparse),
+            "emptied": ctx.table.emptied,
+            "flushes": dict(ctx.flushes),
+            "fault_count": ctx.fault_count,
+        }
+    its = host.its.domains[domid]
+    table = host.grants.tables[domid]
+    grants = [
+        [ref, int(e.domid), int(e.frame), bool(e.flags & GTF_readonly)]
+        for ref in range(len(table.entries))
+        if (e := table.entries[ref]).flags & GTF_type_mask
+    ]
+    meta: dict[str, Any] = {
+        "domain": {
+            "type": dom.kind,
+            "name": dom.name,
+            "pages": dom.pages,
+            "max_pages": dom.max_pages,
+            "max_mappings": dom.max_mappings,
+            "servers_created": host.ioreq.created_by.get(domid, 0),
+        },
+        "its": {
+            "vcpus": its.vcpus,
+            "pin": list(its.pin),
+            "propbaser": its.propbaser,
+            "redists": [{"enable_lpis": r.enable_lpis, "pendbaser": r.pendbaser, "ptz": r.ptz} for r in its.redists],
+        }
+        | vits.save(host, domid),
+        "gic": vits.gic(host),
+        "devices": [_device(host, bdf) for bdf in sorted(dom.devices)],
+        "iommu": iommu,
+        "p2m_leaves": sorted(dom.p2m.leaf_indexes()),
+        "held": sum(1 for ref in own.values() if ref & HELD),
+        "grants": {"entries": grants, "next_handle": host.grants.maptracks[domid].next_handle},
+    }
+    return Image(meta, [g for g, _ in dom.p2m.items()], pages, entries)
