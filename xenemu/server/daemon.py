@@ -45,6 +45,9 @@ MAX_REQUEST_ID = 2**32 - 1
 #: How often the pITS model advances while it has work, and while idle.
 ITS_TICK = 0.0005
 ITS_IDLE_TICK = 0.01
+#: Commands a pITS model runs at one go (about a millisecond of the daemon's time); the
+#: hardware time left over is kept, so it runs on at the next tick.
+ITS_HARDWARE_SLICE = 256
 #: Requests the shell answers itself, on the control socket (the daemon's own accounting).
 SHELL_REQUESTS = frozenset({"connections", "dmesg"})
 
@@ -144,7 +147,7 @@ class Daemon:
         """Hardware time passes between requests: run what the pITSs did since, take their LPIs."""
         its = self.host.its
         now = trio.current_time()
-        its.advance(now - self._its_last)
+        its.advance(now - self._its_last, ITS_HARDWARE_SLICE)
         self._its_last = now
         its.deliver()
 

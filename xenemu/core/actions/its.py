@@ -86,6 +86,10 @@ def _its_info(host: Host, caller: int, action: ItsInfo) -> dict[str, Any]:
             "elided": dict(v.elided),
             "dropped": dict(v.dropped),
             "longest_wait_passes": v.longest_wait,
+            "mappings": len(v.ites),
+            "xen_owed": len(v.owed) + len(v.moves),
+            "xen_owed_peak": v.owed_peak,
+            "scanning": v.job is not None,
         }
         for p, v in dom.vits.items()
     }
@@ -97,6 +101,7 @@ def _its_info(host: Host, caller: int, action: ItsInfo) -> dict[str, Any]:
         "pin": dom.pin,
         "devices": devices,
         "vits": counters,
+        "loading": [vcpu for vcpu, r in enumerate(dom.redists) if r.load is not None],
     }
 
 
@@ -120,9 +125,12 @@ def _its_stats(host: Host, caller: int, action: ItsStats) -> dict[str, Any]:
                 "xen_ints": s.xen_ints,
                 "physical": dict(s.physical),
                 "queued": s.hw.queued(),
+                "xen_queue": len(s.xen_queue),
+                "xen_owed": sum(len(v.owed) + len(v.moves) for v in s.owing),
                 "hardware_errors": dict(s.hw.errors),
             }
             for s in host.its.pits
         ],
         "tearing_down": sorted(host.its.tearing_down),
+        "jobs": len(host.its.state.jobs),
     }

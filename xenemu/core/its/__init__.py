@@ -29,6 +29,9 @@ The rooms, in dependency order (each imports only rooms above it in this list):
 ``translate.py``
     Translation and validation of each guest command into physical ones, with KVM's check
     order and drop names (``Dropped``).
+``jobs.py``
+    Xen's own work for a guest in slices of about a millisecond (``Budget``): the scans of a
+    ``MAPC``/``MOVALL`` and the pending-table load of ``EnableLPIs``, and what they leave owed.
 ``teardown.py``
     A dying domain: its commands drain, then Xen's ``MAPD V=0``s and ``INVALL``s, then the free.
 ``schedule.py``

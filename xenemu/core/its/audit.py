@@ -9,6 +9,8 @@
 - Pending state exists only on a live mapping (it is a field of the ITE), and only while the vCPU
   it is on has that LPI in service (else it would have been delivered); a mapping waiting for its
   physical MAPTI names a slot that waits for it.
+- What Xen owes a vITS (jobs.py) concerns only mappings it has now (at most one command of
+  each kind per mapping, by construction), and its pITS's passes know it is owed.
 - Once every command on a pITS has completed, its cache equals the physical configuration
   table for every LPI it caches whose dirty bit is clear.
 
@@ -66,6 +68,11 @@ def audit_its(its: ItsHost) -> list[str]:
                 problems.append(f"d{domid} vITS {pits}: slots it owns hold commands not in flight for it")
             if len({t.batch for t in vits.in_flight()}) > 1:
                 problems.append(f"d{domid} vITS {pits}: more than one batch in flight")
+            live = {id(ite) for ite in vits.ites.values()}
+            if any(id(ite) not in live for ite in vits.moves) or any(id(ite) not in live for ite, _ in vits.owed):
+                problems.append(f"d{domid} vITS {pits}: Xen owes commands for a mapping it no longer has")
+            if (vits.owed or vits.moves) and vits not in its.pits[pits].owing:
+                problems.append(f"d{domid} vITS {pits}: owed commands that no pass will place")
             for key, ite in vits.ites.items():
                 if ite.pending is not None and (ite.pending, ite.vlpi) not in dom.in_service:
                     problems.append(f"d{domid}: {key} pending on vCPU {ite.pending} that has it not in service")

@@ -41,11 +41,8 @@ class ElisionPolicy:
             s.prop[plpi - LPI_BASE] = XEN_PRIORITY | (value & ENABLED)
             s.dirty.add(plpi)
             if s.options.elision == "eager":
-                state = s.pits[pits]
                 pdevid = vits.devices[key[0]].info.pdevid
-                inv = (cmds.event_cmd(cmds.INV, pdevid, key[1]), vits.ites[key], None)
-                if inv not in state.xen_queue:
-                    state.xen_queue.append(inv)
+                s.owe(vits, vits.ites[key], "inv", cmds.event_cmd(cmds.INV, pdevid, key[1]))  # once
                 s.dirty.discard(plpi)
                 s.raised.add(pits)
 

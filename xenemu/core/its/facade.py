@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from xenemu.core.its.assignment import Assignment
 from xenemu.core.its.elision import ElisionPolicy
+from xenemu.core.its.jobs import Jobs
 from xenemu.core.its.lpis import Lpis
 from xenemu.core.its.registers import Registers
 from xenemu.core.its.schedule import CommandScheduler
@@ -32,7 +33,8 @@ class ItsHost:
         self.elision = ElisionPolicy(self.state)
         self.translator = Translator(self.state, self.lpis, self.elision)
         self.teardown = Teardown(self.state)
-        self.scheduler = CommandScheduler(self.state, self.translator, self.elision, self.teardown)
+        self.jobs = Jobs(self.state, self.lpis)
+        self.scheduler = CommandScheduler(self.state, self.translator, self.elision, self.teardown, self.jobs)
         self.registers = Registers(self.state, self.scheduler)
         self.assignment.boot()
 
@@ -185,10 +187,11 @@ class ItsHost:
         return drops, deliveries
 
     # -- time (pits.py) and lpis.py --------------------------------------------------------------
-    def advance(self, seconds: float) -> None:
-        """Hardware time passes: each pITS runs what its rate allows (Xen is not involved)."""
+    def advance(self, seconds: float, limit: int | None = None) -> None:
+        """Hardware time passes: each pITS runs what its rate allows (Xen is not involved),
+        at most ``limit`` commands each now (the rest of the time is kept for the next call)."""
         for state in self.state.pits:
-            state.hw.advance(seconds)
+            state.hw.advance(seconds, limit)
 
     def deliver(self) -> list[Delivery]:
         return self.lpis.deliver()

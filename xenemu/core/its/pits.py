@@ -68,10 +68,12 @@ class PhysicalIts:
         return slot
 
     # -- the hardware -------------------------------------------------------------------------------
-    def advance(self, seconds: float) -> int:
-        """Let ``seconds`` of hardware time pass; returns how many commands ran."""
+    def advance(self, seconds: float, limit: int | None = None) -> int:
+        """Let ``seconds`` of hardware time pass; returns how many commands ran. ``limit``: run
+        at most that many now (the model runs in the daemon's own time, a slice at a time);
+        the time left over is kept, up to a full ring's worth, for the next call."""
         self._credit = min(self._credit + seconds * self.rate, float(self.slots))
-        count = int(self._credit)
+        count = int(self._credit) if limit is None else min(int(self._credit), limit)
         done = self.step(count)
         self._credit -= done
         if not self.queued():

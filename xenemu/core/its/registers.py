@@ -18,8 +18,6 @@ from __future__ import annotations
 from collections import deque
 
 from xenemu.abi import const
-from xenemu.abi import its_cmd as cmds
-from xenemu.core.errors import HypercallError
 from xenemu.core.its.schedule import CommandScheduler
 from xenemu.core.its.state import CBASER_ADDR, LPI_BASE, ItsState, lpi_limit
 from xenemu.core.memory.frames import PAGE_SIZE
@@ -50,6 +48,8 @@ ID_REGISTERS = {
     for name in ("PIDR4", "PIDR0", "PIDR1", "PIDR2", "PIDR3", "CIDR0", "CIDR1", "CIDR2", "CIDR3")
 }
 U64 = (1 << 64) - 1
+#: GICR_CTLR.RWP: a register write's effect (here: reading the pending table) still in progress.
+RWP = 1 << 3
 #: Machine frame of each pITS's translation frame (beyond any RAM): the doorbell page.
 DOORBELL_MFN = 1 << 36
 DOORBELL_OFFSET = const("GITS_TRANSLATER") & 0xFFF
@@ -167,48 +167,20 @@ class Registers:
         reg, part = _redist_register(offset, size)
         if reg == 0x0:
             enabling = bool(value & 1) and not redist.enable_lpis
+            if not value & 1:
+                self.scheduler.jobs.cancel_load(domid, vcpu)
             redist.enable_lpis = bool(value & 1)
             if enabling and not redist.ptz:
-                self._load_pending_table(domid, vcpu)
+                # the pending table sets or clears the pending state of the vCPU's mapped LPIs
+                # (without delivering, as KVM's pending_latch): read in slices (jobs.py); RWP
+                # reads 1 until it has been, and the domain's vITSs take no commands meanwhile
+                self.scheduler.jobs.start_load(domid, vcpu)
         elif reg == 0x70 and not redist.enable_lpis:
             dom.propbaser = _merge(dom.propbaser, part, value)
         elif reg == 0x78 and not redist.enable_lpis:
             written = _merge(redist.pendbaser, part, value)
             redist.ptz = bool(written & const("GICR_PENDBASER_PTZ"))
             redist.pendbaser = written & ~const("GICR_PENDBASER_PTZ")
-
-    def _load_pending_table(self, domid: int, vcpu: int) -> None:
-        """EnableLPIs 0 -> 1 with PTZ = 0: the vCPU's pending table sets or clears the pending
-        state of its mapped LPIs; it does not deliver (KVM's pending_latch, set or cleared).
-
-        A set bit makes the LPI pending where its enable bit and priority are seen, on the pITS:
-        Xen queues its own ``INT`` for one mapping of that vLPI (one INTID, one pending bit), so a
-        disabled LPI is delivered once after it is enabled and invalidated, as after a guest's
-        ``INT``. A clear bit clears the pending state: Xen's for the mapping now, the pITS's by a
-        ``CLEAR`` of Xen's (an LPI disabled in the pITS's cache may be pending there unseen)."""
-        s = self.state
-        dom = s.domains[domid]
-        base = dom.redists[vcpu].pendbaser & CBASER_ADDR
-        raised: set[int] = set()
-        for vits in dom.vits.values():
-            queue = s.pits[vits.pits].xen_queue
-            for (vdevid, event), ite in sorted(vits.ites.items()):
-                if vits.target_vcpu(ite) != vcpu:
-                    continue
-                try:
-                    byte = s.memory.read(domid, base + ite.vlpi // 8, 1)[0]
-                except HypercallError:
-                    continue
-                pdevid = vits.devices[vdevid].info.pdevid
-                if byte >> (ite.vlpi % 8) & 1:
-                    if ite.vlpi in raised:
-                        continue
-                    raised.add(ite.vlpi)
-                    queue.append((cmds.event_cmd(cmds.INT, pdevid, event), ite, None))
-                else:
-                    ite.pending = None
-                    queue.append((cmds.event_cmd(cmds.CLEAR, pdevid, event), ite, None))
-                s.raised.add(vits.pits)
 
     def redist_read(self, domid: int, vcpu: int, offset: int, size: int) -> int:
         dom = self.state.domains[domid]
@@ -218,7 +190,7 @@ class Registers:
         reg, part = _redist_register(offset, size)
         typer = const("GICR_TYPER_PLPIS") | (vcpu << 8) | (const("GICR_TYPER_LAST") if vcpu == dom.vcpus - 1 else 0)
         values = {
-            0x0: int(redist.enable_lpis),
+            0x0: int(redist.enable_lpis) | (RWP if redist.load is not None else 0),
             0x8: typer | vcpu << 32,
             0x70: dom.propbaser,
             0x78: redist.pendbaser,

@@ -6,10 +6,14 @@ A pass (``run_pass``):
 
 1. completes every command the pITS executed since the last pass, advancing each owner's
    ``creadr`` in order (and reporting teardown commands to teardown.py);
-2. places Xen's own queued commands first, in the order queued;
+2. places Xen's own queued commands first, in the order queued, then what Xen owes the vITSs
+   (``Vits.owed``, ``Vits.moves``: coalesced per mapping, placed round-robin while the slice
+   lasts);
 3. refills round-robin, starting after the ``vits_cq`` last given a batch, serving each at most
    once: one with a batch still on the pITS is skipped, the others give
    ``min(free slots, outstanding, VITS_BATCH_SIZE)`` commands, translated as they are taken;
+   a vITS whose scan or whose domain's pending-table load is running (jobs.py), or that is still
+   owed an ``INT``/``CLEAR``/``INV``, is held: it takes nothing until then;
 4. while no Xen completion ``INT`` is outstanding keeps a slot free for it and ends by placing
    it if commands are left on the pITS, so completion never waits on a guest reading ``CREADR``.
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 from xenemu.abi import its_cmd as cmds
 from xenemu.core.its.elision import ElisionPolicy
+from xenemu.core.its.jobs import COMPLETE_COST, PLACE_COST, SLICE, Budget, Jobs
 from xenemu.core.its.state import CMD_SIZE, XEN_DEVID, ItsState, PitsState, Taken, Vits
 from xenemu.core.its.teardown import Teardown
 from xenemu.core.its.translate import Translator
@@ -37,11 +42,14 @@ MAX_ROUNDS = 1
 class CommandScheduler:
     """The schedule lists of every pITS and the passes that serve them."""
 
-    def __init__(self, state: ItsState, translator: Translator, elision: ElisionPolicy, teardown: Teardown) -> None:
+    def __init__(
+        self, state: ItsState, translator: Translator, elision: ElisionPolicy, teardown: Teardown, jobs: Jobs
+    ) -> None:
         self.state = state
         self.translator = translator
         self.elision = elision
         self.teardown = teardown
+        self.jobs = jobs
 
     def schedule(self, vits: Vits) -> None:
         """A trigger: an enabled vITS's queue has commands waiting (CWRITER moved, or enabled)."""
@@ -55,12 +63,16 @@ class CommandScheduler:
         """The softirq: every pass raised during the request, until none is raised again or
         ``MAX_ROUNDS`` rounds have run (what is still raised stays in ``raised``)."""
         s = self.state
+        if s.jobs:
+            self.jobs.run(Budget(SLICE // 2))
         for _ in range(MAX_ROUNDS):
             if not s.raised:
-                return
+                break
             raised, s.raised = s.raised, set()
             for index in sorted(raised):
                 self.run_pass(index)
+        for job in s.jobs:  # the next slice runs in the shell's pITS task, after ready requests
+            s.raised.update(job.pits(s))
 
     def run_pass_now(self, index: int) -> None:
         """A ``CREADR`` or ``CTLR`` read with commands outstanding: a pass now, standing for any
@@ -74,7 +86,8 @@ class CommandScheduler:
         state = s.pits[index]
         hw = state.hw
         state.passes += 1
-        self._complete(state)
+        budget = Budget(SLICE // 2)  # with the jobs' half: a request's passes do about a slice
+        self._complete(state, budget)
         free = hw.free_slots() - (0 if state.xen_int_outstanding else 1)
         while state.xen_queue and free > 0:
             command, ite, teardown = state.xen_queue.popleft()
@@ -84,17 +97,18 @@ class CommandScheduler:
                 state.teardown_slots[state.hw.cwriter] = teardown
             state.place_xen(command)
             free -= 1
+        free = self._place_owed(state, free, budget)
         schedule = state.schedule
         if schedule:
             start = (schedule.index(state.last_served) + 1) if state.last_served in schedule else 0
             order = schedule[start:] + schedule[:start]
             for vits in order:
-                if free <= 0:
+                if free <= 0 or budget.spent:
                     break
-                if vits.batch_in_flight() or not vits.enabled or s.domains[vits.domid].dying:
+                if vits.batch_in_flight() or not vits.enabled or s.domains[vits.domid].dying or self._held(vits):
                     continue
                 count = min(free, vits.outstanding(), s.options.batch_size)
-                placed = self._take_batch(state, vits, count)
+                placed = self._take_batch(state, vits, count, budget)
                 free -= placed
                 state.last_served = vits
                 state.batches += 1
@@ -108,11 +122,52 @@ class CommandScheduler:
             state.place_xen(cmds.event_cmd(cmds.INT, XEN_DEVID, 0))
             state.xen_int_outstanding = True
             state.xen_ints += 1
+        if state.last_creadr != hw.creadr or (state.owing and free > 0) or (budget.spent and state.schedule):
+            s.raised.add(index)  # the slice ran out: the rest in the next pass (a full pITS: its INT)
 
-    def _complete(self, state: PitsState) -> None:
+    def _held(self, vits: Vits) -> bool:
+        """A vITS takes no more commands while a scan of its own runs, while Xen owes commands
+        that must precede them (pending state, eager INVs), or while its domain's pending table
+        is being read: what those commands see is then what it would be had Xen been quick."""
+        return vits.job is not None or bool(vits.owed) or self.state.domains[vits.domid].loading()
+
+    def _place_owed(self, state: PitsState, free: int, budget: Budget) -> int:
+        """Xen's owed commands, vITS after vITS in turn, while there is room and work left in the
+        slice: a mapping gone meanwhile is skipped, and a MOVI whose collection is in place."""
+        s = self.state
+        for vits in list(state.owing):
+            if free <= 0 or budget.spent:
+                break
+            dom = s.domains.get(vits.domid)
+            if dom is None or dom.dying:  # nothing new is placed for a dying domain
+                vits.owed.clear()
+                vits.moves.clear()
+                del state.owing[vits]
+                continue
+            while free > 0 and not budget.spent and (vits.owed or vits.moves):
+                budget.spend(PLACE_COST)
+                if vits.owed:
+                    (ite, _kind), command = vits.owed.popitem()
+                    if s.current(ite):
+                        state.place_xen(command)
+                        free -= 1
+                    continue
+                ite, (pdevid, event) = vits.moves.popitem()
+                target = s.physical_target(vits, ite)
+                if s.current(ite) and target != ite.pcoll:
+                    ite.pcoll = target
+                    state.place_xen(cmds.event_cmd(cmds.MOVI, pdevid, event, target))
+                    free -= 1
+            del state.owing[vits]
+            if vits.owed or vits.moves:
+                state.owing[vits] = None  # the rest after the others' turn
+        return free
+
+    def _complete(self, state: PitsState, budget: Budget) -> None:
         hw = state.hw
         slot = state.last_creadr
-        while slot != hw.creadr:
+        while slot != hw.creadr and not budget.spent:
+            budget.spend(COMPLETE_COST)
             owner = state.owner.pop(slot, None)
             teardown = state.teardown_slots.pop(slot, None)
             mapped = state.mapti_slots.pop(slot, None)
@@ -126,7 +181,7 @@ class CommandScheduler:
                         taken.done = True
                 owner.orphans = [t for t in owner.orphans if not t.done]
             slot = (slot + 1) % hw.slots
-        state.last_creadr = hw.creadr
+        state.last_creadr = slot
         self.teardown.progress()
         for dom in self.state.domains.values():
             for vits in dom.vits.values():
@@ -135,12 +190,14 @@ class CommandScheduler:
 
     @staticmethod
     def _advance_creadr(vits: Vits) -> None:
-        while vits.taken and (vits.taken[0].slot is None or vits.taken[0].done):
+        while vits.taken and ((vits.taken[0].slot is None and not vits.taken[0].waiting) or vits.taken[0].done):
             vits.creadr = vits.taken.popleft().end
 
-    def _take_batch(self, state: PitsState, vits: Vits, count: int) -> int:
+    def _take_batch(self, state: PitsState, vits: Vits, count: int, budget: Budget) -> int:
         placed = 0
         for _ in range(count):
+            if budget.spent:
+                break
             offset = vits.progress
             vits.progress = (offset + CMD_SIZE) % vits.queue_bytes
             physical = self.translator.translate(vits, offset)
@@ -156,7 +213,15 @@ class CommandScheduler:
                         state.mapti_slots[slot] = found[2]
                 self.elision.forwarded(state, command)
                 placed += 1
-            vits.taken.append(Taken(vits.progress, slot, batch=state.batches))
+            budget.spend(PLACE_COST * max(1, len(physical)))
+            taken = Taken(vits.progress, slot, batch=state.batches)
+            vits.taken.append(taken)
+            job = self.translator.take_started()
+            if job is not None:  # a MAPC or MOVALL: its scan's first slice runs now
+                job.taken = taken
+                self.jobs.start_retarget(job, budget)
+                if vits.job is not None:
+                    break  # the rest of the queue waits for the scan
         self._advance_creadr(vits)
         if vits.outstanding():
             vits.waiting_since = vits.waiting_since or state.passes

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from xenemu.abi import const
 from xenemu.abi import its_cmd as cmds
@@ -96,6 +96,9 @@ class Ite:
     #: The pITS slot of this mapping's physical MAPTI until the pITS has executed it: a physical
     #: LPI delivered before then became pending under an old mapping, and is dropped.
     mapti_slot: int | None = None
+    #: The physical collection the pITS has (or will have, once placed) for this mapping: a
+    #: MOVI of Xen's owed for it is skipped when it is already in place.
+    pcoll: int | None = None
 
 
 @dataclass
@@ -112,6 +115,8 @@ class Taken:
     slot: int | None  # pITS slot, or None if nothing was placed (elided, recorded, dropped)
     done: bool = False
     batch: int = 0  # which batch of its pITS it went with (PitsState.batches when taken)
+    #: A MAPC or MOVALL whose scan (jobs.py) is still running: CREADR stays before it.
+    waiting: bool = False
 
 
 @dataclass(eq=False)
@@ -139,6 +144,16 @@ class Vits:
     dropped: Counter[str] = field(default_factory=Counter)
     longest_wait: int = 0
     waiting_since: int | None = None
+    #: Xen's own commands owed to the pITS for this vITS, coalesced per mapping (so at most
+    #: two per mapping: its pending state's INT or CLEAR, and an eager INV), placed before the
+    #: vITS takes more commands; and the mappings whose physical collection may have to move
+    #: (at most one each; placed when there is room, in no order with its commands).
+    owed: dict[tuple[Ite, str], ItsCommand] = field(default_factory=dict)
+    moves: dict[Ite, tuple[int, int]] = field(default_factory=dict)
+    #: A MAPC/MOVALL scan in progress (jobs.Retarget): no more commands are taken meanwhile.
+    job: Any = None
+    #: The most Xen has owed this vITS at once (``len(owed) + len(moves)``), for its_info.
+    owed_peak: int = 0
 
     @property
     def queue_bytes(self) -> int:
@@ -168,6 +183,8 @@ class Redistributor:
     pendbaser: int = 0
     #: The last PENDBASER write said the pending table is zero (PTZ), so it is not read.
     ptz: bool = False
+    #: The pending-table load in progress since EnableLPIs went 0 -> 1 (jobs.PendingLoad).
+    load: Any = None
 
 
 @dataclass
@@ -181,6 +198,10 @@ class DomainIts:
     #: ends what it was given even if the mapping has gone). Pending state is on the ITE.
     in_service: set[tuple[int, int]] = field(default_factory=set)
     dying: bool = False
+
+    def loading(self) -> bool:
+        """Whether a vCPU's pending table is still being read (its vITSs take no commands)."""
+        return any(r.load is not None for r in self.redists)
 
 
 @dataclass
@@ -210,6 +231,8 @@ class PitsState:
     xen_int_outstanding: bool = False
     #: The last forwarded guest SYNC's physical target, for eliding SYNC; SYNC.
     last_forwarded_sync: int | None = None
+    #: vITSs of this pITS that Xen owes commands (``Vits.owed``/``moves``), in turn.
+    owing: dict[Vits, None] = field(default_factory=dict)
     passes: int = 0
     batches: int = 0
     xen_ints: int = 0
@@ -252,6 +275,32 @@ class ItsState:
         self.retired: set[int] = set()
         #: Dropped guest commands not yet logged: (domid, pITS, queue offset, command, error).
         self.drops: list[tuple[int, int, int, str, str]] = []
+        #: Scans and pending-table loads still running (jobs.py), in turn.
+        self.jobs: deque[Any] = deque()
+
+    def owe(self, vits: Vits, ite: Ite, kind: str, command: ItsCommand) -> None:
+        """Xen owes ``command`` for this mapping; a later one of the same kind replaces it."""
+        vits.owed.pop((ite, kind), None)
+        vits.owed[(ite, kind)] = command
+        self._owing(vits)
+
+    def owe_move(self, vits: Vits, key: tuple[int, int], ite: Ite) -> None:
+        """The mapping's physical collection may have changed: Xen owes a MOVI if it has."""
+        vits.moves[ite] = (vits.devices[key[0]].info.pdevid, key[1])
+        self._owing(vits)
+
+    def _owing(self, vits: Vits) -> None:
+        self.pits[vits.pits].owing[vits] = None
+        vits.owed_peak = max(vits.owed_peak, len(vits.owed) + len(vits.moves))
+
+    def physical_target(self, vits: Vits, ite: Ite) -> int:
+        """The physical collection a mapping belongs in now: its vCPU's CPU (MOVALL's
+        override first), the spare while its collection is unmapped."""
+        dom = self.domains[vits.domid]
+        if ite.vcpu_override is not None:
+            return dom.pin[ite.vcpu_override]
+        vcpu = vits.collections.get(ite.icid)
+        return self.options.cpus if vcpu is None else dom.pin[vcpu]
 
     def allocate_lpis(self, count: int) -> list[int] | None:
         """``count`` contiguous physical LPIs, the lowest run that fits (None if none does)."""
@@ -303,6 +352,11 @@ class ItsState:
         """The ITE's physical LPI stands for nothing any more (unmapped, or its domain freed)."""
         self.bindings.pop(ite.plpi, None)
         self.dirty.discard(ite.plpi)
+        binding_vits = self.domains[domid].vits if domid in self.domains else {}
+        for vits in binding_vits.values():  # nothing is owed for a mapping that has gone
+            vits.moves.pop(ite, None)
+            vits.owed.pop((ite, "pend"), None)
+            vits.owed.pop((ite, "inv"), None)
         plpis = self.by_vlpi.get((domid, ite.vlpi))
         if plpis is not None:
             plpis.discard(ite.plpi)

@@ -23,6 +23,7 @@ from xenemu.abi import its_cmd as cmds
 from xenemu.abi.its_cmd import ItsCommand
 from xenemu.core.errors import HypercallError
 from xenemu.core.its.elision import ElisionPolicy
+from xenemu.core.its.jobs import Retarget
 from xenemu.core.its.lpis import Lpis
 from xenemu.core.its.state import (
     CBASER_ADDR,
@@ -33,6 +34,7 @@ from xenemu.core.its.state import (
     DomainIts,
     Ite,
     ItsState,
+    Taken,
     VDevice,
     Vits,
     lpi_limit,
@@ -88,6 +90,7 @@ class Translator:
         self.state = state
         self.lpis = lpis
         self.elision = elision
+        self.started: Retarget | None = None
         self._handlers: dict[int, Handler] = {
             cmds.MAPD: self._v_mapd,
             cmds.MAPC: self._v_mapc,
@@ -145,11 +148,6 @@ class Translator:
         vcpu = vits.collections.get(icid)
         return self.state.options.cpus if vcpu is None else dom.pin[vcpu]
 
-    def _physical_target(self, vits: Vits, ite: Ite) -> int:
-        if ite.vcpu_override is not None:
-            return self._dom(vits).pin[ite.vcpu_override]
-        return self._pcoll(vits, ite.icid)
-
     def _ite(self, vits: Vits, c: ItsCommand, error: str) -> tuple[VDevice, Ite]:
         device = vits.devices.get(c.devid)
         ite = vits.ites.get((c.devid, c.eventid)) if device and device.size is not None else None
@@ -191,25 +189,19 @@ class Translator:
         return [device.info.xen_mapd()]
 
     def _v_mapc(self, vits: Vits, c: ItsCommand) -> list[ItsCommand]:
+        """Recorded at once; its mappings are retargeted by a scan (jobs.py) that the scheduler
+        starts for this command, and each is owed a MOVI of Xen's if its physical collection
+        changes (placed only if it still does then)."""
         dom = self._dom(vits)
         if c.valid and c.target >= dom.vcpus:
             raise Dropped("MAPC_PROCNUM_OOR")
         if c.icid >= dom.vcpus + 1:
             raise Dropped("MAPC_COLLECTION_OOR")
-        before = {key: self._physical_target(vits, ite) for key, ite in vits.ites.items() if ite.icid == c.icid}
         if c.valid:
             vits.collections[c.icid] = c.target
         else:
             vits.collections.pop(c.icid, None)
-        state = self.state.pits[vits.pits]
-        for (vdevid, event), old in before.items():
-            ite = vits.ites[(vdevid, event)]
-            ite.vcpu_override = None
-            self.lpis.retarget(vits, ite)
-            new = self._pcoll(vits, c.icid)
-            if new != old:
-                pdevid = vits.devices[vdevid].info.pdevid
-                state.xen_queue.append((cmds.event_cmd(cmds.MOVI, pdevid, event, new), ite, None))
+        self.started = Retarget(vits, Taken(0, None), icid=c.icid)
         return []
 
     def _v_mapti(self, vits: Vits, c: ItsCommand, vlpi: int | None = None) -> list[ItsCommand]:
@@ -226,11 +218,12 @@ class Translator:
         if c.icid >= self._dom(vits).vcpus + 1:
             raise Dropped("MAPC_COLLECTION_OOR")
         plpi = device.info.plpis[c.eventid]
-        vits.ites[(c.devid, c.eventid)] = Ite(intid, c.icid, plpi)
+        pcoll = self._pcoll(vits, c.icid)
+        vits.ites[(c.devid, c.eventid)] = Ite(intid, c.icid, plpi, pcoll=pcoll)
         self.state.bind(vits, (c.devid, c.eventid), intid, plpi)
         self.state.prop[plpi - LPI_BASE] = XEN_PRIORITY | (self._guest_prop(vits.domid, intid) & ENABLED)
         self.state.dirty.discard(plpi)
-        return [cmds.mapti(device.info.pdevid, c.eventid, plpi, self._pcoll(vits, c.icid))]
+        return [cmds.mapti(device.info.pdevid, c.eventid, plpi, pcoll)]
 
     def _v_mapi(self, vits: Vits, c: ItsCommand) -> list[ItsCommand]:
         return self._v_mapti(vits, c, vlpi=c.eventid)
@@ -262,7 +255,8 @@ class Translator:
             raise Dropped("MOVI_UNMAPPED_COLLECTION")
         ite.icid, ite.vcpu_override = c.icid, None
         self.lpis.retarget(vits, ite)  # a pending LPI moves with it
-        return [cmds.event_cmd(cmds.MOVI, device.info.pdevid, c.eventid, self._pcoll(vits, c.icid))]
+        ite.pcoll = self._pcoll(vits, c.icid)
+        return [cmds.event_cmd(cmds.MOVI, device.info.pdevid, c.eventid, ite.pcoll)]
 
     def _v_inv(self, vits: Vits, c: ItsCommand) -> list[ItsCommand]:
         device, ite = self._ite(vits, c, "INV_UNMAPPED_INTERRUPT")
@@ -291,12 +285,10 @@ class Translator:
         dom = self._dom(vits)
         if c.target >= dom.vcpus or c.target2 >= dom.vcpus:
             raise Dropped("MOVALL_PROCNUM_OOR")
-        state = self.state.pits[vits.pits]
-        for (vdevid, event), ite in vits.ites.items():
-            if vits.target_vcpu(ite) == c.target:
-                ite.vcpu_override = c.target2
-                self.lpis.retarget(vits, ite)
-                if dom.pin[c.target2] != dom.pin[c.target]:
-                    pdevid = vits.devices[vdevid].info.pdevid
-                    state.xen_queue.append((cmds.event_cmd(cmds.MOVI, pdevid, event, dom.pin[c.target2]), ite, None))
+        self.started = Retarget(vits, Taken(0, None), vcpu=c.target, to=c.target2)
         return []
+
+    def take_started(self) -> Retarget | None:
+        """The scan the last translated command starts (MAPC, MOVALL), handed over once."""
+        job, self.started = self.started, None
+        return job

@@ -12,7 +12,8 @@ A physical LPI that fired but that the pITS holds pending (disabled in its cache
 a flag on its ITE, and Xen raises it again on the new pITS with an ``INT`` after the ``MAPTI``.
 
 A vITS is saved only between commands: with none outstanding or in flight, none of Xen's own
-queued or on the pITS for its devices, and no mapping waiting for its physical ``MAPTI``;
+queued, owed or on the pITS for its devices, no scan or pending-table load of its domain still
+running, and no mapping waiting for its physical ``MAPTI``;
 otherwise the save is ``-EBUSY`` (try again: the pITS runs them in microseconds).
 """
 
@@ -45,6 +46,10 @@ def refusal(host: Host, domid: int) -> HypercallError | None:
             or any((ite is not None and id(ite) in ites) or c.devid in pdevids for c, ite, _ in state.xen_queue)
             or any(c is not None and c.devid in pdevids for c in ring)
             or any(i.mapti_slot is not None for i in vits.ites.values())
+            or vits.owed  # Xen's own commands for it, coalesced (its/jobs.py), not yet placed
+            or vits.moves
+            or vits.job is not None  # a MAPC/MOVALL scan still running
+            or its.loading()  # a pending table still being read
         ):
             return HypercallError(-EBUSY, f"d{domid}'s vITS {vits.pits} has commands in flight: try again")
     return None
@@ -214,6 +219,7 @@ def restore(host: Host, domid: int, meta: dict[str, Any]) -> None:
             s.prop[plpi - LPI_BASE] = XEN_PRIORITY | (config & ENABLED)
             vcpu = override if override is not None else vits.collections.get(icid)
             target = s.options.cpus if vcpu is None else dom.pin[vcpu]
+            ite.pcoll = target
             state.xen_queue.append((cmds.mapti(info.pdevid, event, plpi, target), ite, None))
             if fired:  # pending in the old pITS: Xen raises it again on the new one
                 state.xen_queue.append((cmds.event_cmd(cmds.INT, info.pdevid, event), ite, None))
