@@ -8,7 +8,8 @@ pv-iommu-semantics.md's, step by step.
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from array import array
+from collections.abc import Generator, Iterable, Sequence
 
 from xenemu.abi import pv_iommu as pv
 from xenemu.core.errors import EACCES, EDQUOT, EEXIST, EINVAL, EIO, ENODEV, ENOENT, ENOSPC, ENXIO, EOPNOTSUPP, EPERM
@@ -69,7 +70,9 @@ def _map_foreign_page(iommu: Iommu, dom: Domain, op: Op) -> Generator[str, None,
     entry_flags = flags & (RW | pv.SWAP_MFN)
     ctx = iommu.contexts.get(dom.domid)
     m2b, caller = iommu.m2b, dom.domid
-    new: list[tuple[int, int]] = []  # (bfn, mfn) still to add
+    # (bfn, mfn) still to add, and below the entries it wrote over (for an undo): arrays, not
+    # lists of ints or tuples, so the cyclic GC does not walk 2**order objects while it runs.
+    new_bfns, new_mfns = array("Q"), array("Q")
     pause = preempt.first_pause(1 << order)
     for i in range(1 << order):
         if i == pause:
@@ -103,23 +106,24 @@ def _map_foreign_page(iommu: Iommu, dom: Domain, op: Op) -> Generator[str, None,
                 continue
             if existing is not None:
                 return -EEXIST
-        new.append((b, mfn))
-    if not iommu.quota_allows(dom, len(new)) or (
-        ctx is not None and new and not iommu.leaves_allow(ctx, new[0][0], new[-1][0] - new[0][0] + 1)
+        new_bfns.append(b)
+        new_mfns.append(mfn)
+    if not iommu.quota_allows(dom, len(new_bfns)) or (
+        ctx is not None and new_bfns and not iommu.leaves_allow(ctx, new_bfns[0], new_bfns[-1] - new_bfns[0] + 1)
     ):
         return -EDQUOT
     perms = flags & RW
     flush = FlushType.NONE
-    pause = preempt.first_pause(len(new))
-    replaced: list[int] = []  # the entries the op wrote over, for an undo
-    for i, (b, mfn) in enumerate(new):
+    pause = preempt.first_pause(len(new_bfns))
+    replaced = array("Q")
+    for i, (b, mfn) in enumerate(zip(new_bfns, new_mfns, strict=True)):
         if i == pause:
             if ctx is not None:
                 iommu.note_flush(ctx, flush)
             yield from preempt.pause(dom, guest)
             pause += preempt.LARGE_SLICE
             if iommu.memory.domains.get(guest.domid) is not guest:  # destroyed meanwhile
-                _undo_foreign(iommu, dom, ioserver, new[:i], replaced)
+                _undo_foreign(iommu, dom, ioserver, zip(new_bfns[:i], new_mfns[:i], strict=True), replaced)
                 return -ENXIO
         _add_m2b(iommu, dom, guest, b, mfn, ioserver, entry_flags, owns=ctx is not None)
         if ctx is not None:
@@ -139,7 +143,7 @@ def _map_foreign_page(iommu: Iommu, dom: Domain, op: Op) -> Generator[str, None,
 
 
 def _undo_foreign(
-    iommu: Iommu, dom: Domain, ioserver: int, applied: list[tuple[int, int]], replaced: list[int]
+    iommu: Iommu, dom: Domain, ioserver: int, applied: Iterable[tuple[int, int]], replaced: Sequence[int]
 ) -> None:
     """Take back what a large map did before its guest was destroyed under it: the op fails
     whole.  Destruction may already have swapped some of these entries to scratch."""
@@ -210,7 +214,7 @@ def _unmap_foreign_page(iommu: Iommu, dom: Domain, op: Op) -> Generator[str, Non
         return -ENOSPC
     ctx = iommu.contexts.get(dom.domid)
     m2b, caller = iommu.m2b, dom.domid
-    found: list[tuple[int, M2BEntry | None]] = []
+    found = array("Q")  # the BFNs, validated (an array: nothing for the cyclic GC to walk)
     pause = preempt.first_pause(1 << order)
     for i in range(1 << order):
         if i == pause:
@@ -226,9 +230,9 @@ def _unmap_foreign_page(iommu: Iommu, dom: Domain, op: Op) -> Generator[str, Non
         touches_iommu = scratch or (entry is not None and entry.owns_iommu_entry)
         if touches_iommu and (caller, b) in iommu.injected_faults:
             return -EIO
-        found.append((b, entry))
+        found.append(b)
     pause = preempt.first_pause(len(found))
-    for i, (b, _validated) in enumerate(found):
+    for i, b in enumerate(found):
         if i == pause:
             yield from preempt.pause(dom)
             pause += preempt.LARGE_SLICE
