@@ -146,9 +146,12 @@ def serve(directory: Path, /, log_json: bool, log_level: str, **kw: Any) -> None
         echo_err(f"cannot use --dir {directory}: {exc.strerror or exc}")
         raise SystemExit(EXIT_USAGE) from None
     from xenemu.core.host import Host
-    from xenemu.server.daemon import run_daemon
+    from xenemu.server.daemon import Daemon, freeze_startup_objects, run_daemon
+
+    async def started(daemon: Daemon) -> None:
+        freeze_startup_objects()  # the started daemon's own objects: out of full collections
 
     try:
-        trio.run(lambda: run_daemon(Host(options), directory, limits=limits, state=state))
+        trio.run(lambda: run_daemon(Host(options), directory, limits=limits, state=state, started=started))
     finally:
         state.close()
