@@ -13,6 +13,7 @@ from xenemu.abi import its_cmd as c
 from xenemu.abi import pv_iommu as ops
 from xenemu.abi.its_cmd import ItsCommand
 from xenemu.client import SyncControlClient, SyncHypercallClient
+from xenemu.conformance.cases.its import ERRORS
 
 LPI = 8192
 QUEUE_GFN, PROP_GFN, ITT_GFN = 16, 20, 30  # the queue 64 KiB aligned: CBASER clears bits 15:12
@@ -104,22 +105,8 @@ def its_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemo
         daemon.stop()
 
 
-WIRE_ERRORS = [
-    (lambda v: c.mapd(v + 9, 1, ITT_GFN << 12), "MAPD_DEVICE_OOR"),
-    (lambda v: c.mapd(v, 16, ITT_GFN << 12), "MAPD_ITTSIZE_OOR"),  # Size + 1 > 16 EventID bits
-    (lambda v: c.mapc(0, 2), "MAPC_PROCNUM_OOR"),
-    (lambda v: c.mapc(3, 1), "MAPC_COLLECTION_OOR"),
-    (lambda v: c.mapti(v, 0, LPI, 0), "MAPTI_UNMAPPED_DEVICE"),
-    (lambda v: c.event_cmd(c.INT, v, 0), "INT_UNMAPPED_INTERRUPT"),
-    (lambda v: c.event_cmd(c.CLEAR, v, 0), "CLEAR_UNMAPPED_INTERRUPT"),
-    (lambda v: c.event_cmd(c.INV, v, 0), "INV_UNMAPPED_INTERRUPT"),
-    (lambda v: c.event_cmd(c.DISCARD, v, 0), "DISCARD_UNMAPPED_INTERRUPT"),
-    (lambda v: c.event_cmd(c.MOVI, v, 0, 0), "MOVI_UNMAPPED_INTERRUPT"),
-    (lambda v: c.invall(1), "INVALL_UNMAPPED_COLLECTION"),
-    (lambda v: c.sync(2), "SYNC_TARGET_OOR"),
-    (lambda v: c.movall(0, 5), "MOVALL_PROCNUM_OOR"),
-    (lambda v: ItsCommand(0x33), "UNKNOWN_COMMAND"),
-]
+#: The same table the conformance suite checks ITS-ERRORS with (one list of the command errors).
+WIRE_ERRORS = ERRORS
 
 
 @pytest.mark.parametrize(("make", "error"), WIRE_ERRORS, ids=[e for _, e in WIRE_ERRORS])
