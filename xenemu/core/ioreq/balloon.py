@@ -98,7 +98,11 @@ class Balloon:
                     yield from self.pause(owed)
             return
         # One frame's invalidates go out by server then BFN; frames go in the call's order.
-        servers = sorted(s for s in [*self.registry.servers, *self.registry.ending] if (mfn, s) in m2b.by_frame_server)
+        known = [*self.registry.servers, *self.registry.ending]
+        if len(entries) <= len(known):  # the frame's few entries name their servers
+            servers = sorted({ioserver for _mapper, ioserver, _bfn in entries})
+        else:  # held at more BFNs than there are servers: ask each server instead
+            servers = sorted(s for s in known if (mfn, s) in m2b.by_frame_server)
         for server in servers:
             bfns = sorted(m2b.by_frame_server[(mfn, server)])
             for start in range(0, len(bfns), preempt.M2B_PER_SLICE):  # owing one is sending one
