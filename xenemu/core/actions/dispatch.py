@@ -16,6 +16,7 @@ from xenemu.core.actions import control, grant, iommu, ioreq, its, memory, migra
 from xenemu.core.actions.base import ACTIONS, HANDLERS, Action, Channel, Outcome
 from xenemu.core.errors import EOPNOTSUPP, EPERM, HypercallError
 from xenemu.core.host import Host
+from xenemu.core.iommu import preempt
 
 __all__ = ["ACTIONS", "Action", "Channel", "Outcome", "dispatch", "parse", "run"]
 
@@ -41,12 +42,7 @@ def dispatch(host: Host, caller: int, action: Action) -> Outcome:
 
 def run(host: Host, caller: int, action: Action) -> Any:
     """Run an action to completion, ignoring continuation points (tests, scripts)."""
-    gen = dispatch(host, caller, action)
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
+    return preempt.drain(dispatch(host, caller, action))
 
 
 #: The hypercall families; importing each registered its actions' handlers.

@@ -96,7 +96,7 @@ def pause(caller: Domain, target: Domain | None = None) -> Generator[str, None, 
 
 
 def drain(steps: Generator[str, None, T]) -> T:
-    """Run a teardown to its end, ignoring its pauses (tests, scripts): what it returns."""
+    """Run a generator of pauses to its end, ignoring them (tests, scripts, the sync wrappers): what it returns."""
     while True:
         try:
             next(steps)

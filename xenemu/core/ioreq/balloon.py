@@ -204,13 +204,7 @@ class Balloon:
 
     def populate_physmap(self, domid: int, gfns: list[int]) -> dict[str, Any]:
         """``populate_steps`` run to its end (tests and scripts)."""
-        steps = self.populate_steps(domid, gfns)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as stop:
-                reply: dict[str, Any] = stop.value
-                return reply
+        return preempt.drain(self.populate_steps(domid, gfns))
 
     def populate_steps(self, domid: int, gfns: list[int]) -> Generator[str, None, dict[str, Any]]:
         """Back ``gfns`` with fresh frames (lowest free first); a PV guest learns their MFNs.
