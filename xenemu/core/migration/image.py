@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import operator
 import struct
 from array import array
 from collections.abc import Generator
@@ -67,12 +68,21 @@ class Image:
     pages: list[tuple[int, bytes | memoryview]] = field(default_factory=list)
     #: (BFN, frame ref, kind, perms) of every present entry of its written leaves, by BFN.
     entries: list[tuple[int, int, int, int]] = field(default_factory=list)
+    #: A migration's last section only: what the receiver needs beyond a save (live.py).
+    live: dict[str, Any] | None = None
 
 
-def encode_steps(image: Image) -> Generator[str, None, bytes]:
+#: Header flags of a live migration's last section (``live.py``): a save image whose DATA holds
+#: only the pages dirtied since the pre-copy sections (zero pages included), and whose META
+#: carries a ``live`` field. A plain save image has no flag.
+FINAL = 2
+
+
+def encode_steps(image: Image, flags: int = 0) -> Generator[str, None, bytes]:
     """The image's bytes, hashed a slice at a time with a pause between slices (a large guest's
     image takes a while to sum, and the daemon serves others meanwhile)."""
-    meta = json.dumps(image.meta, sort_keys=True, separators=(",", ":")).encode()
+    fields = image.meta if image.live is None else image.meta | {"live": image.live}
+    meta = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
     data: list[bytes | memoryview] = []
     for ref, page in image.pages:
         data += (REF.pack(ref), page)
@@ -80,7 +90,7 @@ def encode_steps(image: Image) -> Generator[str, None, bytes]:
     records: tuple[list[bytes | memoryview], ...] = ([meta], [array("Q", image.gfns).tobytes()], data, [entries])
     lengths = (len(meta), len(records[1][0]), len(image.pages) * (8 + PAGE_SIZE), len(entries))
     body = sum(lengths) + len(TAGS) * RECORD.size
-    parts: list[bytes | memoryview] = [HEADER.pack(MAGIC, VERSION, 0, body, 0)]
+    parts: list[bytes | memoryview] = [HEADER.pack(MAGIC, VERSION, flags, body, 0)]
     for tag, payload, length in zip(TAGS, records, lengths, strict=True):
         parts.append(RECORD.pack(tag, 0, length))
         parts += payload
@@ -93,9 +103,9 @@ def encode_steps(image: Image) -> Generator[str, None, bytes]:
     return b"".join(parts)
 
 
-def encode(image: Image) -> bytes:
+def encode(image: Image, flags: int = 0) -> bytes:
     """``encode_steps`` run to its end (tests and scripts)."""
-    steps = encode_steps(image)
+    steps = encode_steps(image, flags)
     while True:
         try:
             next(steps)
@@ -104,9 +114,9 @@ def encode(image: Image) -> bytes:
             return out
 
 
-def checksum_steps(raw: bytes | bytearray) -> Generator[str, None, None]:
+def checksum_steps(raw: bytes | bytearray, flags: int = 0) -> Generator[str, None, None]:
     """The framing and the trailer's SHA-256 checked a slice at a time, pausing between slices."""
-    total = _whole(raw)
+    total = _whole(raw, flags)
     view = memoryview(raw)
     digest = hashlib.sha256()
     step = HASH_SLICE * PAGE_SIZE
@@ -117,32 +127,42 @@ def checksum_steps(raw: bytes | bytearray) -> Generator[str, None, None]:
         raise refuse("checksum mismatch")
 
 
-def _whole(raw: bytes | bytearray) -> int:
-    total = declared_length(raw)
+def _whole(raw: bytes | bytearray, flags: int = 0) -> int:
+    total = declared_length(raw, flags)
     if len(raw) != total:
         raise refuse(f"{'truncated' if len(raw) < total else 'trailing bytes'}: {len(raw)} of {total} bytes")
     return total
 
 
-def declared_length(head: bytes | bytearray) -> int:
-    """The whole image's length from its header (what a receiver may check before the rest)."""
+def header_flags(head: bytes | bytearray) -> int:
+    """The header's flags (after the magic and version are checked): which kind of image."""
+    declared_length(head, None)
+    return int(HEADER.unpack_from(head)[2])
+
+
+def declared_length(head: bytes | bytearray, flags: int | None = 0) -> int:
+    """The whole image's length from its header (what a receiver may check before the rest);
+    ``flags``: the header flags this reader expects (None: any)."""
     if len(head) < HEADER.size or head[:8] != MAGIC:
         raise HypercallError(-EINVAL, "not a xenemu save image (bad magic)")
-    _, version, flags, body, _ = HEADER.unpack_from(head)
+    expected = flags
+    _, version, got_flags, body, _ = HEADER.unpack_from(head)
     if version != VERSION:
         raise HypercallError(-EPROTONOSUPPORT, f"save image version {version}; this xenemu reads version {VERSION}")
-    if flags:
-        raise refuse(f"unknown header flags {flags:#x}")
+    if expected is not None and got_flags != expected:
+        raise refuse(f"unexpected header flags {got_flags:#x}")
     return int(HEADER.size + body + DIGEST)
 
 
-def decode(raw: bytes | bytearray, summed: bool = False) -> Image:
+def decode(raw: bytes | bytearray, summed: bool = False, flags: int = 0) -> Image:
     """Check and parse an image; ``-EINVAL``, ``-EPROTONOSUPPORT`` or ``-EBADMSG`` saying why.
-    ``summed``: ``checksum_steps`` has checked the framing and the checksum already."""
-    total = _whole(raw)
+    ``summed``: ``checksum_steps`` has checked the framing and the checksum already. With
+    ``FINAL`` in ``flags``, META's ``live`` field is taken out before META is checked (the
+    caller checks it) and kept in ``Image.live``."""
+    total = _whole(raw, flags)
     view = memoryview(raw)
     if not summed:
-        for _ in checksum_steps(raw):
+        for _ in checksum_steps(raw, flags):
             pass
     payloads: list[memoryview] = []
     at, end = HEADER.size, total - DIGEST
@@ -166,6 +186,9 @@ def decode(raw: bytes | bytearray, summed: bool = False) -> Image:
         meta = json.loads(bytes(meta_raw))
     except ValueError:
         raise refuse("META record is not JSON") from None
+    live = meta.pop("live", None) if flags & FINAL and isinstance(meta, dict) else None
+    if flags & FINAL and not isinstance(live, dict):
+        raise refuse("a migration's last section has no live field")
     check_meta(meta)
     if len(gfn_raw) % 8 or len(data_raw) % (8 + PAGE_SIZE) or len(entry_raw) % ENTRY.size:
         raise refuse("a record's length is not a whole number of items")
@@ -177,6 +200,7 @@ def decode(raw: bytes | bytearray, summed: bool = False) -> Image:
     ]
     entries = [ENTRY.unpack_from(entry_raw, i) for i in range(0, len(entry_raw), ENTRY.size)]
     image = Image(meta, gfns.tolist(), pages, [(int(b), int(r), int(k), int(p)) for b, r, k, p in entries])
+    image.live = live
     check_references(image)
     return image
 
@@ -201,7 +225,7 @@ def _ints(value: Any, what: str, high: int = 1 << 64) -> list[int]:
 
 
 def _ascending(values: list[int], what: str) -> None:
-    if any(b <= a for a, b in itertools.pairwise(values)):
+    if not all(map(operator.lt, values, itertools.islice(values, 1, None))):  # C speed: lists of every GFN
         raise refuse(f"{what} not strictly ascending")
 
 
