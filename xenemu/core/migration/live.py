@@ -293,15 +293,28 @@ def suspend(host: Host, migrations: Migrations, ident: int) -> Generator[str, No
         raise HypercallError(-EBUSY, f"migration {ident} is stopped already")
     host.suspended.add(dom.domid)
     try:
-        dirty = read_dirty(host, dom) | set(out.todo[out.at :])
-        image = snapshot(host, dom.domid, dirty)
+        image = snapshot(host, dom.domid, set())  # everything but the dirty pages: one step
+        dirty = read_dirty(host, dom) | set(out.todo[out.at :])  # after: the save may write its vITS tables
     except BaseException:
         host.suspended.discard(dom.domid)
         raise
     out.suspended = True
     final_round = out.round if out.at < len(out.todo) else out.round + 1  # a round begun ends here
     out.todo, out.at = [], 0
-    sent = sum(1 for ref, _ in image.pages if not ref & HELD)
+    # The dirty pages, a slice at a time: stopped, nothing can write them meanwhile (§14.1).
+    pages: list[tuple[int, bytes | memoryview]] = []
+    frames = host.frames
+    for done, gfn in enumerate(sorted(dirty)):
+        if done and not done % COPY_SLICE:
+            yield PREEMPT
+            if host.domains.get(dom.domid) is not dom:
+                raise HypercallError(-ESRCH, f"d{dom.domid} was destroyed")
+        mfn = dom.p2m.get(gfn)
+        if mfn is not None:
+            page = frames.data.get(mfn)
+            pages.append((gfn, ZERO_PAGE if page is None else bytes(page)))
+    sent = len(pages)
+    image.pages = pages + image.pages  # the GFNs' pages, then the held frames' (refs ascending)
     out.sent += sent
     out.round = final_round
     image.live = {"token": dom.token, "round": final_round}
@@ -573,7 +586,11 @@ def _complete(host: Host, inc: Incoming, image: Image) -> Generator[str, None, N
         dom.pages += 1
     for index in image.meta["p2m_leaves"]:
         dom.p2m.add_leaf(index)
-    for ref, page in image.pages:
+    for done, (ref, page) in enumerate(image.pages):
+        if done and not done % COPY_SLICE:
+            yield PREEMPT  # the domain is suspended: nothing else writes it meanwhile
+            if host.domains.get(dom.domid) is not dom:
+                raise HypercallError(-ESRCH, "the domain being received was destroyed")
         if not ref & HELD:
             mfn = dom.p2m.get(ref)
             assert mfn is not None  # the decoder checked DATA names its GFNs
@@ -587,6 +604,8 @@ def _complete(host: Host, inc: Incoming, image: Image) -> Generator[str, None, N
     if len(dom.p2m) != saved["pages"]:
         raise refuse("the domain's pages do not add up to the last section's")
     dom.max_pages = saved["max_pages"]
+    if any(other.token == token for other in host.domains.values()):  # another arrival, meanwhile
+        raise HypercallError(-EEXIST, "a domain here already has that token")
     restoring.check_devices(host, image)  # others may have changed meanwhile; nothing can fail after this
     dom.busy_ops -= 1  # as a restore's last step, which assigns its devices
     restoring.finish(host, dom, image)
