@@ -150,11 +150,11 @@ def test_a_lying_stream_leaves_nothing_on_the_receiver() -> None:
     got = there.act(0, MigrateReceive(write(there, first), 0))
     # A second "section" naming 64 GFNs the 32-page domain (max_pages 32) never had.
     sent = list(range(1000, 1064))
-    forged = live._encode_precopy({"round": 1, "left": 0}, array("Q", sent), array("Q"), [])
+    forged = live.encode_precopy({"round": 1, "left": 0}, array("Q", sent), array("Q"), [])
     assert errno(there.act, 0, MigrateReceive(write(there, drain(forged)), got["incoming"])) == -12
     assert got["domid"] not in there.host.domains and there.host.frames.nr_free == free
     big = {"round": 1, "left": 0, "create": {"name": "x" * 10_000}}
-    forged = live._encode_precopy(big, array("Q"), array("Q"), [])
+    forged = live.encode_precopy(big, array("Q"), array("Q"), [])
     assert errno(there.act, 0, MigrateReceive(write(there, drain(forged)), 0)) == -74
     header_only = bytes(first[:32])
     assert errno(there.act, 0, MigrateReceive(write(there, header_only), 0)) == -74

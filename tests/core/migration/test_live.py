@@ -30,7 +30,7 @@ from xenemu.core.actions.migration import (
 )
 from xenemu.core.iommu.preempt import PREEMPT
 from xenemu.core.memory.domain import Domain
-from xenemu.core.migration import live
+from xenemu.core.migration import live, outgoing
 from xenemu.core.migration.store import CHUNK
 
 Hook = Callable[[], None]
@@ -90,7 +90,7 @@ def contents(bed: Bed, dom: Domain) -> dict[int, bytes]:
 def test_memory_written_during_precopy_arrives_and_the_domain_behaves_as_before(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(live, "COPY_SLICE", 8)  # sections pause every 8 pages: writes land mid-copy
+    monkeypatch.setattr(outgoing, "COPY_SLICE", 8)  # sections pause every 8 pages: writes land mid-copy
     here, there = Bed(), Bed()
     there.guest(memory=300, device="00:09.0")  # the receiver's frames are laid out otherwise
     dom = busy_guest(here)
@@ -228,7 +228,6 @@ def test_a_stopped_domain_runs_nothing_and_nothing_changes_it(bed: Bed) -> None:
     dom = bed.guest(memory=32)
     mig = bed.act(0, MigrateBegin(dom.domid))["migration"]
     bed.act(0, MigrateSend(mig, 32))
-    assert errno(bed.act, 0, MigrateBegin(dom.domid)) == -16  # one migration per domain
     bed.act(0, MigrateSuspend(mig))
     assert errno(bed.act, dom.domid, GuestWrite(1, 0, b"x")) == -16  # its own calls
     assert errno(host.device_dma, BDF, 1 << 12, b"x") == -16  # its devices' writes
@@ -294,3 +293,19 @@ def test_the_log_is_bounded_when_a_guest_churns_gfns(bed: Bed) -> None:
     assert dom.p2m.log == set() and not dom.p2m.log_overflowed
     assert reply["round"] == 2 and 8 <= reply["dirtied"] <= 8 + 200  # every page, and the GFNs since
     bed.act(0, MigrateFinish(mig, False))
+
+
+def test_a_second_begin_supersedes_a_migration_left_stopped(bed: Bed) -> None:
+    """A toolstack killed after the stop leaves its domain stopped: the next ``xenemu migrate``
+    of it abandons that migration (the domain runs again) and starts afresh."""
+    dom = bed.guest(memory=16, device=None)
+    old = bed.act(0, MigrateBegin(dom.domid))["migration"]
+    bed.act(0, MigrateSend(old, 16))
+    bed.act(0, MigrateSuspend(old))
+    assert errno(bed.act, dom.domid, GuestWrite(1, 0, b"x")) == -16
+    new = bed.act(0, MigrateBegin(dom.domid))["migration"]
+    assert new != old and errno(bed.act, 0, MigrateSend(old, 8)) == -2
+    assert not bed.host.suspended and bed.host.iommu.dirty_tracking == 1
+    bed.act(dom.domid, GuestWrite(1, 0, b"runs again"))
+    bed.act(0, MigrateFinish(new, False))
+    bed.check()

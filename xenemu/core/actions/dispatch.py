@@ -42,15 +42,20 @@ def dispatch(host: Host, caller: int, action: Action) -> Outcome:
     return handler(host, caller, action)
 
 
+#: Requests that name a stopped domain and still run: destroying it, and starting its migration
+#: afresh (which first abandons the one that stopped it).
+UNSTOPPED = (control.DestroyDomain, migration.MigrateBegin)
+
+
 def _refuse_suspended(host: Host, caller: int, action: Action) -> None:
     """A domain stopped for migration (or being received) runs nothing, and nothing may change
     it: its own calls and any request naming it are ``-EBUSY`` ("try again": the stop is the
-    migration's last tens of milliseconds), except the toolstack's destroy and the migration's
-    own requests (which name a migration, not a domain)."""
+    migration's last tens of milliseconds), except ``UNSTOPPED`` and the migration's other
+    requests (which name a migration, not a domain)."""
     if caller in host.suspended:
         raise HypercallError(-EBUSY, f"d{caller} is suspended for migration: try again")
     target = getattr(action, "domid", None)
-    if type(target) is int and target in host.suspended and not isinstance(action, control.DestroyDomain):
+    if type(target) is int and target in host.suspended and not isinstance(action, UNSTOPPED):
         raise HypercallError(-EBUSY, f"d{target} is suspended for migration: try again")
 
 
