@@ -302,7 +302,7 @@ class Host:
                     out += bytes(chunk)
             elif data is not None:
                 self.frames.write(mfn, offset, data[done : done + chunk])
-                if iommu.dirty_tracking and ctx is not None:
+                if iommu.dirty_owners and ctx is not None and self.frames.owner[mfn] in iommu.dirty_owners:
                     ctx.dirty[bfn] = mfn  # the entry's dirty bit, as an IOMMU sets it on a write
             else:
                 out += self.frames.read(mfn, offset, chunk)

@@ -239,7 +239,7 @@ def test_a_stopped_domain_runs_nothing_and_nothing_changes_it(bed: Bed) -> None:
     assert errno(bed.act, 0, SetMaxPages(dom.domid, 64)) == -16  # a request naming it
     bed.act(0, DestroyDomain(dom.domid))  # the toolstack may still destroy it
     assert errno(bed.act, 0, MigrateFinish(mig, True)) == -3
-    assert not host.suspended and host.iommu.dirty_tracking == 0
+    assert not host.suspended and not host.iommu.dirty_owners
     bed.check()
 
 
@@ -249,7 +249,7 @@ def test_abandoning_before_the_stop_leaves_the_domain_as_it_was(bed: Bed) -> Non
     bed.act(0, MigrateSend(mig, 8))
     assert errno(bed.act, 0, MigrateFinish(mig, True)) == -22  # no last section yet
     bed.act(0, MigrateFinish(mig, False))
-    assert dom.p2m.log is None and bed.host.iommu.dirty_tracking == 0 and not migrations(bed.host).outgoing
+    assert dom.p2m.log is None and not bed.host.iommu.dirty_owners and not migrations(bed.host).outgoing
     assert errno(bed.act, 0, MigrateSend(mig, 8)) == -2
     bed.act(dom.domid, GuestWrite(1, 0, b"runs on"))
     bed.check()
@@ -306,7 +306,7 @@ def test_a_second_begin_supersedes_a_migration_left_stopped(bed: Bed) -> None:
     assert errno(bed.act, dom.domid, GuestWrite(1, 0, b"x")) == -16
     new = bed.act(0, MigrateBegin(dom.domid))["migration"]
     assert new != old and errno(bed.act, 0, MigrateSend(old, 8)) == -2
-    assert not bed.host.suspended and bed.host.iommu.dirty_tracking == 1
+    assert not bed.host.suspended and bed.host.iommu.dirty_owners == {dom.domid}
     bed.act(dom.domid, GuestWrite(1, 0, b"runs again"))
     bed.act(0, MigrateFinish(new, False))
     bed.check()

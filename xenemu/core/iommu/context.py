@@ -41,7 +41,7 @@ class IommuContext:
     faults: list[DmaFault] = field(default_factory=list)
     fault_count: int = 0
     #: The dirty bits of its entries (iommufd's dirty tracking): BFN -> the frame a device
-    #: wrote through it, set by DMA writes while ``Iommu.dirty_tracking`` is on and read and
+    #: wrote through it, set by DMA writes to frames of ``Iommu.dirty_owners`` and read and
     #: cleared by a live migration's rounds. The frame is kept with the bit, so a write through
     #: an entry unmapped (or a stale IOTLB entry) before the round reads it is not lost. At
     #: most one per BFN the context can translate.

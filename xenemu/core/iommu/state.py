@@ -59,8 +59,10 @@ class Iommu:
         self.mappings_held: Counter[int] = Counter()
         #: DMA faults of devices that see machine addresses (no context).
         self.machine_dma_faults = 0
-        #: Live migrations under way: while non-zero, DMA writes set their entry's dirty bit.
-        self.dirty_tracking = 0
+        #: Domains under live migration: a DMA write reaching one of their frames sets the
+        #: dirty bit of the entry it went through (only theirs: a context's bits stay bounded by
+        #: the entries that map a migrating domain's frames).
+        self.dirty_owners: set[int] = set()
         #: Scratch frames whose 1:1 default entry of the non-strict hardware domain went when
         #: they became scratch frames; it comes back when they are freed, unless a subop has
         #: written that BFN meanwhile (``note_written``).
@@ -290,15 +292,13 @@ class Iommu:
             return None, "write denied" if write else "read denied"
         return entry_mfn(entry), ""
 
-    def dirty_tracking_on(self) -> None:
-        self.dirty_tracking += 1
+    def dirty_tracking_on(self, owner: int) -> None:
+        self.dirty_owners.add(owner)
 
-    def dirty_tracking_off(self) -> None:
-        """One migration fewer; with none left, every dirty bit is cleared (none is read)."""
-        self.dirty_tracking -= 1
-        if not self.dirty_tracking:
-            for ctx in self.contexts.values():
-                ctx.dirty.clear()
+    def dirty_tracking_off(self, owner: int) -> None:
+        """``owner``'s migration ended: the bits of its frames are cleared (none will be read)."""
+        self.dirty_owners.discard(owner)
+        self.read_dirty(owner)
 
     def read_dirty(self, owner: int) -> list[tuple[IommuContext, int, int]]:
         """Read and clear every dirty bit whose frame ``owner`` owns: (context, BFN, MFN).

@@ -117,13 +117,18 @@ class P2M:
         """Every populated GFN, ascending; a full leaf at C speed (a live migration's stop
         reads a large guest's whole p2m, and a Python step per GFN would be most of it)."""
         out: list[int] = []
+        for part in self.gfns_by_leaf():
+            out.extend(part)
+        return out
+
+    def gfns_by_leaf(self) -> Iterator[range | list[int]]:
+        """The populated GFNs of each leaf in turn, ascending (a caller may pause between)."""
         for index in sorted(self._leaves):
             leaf, base = self._leaves[index], index << LEAF_SHIFT
             if ABSENT not in leaf:
-                out.extend(range(base, base + LEAF_SIZE))
+                yield range(base, base + LEAF_SIZE)
             else:
-                out.extend(base + i for i, mfn in enumerate(leaf) if mfn != ABSENT)
-        return out
+                yield [base + i for i, mfn in enumerate(leaf) if mfn != ABSENT]
 
     def values(self) -> Iterator[int]:
         return (mfn for _, mfn in self.items())

@@ -41,7 +41,7 @@ class Outgoing:
 
     dom: Domain
     #: GFNs of the current round still to send, ascending, from ``at`` on.
-    todo: list[int]
+    todo: array[int]
     at: int = 0
     #: Rounds begun (the first sends every populated page).
     round: int = 1
@@ -80,12 +80,12 @@ def log_on(host: Host, dom: Domain) -> None:
     dom.p2m.log = set()
     dom.p2m.log_limit = max(dom.pages, dom.max_pages) + LOG_SLACK
     dom.p2m.log_overflowed = False
-    host.iommu.dirty_tracking_on()
+    host.iommu.dirty_tracking_on(dom.domid)
 
 
 def log_off(host: Host, out: Outgoing) -> None:
     out.dom.p2m.log = None
-    host.iommu.dirty_tracking_off()
+    host.iommu.dirty_tracking_off(out.dom.domid)
 
 
 def prune(host: Host, migrations: Migrations) -> None:
