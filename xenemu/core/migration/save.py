@@ -120,6 +120,7 @@ def snapshot(host: Host, domid: int, only: set[int] | None = None) -> Image:
     refused = refusal(host, dom)
     if refused is not None:
         raise refused
+    vits.write_tables(host, domid)  # into its RAM, before its pages are copied (and logged dirty)
     own = Refs(host, dom)
     frames = host.frames
     pages: list[tuple[int, bytes | memoryview]] = []
