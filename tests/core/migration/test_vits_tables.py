@@ -292,11 +292,10 @@ def test_xens_commands_in_flight_are_carried() -> None:
     assert delivered(h.msi(2)) == [(0, LPI + 90)]
 
 
-def test_a_scan_still_running_is_finished_by_the_save() -> None:
-    """A MAPC whose retarget scan spans slices (many mappings) is still running at the save: the
-    save runs it to its end. Here MOVALL had sent every mapping to vCPU 1 and the MAPC routes
-    collection 0 to vCPU 0 again, which the scan does mapping by mapping (clearing MOVALL's
-    retarget): a save part-way would carry some mappings still on vCPU 1."""
+def many_mappings(enabled: int | None = None) -> tuple[Host, Host, ItsGuest]:
+    """Two hosts whose pITSs take big batches, and on the first a guest whose device has 1,000
+    events mapped in collection 0 (on vCPU 0): enough for a scan or a pending-table load to
+    take several slices. ``enabled``: the one vLPI the guest enables."""
     host, _ = its_host(slots=4096, batch=64)
     target, _ = its_host(slots=4096, batch=64)
     domid = host.create_domain("hvm", 64, vcpus=2).domid
@@ -309,19 +308,47 @@ def test_a_scan_still_running_is_finished_by_the_save() -> None:
         its.redist_write(domid, vcpu, 0x0, 4, 1)
     its.mmio_write(domid, 0, 0x0, 4, 1)
     g = ItsGuest(host, domid)
-    itt = 40 << 12  # 1024 events: 8 KiB at GFN 40
-    g.queue(c.mapc(0, 0), c.mapd(0, 9, itt), c.sync(0))
+    if enabled is not None:
+        g.enable(enabled)
+    g.queue(c.mapc(0, 0), c.mapd(0, 9, 40 << 12), c.sync(0))  # 1024 events: an 8 KiB ITT at GFN 40
     for first in range(0, 1000, 100):
         g.queue(*[c.mapti(0, e, LPI + 1000 + e, 0) for e in range(first, first + 100)])
+    return host, target, g
+
+
+def test_a_scan_still_running_is_finished_by_the_save() -> None:
+    """A MAPC whose retarget scan spans slices (many mappings) is still running at the save: the
+    save runs it to its end. Here MOVALL had sent every mapping to vCPU 1 and the MAPC routes
+    collection 0 to vCPU 0 again, which the scan does mapping by mapping (clearing MOVALL's
+    retarget): a save part-way would carry some mappings still on vCPU 1."""
+    host, target, g = many_mappings()
     g.queue(c.movall(0, 1), c.sync(1))
-    vits = its.domains[domid].vits[0]
+    vits = host.its.domains[g.domid].vits[0]
     assert all(i.vcpu_override == 1 for i in vits.ites.values())
     put(g, c.mapc(0, 0))
-    its.run_passes()
+    host.its.run_passes()
     assert vits.job is not None and any(i.vcpu_override == 1 for i in vits.ites.values())  # part-way
-    h = migrate(host, domid, target)
+    h = migrate(host, g.domid, target)
     new = target.its.domains[h.domid].vits[0]
     assert new.collections == {0: 0} and len(new.ites) == 1000
     assert all(i.vcpu_override is None and i.pcoll == 0 for i in new.ites.values())
     assert h.creadr() == h.offset % 4096
     assert not audit(target)
+
+
+def test_a_pending_table_load_still_running_is_finished_by_the_save() -> None:
+    """vCPU 0 enables its LPIs again with a pending table that has its last mapping's LPI set;
+    the load reads the table mapping by mapping and is part-way at the save. The save finishes
+    it, so the LPI is carried pending and delivered once on the restored side."""
+    vlpi = LPI + 1999
+    host, target, g = many_mappings(enabled=vlpi)
+    its = host.its
+    its.redist_write(g.domid, 0, 0x0, 4, 0)
+    its.redist_write(g.domid, 0, 0x78, 8, 50 << 12)  # the pending table at GFN 50, PTZ clear
+    host.memory.access(g.domid, 50, vlpi // 8, bytes([1 << vlpi % 8]))
+    its.redist_write(g.domid, 0, 0x0, 4, 1)
+    assert its.domains[g.domid].loading()  # part-way
+    h = migrate(host, g.domid, target)
+    assert [(d.domid, d.vcpu, d.intid) for d in target.its.deliveries] == [(h.domid, 0, vlpi)]
+    assert h.end(0, vlpi) is None
+    assert not target.its.domains[h.domid].loading() and not audit(target)
