@@ -223,11 +223,15 @@ def _entries(reader: Reader, gpa: int, count: int, what: str) -> list[int]:
 
 
 def image_reader(image: Image) -> Reader:
-    """Reads the image's RAM as the restored domain will have it (before anything is built)."""
-    pages = {ref: page for ref, page in image.pages if not ref & HELD}
-    populated = set(image.gfns)
+    """Reads the image's RAM as the restored domain will have it (before anything is built);
+    its index of the pages is made at the first read (a domain without a vITS reads nothing)."""
+    pages: dict[int, bytes | memoryview] = {}
+    populated: set[int] = set()
 
     def read_image(gpa: int, length: int) -> bytes | None:
+        if not populated and image.gfns:
+            pages.update((ref, page) for ref, page in image.pages if not ref & HELD)
+            populated.update(image.gfns)
         out = bytearray()
         while length > 0:
             gfn, offset = divmod(gpa, PAGE)
