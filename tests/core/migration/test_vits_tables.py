@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -25,7 +26,18 @@ from tests.core.migration.test_vits_migration import (
 from xenemu.abi import its_cmd as c
 from xenemu.abi.its_cmd import ItsCommand
 from xenemu.core.actions.dispatch import run
-from xenemu.core.actions.migration import ImageRead, ImageWrite, RestoreBegin, RestoreDomain, SaveDomain
+from xenemu.core.actions.migration import (
+    ImageRead,
+    ImageWrite,
+    MigrateBegin,
+    MigrateFinish,
+    MigrateReceive,
+    MigrateSend,
+    MigrateSuspend,
+    RestoreBegin,
+    RestoreDomain,
+    SaveDomain,
+)
 from xenemu.core.audit import audit
 from xenemu.core.errors import HypercallError
 from xenemu.core.host import Host
@@ -352,3 +364,51 @@ def test_a_pending_table_load_still_running_is_finished_by_the_save() -> None:
     assert [(d.domid, d.vcpu, d.intid) for d in target.its.deliveries] == [(h.domid, 0, vlpi)]
     assert h.end(0, vlpi) is None
     assert not target.its.domains[h.domid].loading() and not audit(target)
+
+
+def send(source: Host, target: Host, reply: dict[str, Any], incoming: int) -> dict[str, Any]:
+    """One live-migration section from ``source``'s transfer into ``target``'s receiver."""
+    data = b"".join(
+        run(source, 0, ImageRead(reply["image"], at, CHUNK))["data"] for at in range(0, reply["size"], CHUNK)
+    )
+    image = run(target, 0, RestoreBegin(len(data)))["image"]
+    run(target, 0, ImageWrite(image, 0, data))
+    got: dict[str, Any] = run(target, 0, MigrateReceive(image, incoming))
+    return got
+
+
+def test_a_live_migration_carries_the_tables_written_at_its_stop() -> None:
+    """The stop writes the vITS tables through the guest CPU's path, so the dirty log sends those
+    pages in the last section and the receiver reads the tables from them over the pre-copied
+    pages (which still hold whatever the guest had there). A stop while the vITS has commands in
+    flight is -EBUSY (the stopped source would run them too); once they have run, it goes."""
+    a, b = hosts()
+    g = ItsGuest(a)
+    g.queue(c.mapc(0, 0), c.mapc(1, 1), c.mapd(0, 2, ITT_GFN << 12), c.mapti(0, 5, LPI + 100, 1), c.sync(0))
+    g.enable(LPI + 100)
+    g.queue(c.event_cmd(c.INV, 0, 5), c.sync(1))
+    mig = run(a, 0, MigrateBegin(g.domid))["migration"]
+    reply = run(a, 0, MigrateSend(mig, 4096))
+    incoming = send(a, b, reply, 0)["incoming"]
+    assert entries(b, incoming_domid(b), DEVICE_TABLE_GFN, 1) == [0]  # not written yet: pre-copy
+    put(g, c.event_cmd(c.INT, 0, 5))
+    a.its.run_passes()  # on the pITS, not run
+    with pytest.raises(HypercallError) as info:
+        run(a, 0, MigrateSuspend(mig))
+    assert info.value.errno == -16 and "in flight" in str(info.value)
+    settle(a.its)  # runs, and is delivered here, before the stop
+    assert delivered(a.its.deliveries[-1:]) == [(1, LPI + 100)]
+    final = run(a, 0, MigrateSuspend(mig))
+    got = send(a, b, final, incoming)
+    run(a, 0, MigrateFinish(mig, True))
+    settle(b.its)
+    h = ItsGuest(b, got["domid"])
+    assert {k: (i.vlpi, i.icid) for k, i in b.its.domains[h.domid].vits[0].ites.items()} == {(0, 5): (LPI + 100, 1)}
+    assert h.end(1, LPI + 100) is None  # in service, delivered once, on the source
+    assert delivered(h.msi(5)) == [(1, LPI + 100)]
+    assert not audit(a) and not audit(b)
+
+
+def incoming_domid(host: Host) -> int:
+    """The domain a receiver is building (the newest one)."""
+    return max(host.domains)

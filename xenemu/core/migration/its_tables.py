@@ -222,9 +222,11 @@ def _entries(reader: Reader, gpa: int, count: int, what: str) -> list[int]:
     return list(struct.unpack(f"<{count}Q", data))
 
 
-def image_reader(image: Image) -> Reader:
+def image_reader(image: Image, below: Callable[[int], bytes | None] | None = None) -> Reader:
     """Reads the image's RAM as the restored domain will have it (before anything is built);
-    its index of the pages is made at the first read (a domain without a vITS reads nothing)."""
+    its index of the pages is made at the first read (a domain without a vITS reads nothing).
+    ``below``: a GFN's page where the image has none (a live migration's receiver, whose earlier
+    sections are in its domain already; None there, as here, is a zero page)."""
     pages: dict[int, bytes | memoryview] = {}
     populated: set[int] = set()
 
@@ -239,6 +241,8 @@ def image_reader(image: Image) -> Reader:
                 return None
             n = min(length, PAGE - offset)
             page = pages.get(gfn)
+            if page is None and below is not None:
+                page = below(gfn)
             out += bytes(page[offset : offset + n]) if page is not None else bytes(n)
             gpa, length = gpa + n, length - n
         return bytes(out)

@@ -29,7 +29,7 @@ from __future__ import annotations
 from typing import Any
 
 from xenemu.abi import its_cmd as cmds
-from xenemu.core.errors import EINVAL, ENOSPC, HypercallError
+from xenemu.core.errors import EBUSY, EINVAL, ENOSPC, HypercallError
 from xenemu.core.host import Host
 from xenemu.core.its.state import CBASER_ADDR, ENABLED, LPI_BASE, XEN_PRIORITY, Ite, Vits, lpi_limit
 from xenemu.core.memory.frames import PAGE_SIZE
@@ -84,12 +84,39 @@ def _runs(values: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def refusal(host: Host, domid: int) -> HypercallError | None:
-    """Why the domain's vITS tables cannot be written where its registers and MAPDs say."""
+def refusal(host: Host, domid: int, live: bool = False) -> HypercallError | None:
+    """Why the domain's vITS tables cannot be written where its registers and MAPDs say; and,
+    for a live migration's stop (``live``), why its vITS is not quiet yet: the stopped domain
+    lives on here until the receiver has it, its pITS running what was placed and Xen's passes
+    serving its queue, so what is in flight would act on both copies."""
     try:
         plan(host, domid)
     except HypercallError as exc:
         return HypercallError(exc.errno, f"d{domid}: {exc.message}")
+    its = host.its.domains.get(domid)
+    if not live or its is None:
+        return None
+    for vits in its.vits.values():
+        state = host.its.pits[vits.pits]
+        hw = state.hw
+        pdevids = {d.info.pdevid for d in vits.devices.values()}
+        ites = {id(i) for i in vits.ites.values()}
+        ring = [hw.ring[(hw.creadr + i) % hw.slots] for i in range(hw.queued())]
+        if (
+            vits.outstanding()
+            or vits.taken
+            or vits.orphans
+            or any((ite is not None and id(ite) in ites) or c.devid in pdevids for c, ite, _ in state.xen_queue)
+            or any(c is not None and c.devid in pdevids for c in ring)
+            or any(i.mapti_slot is not None for i in vits.ites.values())
+            or vits.owed
+            or vits.moves
+            or vits.job is not None
+            or its.loading()
+        ):
+            return HypercallError(
+                -EBUSY, f"d{domid}'s vITS {vits.pits} has commands in flight: a migration stops it once they ran"
+            )
     return None
 
 
@@ -192,10 +219,19 @@ def _int(value: Any, what: str, low: int, high: int) -> int:
     return value
 
 
-def check(image: Image) -> dict[int, Tables]:
+def check(image: Image, host: Host | None = None, domid: int | None = None) -> dict[int, Tables]:
     """Every vITS field of the image, and its tables read from the image's RAM: refused before
-    anything is allocated."""
-    return check_with(image.meta, its_tables.image_reader(image))
+    anything is allocated. ``host``, ``domid``: a live migration's receiver, whose domain holds
+    the pre-copy sections' pages; the last section's (``image.pages``) are read over them."""
+    below = None
+    if host is not None and domid is not None:
+        dom = host.domain(domid)
+
+        def below(gfn: int) -> bytes | None:
+            mfn = dom.p2m.get(gfn)
+            return None if mfn is None else host.frames.read(mfn, 0, PAGE_SIZE)
+
+    return check_with(image.meta, its_tables.image_reader(image, below))
 
 
 def check_with(meta: dict[str, Any], reader: Reader) -> dict[int, Tables]:
