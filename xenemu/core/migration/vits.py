@@ -12,16 +12,17 @@ ones at assignment, and each ITE's physical ``MAPTI`` is queued as one of Xen's 
 with the LPI's enable bit read from the guest's configuration table (as KVM reads it when it
 restores an ITE); a mapping that ``fired`` is raised again on the new pITS by an ``INT``.
 
-Nothing of a vITS refuses a save. The commands between ``CREADR`` and ``CWRITER`` that Xen has
+Nothing of a vITS refuses a save with ``-EBUSY`` (a live migration's stop is the exception:
+``refusal``). The commands between ``CREADR`` and ``CWRITER`` that Xen has
 not taken are in the guest's queue, so in the image, and run after the restore. What Xen holds
 is completed or carried at the consistent point: a ``MAPC``/``MOVALL`` scan or a pending-table
 load is run to its end (bounded by the domain's mappings); a command taken from the queue has
 already done all it does to the vITS (translation records it), so ``CREADR`` is saved past it;
 and what the pITS has still to run for the domain's devices (guest batches, a replaced queue's
 orphans, Xen's own queued and owed commands) can change only whether a mapping's physical LPI
-ends up pending, which is worked out here and carried as ``fired``. What a table cannot hold
-(an ID beyond its table, a table or ITT that is not RAM, tables that overlap) refuses the save
-with ``-EINVAL`` before anything is written.
+ends up pending, which is worked out here and carried as ``fired``. What the tables cannot
+hold (a table with entries to hold that is not Valid, an ID beyond its table, a table or ITT that
+is not RAM, tables that overlap) refuses the save with ``-EINVAL`` before anything is written.
 """
 
 from __future__ import annotations
