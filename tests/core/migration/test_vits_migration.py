@@ -5,20 +5,21 @@ migration routes what was mapped to it before."""
 
 from __future__ import annotations
 
-import pytest
-
 from tests.core.its.guest import BASER, CBASER, ITT_GFN, LPI, PROP_GFN, QUEUE_GFN, its_host, settle
 from xenemu.abi import its_cmd as c
 from xenemu.abi.its_cmd import ItsCommand
 from xenemu.core.actions.dispatch import run
 from xenemu.core.actions.migration import ImageRead, ImageWrite, RestoreBegin, RestoreDomain, SaveDomain
 from xenemu.core.audit import audit
-from xenemu.core.errors import HypercallError
 from xenemu.core.host import Host
 from xenemu.core.its import DOORBELL_OFFSET, Delivery
 from xenemu.core.migration.store import CHUNK
 
 BDF = "0000:00:05.0"
+#: The device table at GFN 48 (64 KiB aligned), the collection table at GFN 0: tables a save
+#: writes must not overlap (tests.core.its.guest puts both at 0, which only a save minds).
+DEVICE_TABLE_GFN = 48
+DEVICE_BASER = BASER | DEVICE_TABLE_GFN << 12
 
 
 class ItsGuest:
@@ -29,7 +30,7 @@ class ItsGuest:
         if domid is None:
             domid = host.create_domain("hvm", 64, vcpus=2).domid
             host.assign_device(domid, BDF, its_devid=0x21, its_events=8, pits=0)
-            for reg, value in ((0x80, CBASER), (0x100, BASER), (0x108, BASER)):
+            for reg, value in ((0x80, CBASER), (0x100, DEVICE_BASER), (0x108, BASER)):
                 self.its.mmio_write(domid, 0, reg, 8, value)
             for vcpu in range(2):
                 self.its.redist_write(domid, vcpu, 0x70, 8, PROP_GFN << 12 | 15)
@@ -138,18 +139,3 @@ def test_its_migrate_unmapped_collection() -> None:
     assert h.msi(6) == []
     h.queue(c.mapc(1, 1), c.sync(1))
     assert delivered(h.msi(6)) == [(1, LPI + 200)]
-
-
-def test_a_vits_with_commands_in_flight_is_not_saved() -> None:
-    a, _ = hosts()
-    g = ItsGuest(a)
-    g.queue(c.mapc(0, 0))
-    command = c.mapd(0, 2, ITT_GFN << 12)
-    a.memory.access(g.domid, QUEUE_GFN, g.offset, command.encode())
-    a.its.mmio_write(g.domid, 0, 0x88, 8, g.offset + 32)
-    a.its.run_passes()  # translated and placed, not yet executed by the pITS
-    with pytest.raises(HypercallError) as info:
-        run(a, 0, SaveDomain(g.domid))
-    assert info.value.errno == -16 and "in flight" in str(info.value)
-    settle(a.its)
-    assert run(a, 0, SaveDomain(g.domid, keep=True))["size"] > 0

@@ -178,6 +178,16 @@ class Jobs:
                 self.state.jobs.remove(redist.load)
             self._finish(redist.load)
 
+    def finish_domain(self, domid: int) -> None:
+        """Run every job of the domain (its vITSs' scans, its pending-table loads) to its end
+        now, as a save does at its consistent point: each visits the domain's mappings once, so
+        the work is bounded by the mappings its devices' events allow."""
+        s = self.state
+        for job in [j for j in s.jobs if (j.vits.domid if isinstance(j, Retarget) else j.domid) == domid]:
+            s.jobs.remove(job)
+            job.run(s, self.lpis, Budget(1 << 62))
+            self._finish(job)
+
     def run(self, budget: Budget) -> None:
         """Jobs in turn until the slice is spent; one left unfinished goes to the back."""
         s = self.state

@@ -105,6 +105,8 @@ class Ite:
 class VDevice:
     info: ItsDeviceInfo
     size: int | None = None  # None until the guest's MAPD maps it
+    #: The guest-physical address of the ITT its MAPD gave (where a save writes its ITEs).
+    itt: int = 0
 
 
 @dataclass

@@ -185,7 +185,7 @@ class Translator:
         if not c.valid:
             device.size = None
             return [cmds.mapd(device.info.pdevid, 0, 0, False)]
-        device.size = c.size
+        device.size, device.itt = c.size, c.itt
         return [device.info.xen_mapd()]
 
     def _v_mapc(self, vits: Vits, c: ItsCommand) -> list[ItsCommand]:

@@ -166,7 +166,7 @@ def _complete(host: Host, migrations: Migrations, inc: Incoming, image: Image) -
     restoring.check_devices(host, image)
     if image.meta["devices"] and not host.options.iommu:
         raise HypercallError(-EOPNOTSUPP, "no IOMMU on this host: an HVM domain cannot be given its devices")
-    vits.check(image.meta)
+    vits.check(image, host, dom.domid)  # its tables: the last pages over what the domain has
     vits.check_host(host, image.meta)
     for gfn in extra:
         mfn = dom.p2m.pop(gfn)

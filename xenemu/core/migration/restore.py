@@ -45,7 +45,7 @@ def check(host: Host, image: Image) -> None:
         raise HypercallError(-EINVAL, f"a vCPU is pinned beyond this host's {host.options.its_cpus} CPUs")
     if meta["devices"] and not host.options.iommu:
         raise HypercallError(-EOPNOTSUPP, "no IOMMU on this host: an HVM domain cannot be given its devices")
-    vits.check(meta)
+    vits.check(image)
     vits.check_host(host, meta)
     check_devices(host, image)
 

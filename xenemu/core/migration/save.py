@@ -25,8 +25,9 @@ from xenemu.core.migration.image import HELD, Image
 ZERO_PAGE = bytes(4096)
 
 
-def refusal(host: Host, dom: Domain) -> HypercallError | None:
-    """Why ``dom`` cannot be saved now (None: it can), in a fixed order of checks."""
+def refusal(host: Host, dom: Domain, live: bool = False) -> HypercallError | None:
+    """Why ``dom`` cannot be saved now (None: it can), in a fixed order of checks. ``live``: a
+    live migration's stop, after which the domain still exists here until the receiver has it."""
     domid = dom.domid
     if dom.is_hwdom:
         return HypercallError(-EPERM, "the hardware domain cannot be saved")
@@ -44,7 +45,7 @@ def refusal(host: Host, dom: Domain) -> HypercallError | None:
         return HypercallError(-EBUSY, f"d{domid}'s grants are mapped by others: they must unmap them first")
     if any(True for _ in host.iommu.m2b.held_by(domid)):
         return HypercallError(-EBUSY, f"d{domid} holds foreign mappings")
-    its_busy = vits.refusal(host, domid)
+    its_busy = vits.refusal(host, domid, live)
     if its_busy is not None:
         return its_busy
     ctx = host.iommu.contexts.get(domid)
@@ -117,9 +118,10 @@ def snapshot(host: Host, domid: int, only: set[int] | None = None) -> Image:
     live migration's last section, whose DATA holds just these GFNs' pages (zero pages too:
     the receiver has older contents for them) and every held frame's."""
     dom = host.domain(domid)
-    refused = refusal(host, dom)
+    refused = refusal(host, dom, live=only is not None)
     if refused is not None:
         raise refused
+    vits.write_tables(host, domid)  # into its RAM, before its pages are copied (and logged dirty)
     own = Refs(host, dom)
     frames = host.frames
     pages: list[tuple[int, bytes | memoryview]] = []
