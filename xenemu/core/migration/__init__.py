@@ -16,4 +16,7 @@ CLI's. The rooms, in dependency order:
     id and token, preemptible while its memory is copied, rolled back on any failure.
 ``store``
     Images being read out or written in over the control socket, in bounded chunks.
+``dm``
+    A device-model domain saved with its guest and restored against the restored guest: its
+    own image plus its IOREQ servers and its foreign and scratch entries by the guest's GFN.
 """

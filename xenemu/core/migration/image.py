@@ -44,6 +44,10 @@ DIGEST = 32
 #: A frame ref with this bit names a held frame by index, not a GFN.
 HELD = 1 << 63
 TAGS = (b"META", b"P2M ", b"DATA", b"IOMM")
+#: Header flag of a device model's image (``dm.py``): two more records follow its own four,
+#: ``DMSV`` (JSON: its IOREQ servers) and ``FMAP`` (its foreign and scratch entries).
+DEVICE_MODEL = 1
+DM_TAGS = (b"DMSV", b"FMAP")
 #: The JSON record is small (no list in it grows with memory but the leaf lists).
 MAX_META = 16 << 20
 #: Kinds a save image may carry: the others (foreign, scratch, grant, doorbell) are refused at save.
@@ -67,6 +71,8 @@ class Image:
     pages: list[tuple[int, bytes | memoryview]] = field(default_factory=list)
     #: (BFN, frame ref, kind, perms) of every present entry of its written leaves, by BFN.
     entries: list[tuple[int, int, int, int]] = field(default_factory=list)
+    #: A device model's image only: the payloads of its ``DM_TAGS`` records (``dm.py`` reads them).
+    dm_records: list[bytes | memoryview] | None = None
 
 
 def encode_steps(image: Image) -> Generator[str, None, bytes]:
@@ -78,10 +84,16 @@ def encode_steps(image: Image) -> Generator[str, None, bytes]:
         data += (REF.pack(ref), page)
     entries = b"".join(ENTRY.pack(bfn, ref, kind, perms) for bfn, ref, kind, perms in image.entries)
     records: tuple[list[bytes | memoryview], ...] = ([meta], [array("Q", image.gfns).tobytes()], data, [entries])
-    lengths = (len(meta), len(records[1][0]), len(image.pages) * (8 + PAGE_SIZE), len(entries))
-    body = sum(lengths) + len(TAGS) * RECORD.size
-    parts: list[bytes | memoryview] = [HEADER.pack(MAGIC, VERSION, 0, body, 0)]
-    for tag, payload, length in zip(TAGS, records, lengths, strict=True):
+    lengths: tuple[int, ...] = (len(meta), len(records[1][0]), len(image.pages) * (8 + PAGE_SIZE), len(entries))
+    tags: tuple[bytes, ...] = TAGS
+    flags = 0
+    if image.dm_records is not None:
+        tags, flags = TAGS + DM_TAGS, DEVICE_MODEL
+        records += tuple([r] for r in image.dm_records)
+        lengths += tuple(len(r) for r in image.dm_records)
+    body = sum(lengths) + len(tags) * RECORD.size
+    parts: list[bytes | memoryview] = [HEADER.pack(MAGIC, VERSION, flags, body, 0)]
+    for tag, payload, length in zip(tags, records, lengths, strict=True):
         parts.append(RECORD.pack(tag, 0, length))
         parts += payload
     digest = hashlib.sha256()
@@ -131,22 +143,36 @@ def declared_length(head: bytes | bytearray) -> int:
     _, version, flags, body, _ = HEADER.unpack_from(head)
     if version != VERSION:
         raise HypercallError(-EPROTONOSUPPORT, f"save image version {version}; this xenemu reads version {VERSION}")
-    if flags:
+    if flags & ~DEVICE_MODEL:
         raise refuse(f"unknown header flags {flags:#x}")
     return int(HEADER.size + body + DIGEST)
 
 
-def decode(raw: bytes | bytearray, summed: bool = False) -> Image:
+def is_device_model(head: bytes | bytearray) -> bool:
+    """Whether the header says a device model's image (``declared_length`` checks it first)."""
+    return bool(HEADER.unpack_from(head)[2] & DEVICE_MODEL)
+
+
+def decode(raw: bytes | bytearray, summed: bool = False, device_model: bool = False) -> Image:
     """Check and parse an image; ``-EINVAL``, ``-EPROTONOSUPPORT`` or ``-EBADMSG`` saying why.
-    ``summed``: ``checksum_steps`` has checked the framing and the checksum already."""
+    ``summed``: ``checksum_steps`` has checked the framing and the checksum already.
+    ``device_model``: a device model's image is wanted (``dm.decode`` checks the rest of it,
+    its cross-references included); either kind where the other is wanted is ``-EINVAL``."""
     total = _whole(raw)
     view = memoryview(raw)
+    if is_device_model(raw) != device_model:
+        raise HypercallError(
+            -EINVAL,
+            "a device model's image: it is restored with its guest's (restore_domain dm_images)"
+            if not device_model
+            else "not a device model's image (save its guest with with_dm)",
+        )
     if not summed:
         for _ in checksum_steps(raw):
             pass
     payloads: list[memoryview] = []
     at, end = HEADER.size, total - DIGEST
-    for tag in TAGS:
+    for tag in TAGS + (DM_TAGS if device_model else ()):
         if at + RECORD.size > end:
             raise refuse(f"record {tag.decode()!r} missing")
         got, zero, length = RECORD.unpack_from(view, at)
@@ -159,7 +185,7 @@ def decode(raw: bytes | bytearray, summed: bool = False) -> Image:
         at += length
     if at != end:
         raise refuse("bytes after the last record")
-    meta_raw, gfn_raw, data_raw, entry_raw = payloads
+    meta_raw, gfn_raw, data_raw, entry_raw = payloads[: len(TAGS)]
     if len(meta_raw) > MAX_META:
         raise refuse("META record too large")
     try:
@@ -177,7 +203,10 @@ def decode(raw: bytes | bytearray, summed: bool = False) -> Image:
     ]
     entries = [ENTRY.unpack_from(entry_raw, i) for i in range(0, len(entry_raw), ENTRY.size)]
     image = Image(meta, gfns.tolist(), pages, [(int(b), int(r), int(k), int(p)) for b, r, k, p in entries])
-    check_references(image)
+    if device_model:
+        image.dm_records = list(payloads[len(TAGS) :])  # dm.decode checks them and the references
+    else:
+        check_references(image)
     return image
 
 
@@ -284,9 +313,10 @@ def rmrr_frames(meta: dict[str, Any]) -> set[int]:
     return {start + i for d in meta["devices"] for start, count in d["rmrr"] for i in range(count)}
 
 
-def check_references(image: Image) -> None:
+def check_references(image: Image, foreign: int = 0) -> None:
     """Every record agrees with META and with the others: counts, order, what each ref names,
-    and bounds that keep a restore's work proportional to the domain it builds."""
+    and bounds that keep a restore's work proportional to the domain it builds.  ``foreign``:
+    a device model's foreign and scratch entries (``FMAP``), which count as its mappings."""
     meta, dom = image.meta, image.meta["domain"]
     gfns, held = image.gfns, meta["held"]
     if len(gfns) != dom["pages"]:
@@ -310,7 +340,7 @@ def check_references(image: Image) -> None:
             raise refuse("IOMMU entries or held frames without an IOMMU context")
         return
     leaves, rmrr = set(iommu["leaves"]), rmrr_frames(meta)
-    mappings = sum(1 for e in image.entries if e[2] in (Kind.MAP, Kind.MAP_NOREF))
+    mappings = sum(1 for e in image.entries if e[2] in (Kind.MAP, Kind.MAP_NOREF)) + foreign
     bound = len(p2m_leaves) + 2 * mappings + len({f >> LEAF_SHIFT for f in rmrr}) + SPARE_P2M_LEAVES
     if len(leaves) > bound or mappings > dom["max_mappings"]:
         raise refuse("more page-table leaves or mappings than its domain could hold")
