@@ -409,3 +409,78 @@ def _make_entries(
         iommu.count_mappings(dm.domid, 1)
     if ctx is not None:
         ctx.iotlb.invalidate_all()  # nothing could have cached them; a cache starts empty
+
+
+# -- a guest with its device models, as the toolstack (and a live migration's last step) asks ---
+#: Device models one guest may take with it: each image is a transfer, and a host keeps 8 open.
+MAX_DEVICE_MODELS = 7
+
+
+@dataclass
+class RestoredDm:
+    dom: Domain
+    #: The old server id -> the id it has on this host.
+    servers: dict[int, int]
+
+
+def snapshot_with_dms(host: Host, guest_domid: int) -> tuple[Image, list[tuple[int, Image]]]:
+    """The guest's image and each of its device models' (by domid), read at one point: every
+    refusal is checked before anything is read, and nothing changes (the caller destroys the
+    device models, then the guest, unless they keep running)."""
+    host.domain(guest_domid)
+    dms = device_models(host, guest_domid)
+    if not dms:
+        raise HypercallError(-EINVAL, f"with_dm: no device-model domain has d{guest_domid} as its target")
+    if len(dms) > MAX_DEVICE_MODELS:
+        raise HypercallError(-EINVAL, f"d{guest_domid} has more than {MAX_DEVICE_MODELS} device models")
+    guest = host.domain(guest_domid)
+    for domid in dms:  # all refusals first: a snapshot is a copy, but a refused save copies nothing
+        refused = refusal(host, host.domain(domid), guest)
+        if refused is not None:
+            raise refused
+    image = save.snapshot(host, guest_domid)
+    return image, [(domid, snapshot_dm(host, domid, guest_domid)) for domid in dms]
+
+
+def check_restore(host: Host, image: Image, dm_images: list[Image]) -> None:
+    """Before anything is built: the device models name frames of this guest, and the host has
+    room for all of them together (frames, IOREQ server ids)."""
+    if len(dm_images) > MAX_DEVICE_MODELS:
+        raise HypercallError(-EINVAL, f"at most {MAX_DEVICE_MODELS} device models go with a guest")
+    states = [parse(d) for d in dm_images]
+    for dm_image in dm_images:
+        check_guest(dm_image, image)
+    need = image.meta["domain"]["pages"] + image.meta["held"]
+    for dm_image, state in zip(dm_images, states, strict=True):
+        need += dm_image.meta["domain"]["pages"] + dm_image.meta["held"] + len(state.servers)
+    if need > host.frames.nr_free:
+        raise HypercallError(
+            -ENOMEM, f"host too small: the guest and its device models need {need} frames ({host.frames.nr_free} free)"
+        )
+    if host.ioreq.next_id + sum(len(s.servers) for s in states) - 1 > MAX_IOSERVID:
+        raise HypercallError(-ENOSPC, "IOREQ server ids are exhausted on this host")
+
+
+def restore_with_dms(
+    host: Host, image: Image, dm_images: list[Image]
+) -> Generator[str, None, tuple[Domain, list[RestoredDm]]]:
+    """The guest, then each device model against it; all checked first, and on any failure or
+    cut everything built is destroyed (device models first)."""
+    check_restore(host, image, dm_images)
+    guest = yield from restore.restore(host, image)
+    built: list[RestoredDm] = []
+    done = False
+    try:
+        for dm_image in dm_images:
+            ids: dict[int, int] = {}
+            dom = yield from restore_dm(host, dm_image, guest.domid, ids)
+            built.append(RestoredDm(dom, ids))
+        done = True
+    finally:
+        if not done:
+            for restored in reversed(built):
+                if host.domains.get(restored.dom.domid) is restored.dom:
+                    host.destroy_domain(restored.dom.domid)
+            if host.domains.get(guest.domid) is guest:
+                host.destroy_domain(guest.domid)
+    return guest, built
