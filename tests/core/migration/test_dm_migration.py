@@ -28,6 +28,7 @@ from xenemu.core.migration.store import CHUNK
 GUEST_BDF, DM_BDF = "0000:00:03.0", "0000:00:05.0"
 BASE = 0x80000  # where the emulator maps guest frame g: BASE + g (as clients/mediated_emulator.py)
 RO_BFN = 0x90000
+WIDE = 1 << 33  # a BFN whose invalidate takes two 64-bit slots of the ring
 
 
 def page(gfn: int) -> bytes:
@@ -74,12 +75,14 @@ def guest_with_emulator(bed: Bed, memory: int = 64) -> Setup:
         [ops.map_foreign_page(BASE + g, g, guest.domid, first) for g in range(8)]
         + [ops.map_foreign_page(BASE + 9, 9, guest.domid, first, swap_mfn=True)]
         + [ops.map_foreign_page(BASE + 11, 11, guest.domid, first)]
+        + [ops.map_foreign_page(WIDE, 13, guest.domid, first)]
+        + [ops.map_foreign_page(BASE + 12, 12, guest.domid, first, swap_mfn=True)]
         + [ops.map_foreign_page(RO_BFN, 10, guest.domid, second, perms=ops.R)],
     )
-    assert ops.statuses(got) == ["OK"] * 11
-    assert balloon_out(bed, guest.domid, [9, 11]) == []  # 9 swaps to scratch; 11 is announced
-    got = bed.call(emulator.domid, [ops.unmap_foreign_page(BASE + 11, first)])  # told: unmapped, not acked
-    assert ops.statuses(got) == ["OK"]
+    assert ops.statuses(got) == ["OK"] * 13
+    assert balloon_out(bed, guest.domid, [9, 11, 13]) == []  # 9 swaps to scratch; 11 and 13 are announced
+    got = bed.call(emulator.domid, [ops.unmap_foreign_page(b, first) for b in (BASE + 11, WIDE)])
+    assert ops.statuses(got) == ["OK", "OK"]  # told, it unmapped them, but has not acknowledged the ring
     return Setup(guest, emulator, [first, second])
 
 
@@ -147,15 +150,18 @@ def test_the_emulator_serves_the_restored_guest_through_its_old_mappings() -> No
     scratch = ctx.table.get(BASE + 9)
     assert entry_kind(scratch) == Kind.SCRATCH and scratch >> 8 == host.ioreq.servers[first].scratch_mfn
     assert ctx.scratch == {BASE + 9: first}
+    swapping = host.iommu.m2b.get(emulator.domid, first, BASE + 12)
+    assert swapping is not None and swapping.flags & ops.SWAP_MFN and swapping.swappable
     # References as fresh foreign maps take them: the allocation's, plus the M2B entry's (R/W).
     mfn = there.mfn(guest, 0)
     assert there.refs(mfn) == (2, 1) and there.refs(there.mfn(guest, 10)) == (2, 0)
-    assert host.iommu.mappings_held[emulator.domid] == 10  # 8 + read-only + scratch
-    # The ring is as it was: the unread invalidate of BFN BASE + 11 is still there to read.
-    assert [r.data for r in read_ring(bytes(host.ioreq.servers[first].page))[0]] == [BASE + 11]
-    # What the guest gives back now is announced to the restored server.
-    assert balloon_out(there, guest.domid, [2]) == []
-    assert [r.data for r in read_ring(bytes(host.ioreq.servers[first].page))[0]] == [BASE + 11, BASE + 2]
+    assert host.iommu.mappings_held[emulator.domid] == 11  # 8 + swap_mfn + read-only + scratch
+    # The ring is as it was: the unread invalidates (one 32-bit, one 64-bit) are still there to read.
+    assert [r.data for r in read_ring(bytes(host.ioreq.servers[first].page))[0]] == [BASE + 11, WIDE]
+    # What the guest gives back now is announced to the restored server, or swapped to its scratch frame.
+    assert balloon_out(there, guest.domid, [2, 12]) == []
+    assert [r.data for r in read_ring(bytes(host.ioreq.servers[first].page))[0]] == [BASE + 11, WIDE, BASE + 2]
+    assert ctx.table.get(BASE + 12) == ctx.table.get(BASE + 9) and ctx.scratch[BASE + 12] == first
     assert there.refs(mfn) == (2, 1)  # untouched: frame 0 is not the one that went
     got = there.call(emulator.domid, [ops.unmap_foreign_page(BASE + 2, first), ops.unmap_foreign_page(RO_BFN, second)])
     assert ops.statuses(got) == ["OK", "OK"]
@@ -166,7 +172,7 @@ def test_the_emulator_serves_the_restored_guest_through_its_old_mappings() -> No
     # A guest destroyed: the emulator is told of every frame it still maps, and its servers lose their target.
     host.destroy_domain(guest.domid)
     entries, _ = read_ring(bytes(host.ioreq.servers[first].page))
-    assert [r.data for r in entries][2:] == [BASE + g for g in (0, 1, 3, 4, 5, 6, 7)]
+    assert [r.data for r in entries][3:] == [BASE + g for g in (0, 1, 3, 4, 5, 6, 7)]
     assert host.ioreq.servers[first].target is None and emulator.target is None
     there.check()
     host.destroy_domain(emulator.domid)
@@ -260,7 +266,8 @@ LIES: list[tuple[str, Any, int, str]] = [
     ("no leaf", lambda s, e: (s, [*e, (1 << 40, 0, e[0][2], 4, 3)]), -74, "not in a written leaf"),
     ("over its own", lambda s, e: (s, [(0, *e[0][1:]), *e]), -74, "over one of its own"),
     ("ring overfull", lambda s, e: (set_ring(s, 600), e), -74, "slots of 511"),
-    ("ring garbage", lambda s, e: (set_ring(s, 3), e), -74, "not an invalidate"),
+    ("ring garbage", lambda s, e: (set_ring(s, 4), e), -74, "not an invalidate"),
+    ("ring half", lambda s, e: (set_ring(s, 2), e), -74, "half a 64-bit"),
     ("extra key", lambda s, e: ({**s, "target": 1}, e), -74, "exactly ['servers']"),
     ("too many", lambda s, e: ({"servers": s["servers"] * 5}, e), -74, "more IOREQ servers"),
     ("no such gfn", lambda s, e: (s, [(e[0][0], 5000, *e[0][2:]), *e[1:]]), -22, "which its guest lacks"),
