@@ -279,18 +279,13 @@ def parse(image: Image) -> DmState:
     return DmState(servers, entries)
 
 
-def check_guest(image: Image, guest_image: Image) -> None:
+def check_guest(state: DmState, guest_image: Image) -> None:
     """The device model's foreign entries name GFNs its guest's image populates (``-EINVAL``:
     not this guest's device model), checked before either is built."""
     gfns = set(guest_image.gfns)
-    for bfn, gfn, _sid, kind, _flags in parse(image).entries:
+    for bfn, gfn, _sid, kind, _flags in state.entries:
         if kind == Kind.FOREIGN and gfn not in gfns:
             raise HypercallError(-EINVAL, f"the device model maps GFN {gfn:#x} at BFN {bfn:#x}, which its guest lacks")
-
-
-def extra_frames(image: Image) -> int:
-    """Frames a device model's restore takes beyond its own pages: a scratch frame per server."""
-    return len(parse(image).servers)
 
 
 # -- restore -------------------------------------------------------------------------------------
@@ -328,7 +323,12 @@ def restore_dm(
     ``renumbered`` old -> new) and its foreign and scratch entries, a slice at a time with the
     device model busy and the guest's p2m held (it cannot balloon meanwhile). Rolled back (the
     device model destroyed) on any failure or cut; the guest is the caller's."""
-    state = parse(image)
+    return (yield from _restore_dm(host, image, parse(image), guest_domid, renumbered))
+
+
+def _restore_dm(
+    host: Host, image: Image, state: DmState, guest_domid: int, renumbered: dict[int, int] | None
+) -> Generator[str, None, Domain]:
     guest = host.domain(guest_domid)
     check_host(host, image, state, guest)
     dm = yield from restore.restore(host, image, target=guest_domid)
@@ -424,32 +424,27 @@ class RestoredDm:
 
 
 def snapshot_with_dms(host: Host, guest_domid: int) -> tuple[Image, list[tuple[int, Image]]]:
-    """The guest's image and each of its device models' (by domid), read at one point: every
-    refusal is checked before anything is read, and nothing changes (the caller destroys the
-    device models, then the guest, unless they keep running)."""
+    """The guest's image and each of its device models' (by domid), read at one point (one step);
+    reading changes nothing, so a refusal of any of them leaves all as they were (the caller
+    destroys the device models, then the guest, unless they keep running)."""
     host.domain(guest_domid)
     dms = device_models(host, guest_domid)
     if not dms:
         raise HypercallError(-EINVAL, f"with_dm: no device-model domain has d{guest_domid} as its target")
     if len(dms) > MAX_DEVICE_MODELS:
         raise HypercallError(-EINVAL, f"d{guest_domid} has more than {MAX_DEVICE_MODELS} device models")
-    guest = host.domain(guest_domid)
-    for domid in dms:  # all refusals first: a snapshot is a copy, but a refused save copies nothing
-        refused = refusal(host, host.domain(domid), guest)
-        if refused is not None:
-            raise refused
     image = save.snapshot(host, guest_domid)
     return image, [(domid, snapshot_dm(host, domid, guest_domid)) for domid in dms]
 
 
-def check_restore(host: Host, image: Image, dm_images: list[Image]) -> None:
+def check_restore(host: Host, image: Image, dm_images: list[Image]) -> list[DmState]:
     """Before anything is built: the device models name frames of this guest, and the host has
-    room for all of them together (frames, IOREQ server ids)."""
+    room for all of them together (frames, IOREQ server ids). Their checked records."""
     if len(dm_images) > MAX_DEVICE_MODELS:
         raise HypercallError(-EINVAL, f"at most {MAX_DEVICE_MODELS} device models go with a guest")
     states = [parse(d) for d in dm_images]
-    for dm_image in dm_images:
-        check_guest(dm_image, image)
+    for state in states:
+        check_guest(state, image)
     need = image.meta["domain"]["pages"] + image.meta["held"]
     for dm_image, state in zip(dm_images, states, strict=True):
         need += dm_image.meta["domain"]["pages"] + dm_image.meta["held"] + len(state.servers)
@@ -459,6 +454,7 @@ def check_restore(host: Host, image: Image, dm_images: list[Image]) -> None:
         )
     if host.ioreq.next_id + sum(len(s.servers) for s in states) - 1 > MAX_IOSERVID:
         raise HypercallError(-ENOSPC, "IOREQ server ids are exhausted on this host")
+    return states
 
 
 def restore_with_dms(
@@ -466,14 +462,14 @@ def restore_with_dms(
 ) -> Generator[str, None, tuple[Domain, list[RestoredDm]]]:
     """The guest, then each device model against it; all checked first, and on any failure or
     cut everything built is destroyed (device models first)."""
-    check_restore(host, image, dm_images)
+    states = check_restore(host, image, dm_images)
     guest = yield from restore.restore(host, image)
     built: list[RestoredDm] = []
     done = False
     try:
-        for dm_image in dm_images:
+        for dm_image, state in zip(dm_images, states, strict=True):
             ids: dict[int, int] = {}
-            dom = yield from restore_dm(host, dm_image, guest.domid, ids)
+            dom = yield from _restore_dm(host, dm_image, state, guest.domid, ids)
             built.append(RestoredDm(dom, ids))
         done = True
     finally:
