@@ -373,3 +373,31 @@ def test_a_restore_pauses_in_slices_and_a_cut_anywhere_leaves_nothing() -> None:
         assert (target.frames.nr_free, set(target.domains), len(target.iommu.m2b)) == (free, domains, 0)
         assert not target.ioreq.servers
         there.check()
+
+
+def test_two_device_models_move_with_their_guest_in_domid_order() -> None:
+    """A guest with a device model per device (as QEMU beside a mediated GPU emulator): each is
+    saved into its own image, and each restored one serves the one new guest."""
+    here, there = Bed(), Bed()
+    host = here.host
+    guest = here.guest(memory=32, device=GUEST_BDF)
+    host.memory.access(guest.domid, 4, 0, page(4))
+    models = []
+    for n, bdf in enumerate((DM_BDF, "0000:00:06.0")):
+        model = host.create_domain("hvm", 8, target=guest.domid, name=f"dm{n}")
+        host.assign_device(model.domid, bdf)
+        server = host.emulators.create_server(model.domid, guest.domid).id
+        assert here.status(model.domid, ops.map_foreign_page(BASE + n, 4, guest.domid, server)) == "OK"
+        models.append(model.domid)
+    assert errno(dm.snapshot_with_dms, host, 0) == -1  # the guest's own refusals come first
+    data, dm_data, saved = save(here, guest.domid)
+    assert [d["domid"] for d in saved["dm_images"]] == models and len(dm_data) == 2
+    here.check()
+    reply = load(there, data, dm_data)
+    names = [there.host.domain(d["domid"]).name for d in reply["device_models"]]
+    assert names == ["dm0", "dm1"]
+    assert [d["servers"] for d in reply["device_models"]] == [[[1, 1]], [[2, 2]]]
+    for n, bdf in enumerate((DM_BDF, "0000:00:06.0")):
+        assert there.host.device_dma(bdf, (BASE + n) << 12, None, 8).data == page(4)[:8]
+    assert there.refs(there.mfn(there.host.domain(reply["domid"]), 4)) == (3, 2)
+    there.check()

@@ -427,13 +427,12 @@ def snapshot_with_dms(host: Host, guest_domid: int) -> tuple[Image, list[tuple[i
     """The guest's image and each of its device models' (by domid), read at one point (one step);
     reading changes nothing, so a refusal of any of them leaves all as they were (the caller
     destroys the device models, then the guest, unless they keep running)."""
-    host.domain(guest_domid)
+    image = save.snapshot(host, guest_domid)  # the guest's own refusals first
     dms = device_models(host, guest_domid)
     if not dms:
         raise HypercallError(-EINVAL, f"with_dm: no device-model domain has d{guest_domid} as its target")
     if len(dms) > MAX_DEVICE_MODELS:
         raise HypercallError(-EINVAL, f"d{guest_domid} has more than {MAX_DEVICE_MODELS} device models")
-    image = save.snapshot(host, guest_domid)
     return image, [(domid, snapshot_dm(host, domid, guest_domid)) for domid in dms]
 
 
