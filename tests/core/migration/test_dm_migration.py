@@ -401,3 +401,12 @@ def test_two_device_models_move_with_their_guest_in_domid_order() -> None:
         assert there.host.device_dma(bdf, (BASE + n) << 12, None, 8).data == page(4)[:8]
     assert there.refs(there.mfn(there.host.domain(reply["domid"]), 4)) == (3, 2)
     there.check()
+    busy = Bed()
+    busy.guest(memory=8, device="0000:00:06.0")  # the second device model's device is taken there
+    free, domains = busy.host.frames.nr_free, set(busy.host.domains)
+    with pytest.raises(HypercallError) as info:
+        load(busy, data, dm_data)
+    assert info.value.errno == -16  # the guest and the first device model were built: both are gone
+    assert (busy.host.frames.nr_free, set(busy.host.domains), len(busy.host.iommu.m2b)) == (free, domains, 0)
+    assert not busy.host.ioreq.servers
+    busy.check()
