@@ -1,12 +1,12 @@
 """kvm-unit-tests' its-migration, its-pending-migration and its-migrate-unmapped-collection,
-replayed over the wire: a guest brings up its vITS on one daemon, is saved, and is restored on
-another, where its mappings and queue carry on, a pending LPI arrives exactly once, and a
+replayed over the wire: a guest brings up its vITS on one daemon, is saved and restored on
+another (or live-migrated there), where its mappings and queue carry on, a pending LPI arrives exactly once, and a
 collection mapped only after the move routes what was mapped to it before."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from tests.conformance.beds import DaemonProcess
 from xenemu.abi import its_cmd as c
 from xenemu.abi.its_cmd import ItsCommand
 from xenemu.client import SyncControlClient, SyncHypercallClient, XenError
+from xenemu.client.migration import migrate as live_migrate
 
 LPI = 8192
 QUEUE_GFN, PROP_GFN, ITT_GFN = 16, 20, 30
@@ -82,7 +83,33 @@ def settled(stats: dict[str, Any]) -> bool:
     return not (pits["queued"] or pits["xen_queue"] or pits["xen_owed"] or stats["jobs"])
 
 
-def move(a: DaemonProcess, domid: int, g: Guest, b: DaemonProcess) -> Guest:
+Mover = Callable[[DaemonProcess, int, "Guest", DaemonProcess], "Guest"]
+
+
+@pytest.fixture(params=["save-restore", "live-migration"])
+def move(request: pytest.FixtureRequest) -> Mover:
+    """Each sequence runs across ``xenemu save``/``restore`` and across ``xenemu migrate``."""
+    return save_and_restore if request.param == "save-restore" else migrate
+
+
+def migrate(a: DaemonProcess, domid: int, g: Guest, b: DaemonProcess) -> Guest:
+    """Live: the guest's connection stays open until its domain leaves, then it reconnects to
+    the receiver with the same token (PROTOCOL.md 14.1)."""
+    with SyncControlClient.connect(a.control_path) as src, SyncControlClient.connect(b.control_path) as dst:
+        report = live_migrate(src, dst, domid)
+        assert src.audit() == []
+        doorbell = dst.its_info(report.new_domid)["its_frames"]["0"] + 0x10040
+        token = report.token
+        deadline = time.monotonic() + 20
+        while not settled(dst.its_stats()):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert dst.audit() == []
+    g.xc.close()
+    return Guest(b, token, doorbell, g.offset)
+
+
+def save_and_restore(a: DaemonProcess, domid: int, g: Guest, b: DaemonProcess) -> Guest:
     g.xc.close()
     deadline = time.monotonic() + 10
     with SyncControlClient.connect(a.control_path) as ctl:
@@ -105,7 +132,7 @@ def move(a: DaemonProcess, domid: int, g: Guest, b: DaemonProcess) -> Guest:
     return h
 
 
-def test_its_migration(daemons: tuple[DaemonProcess, DaemonProcess]) -> None:
+def test_its_migration(daemons: tuple[DaemonProcess, DaemonProcess], move: Mover) -> None:
     a, b = daemons
     domid, g = guest_on(a)
     g.run(c.mapc(0, 0), c.mapc(1, 1), c.mapd(0, 2, ITT_GFN << 12))
@@ -123,7 +150,7 @@ def test_its_migration(daemons: tuple[DaemonProcess, DaemonProcess]) -> None:
     h.xc.close()
 
 
-def test_its_pending_migration(daemons: tuple[DaemonProcess, DaemonProcess]) -> None:
+def test_its_pending_migration(daemons: tuple[DaemonProcess, DaemonProcess], move: Mover) -> None:
     a, b = daemons
     domid, g = guest_on(a)
     g.run(c.mapc(0, 0), c.mapc(1, 1), c.mapd(0, 2, ITT_GFN << 12), c.mapti(0, 5, LPI + 100, 1))
@@ -141,7 +168,7 @@ def test_its_pending_migration(daemons: tuple[DaemonProcess, DaemonProcess]) -> 
     h.xc.close()
 
 
-def test_its_migrate_unmapped_collection(daemons: tuple[DaemonProcess, DaemonProcess]) -> None:
+def test_its_migrate_unmapped_collection(daemons: tuple[DaemonProcess, DaemonProcess], move: Mover) -> None:
     a, b = daemons
     domid, g = guest_on(a)
     g.run(c.mapc(0, 0), c.mapd(0, 2, ITT_GFN << 12), c.mapti(0, 6, LPI + 200, 1), c.sync(0))

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from xenemu.cli import benchmark, demo, devices, domains, hostinfo, serve
 from xenemu.cli.root import main
-from xenemu.cli_migration import restore, save
+from xenemu.cli_migration import migrate, restore, save
 from xenemu.conformance.cli import conformance
 
 #: The modules whose import registers their verbs on ``main``.
@@ -30,5 +30,6 @@ VERB_MODULES = (domains, devices, hostinfo, serve, demo, benchmark)
 main.add_command(conformance)
 main.add_command(save)
 main.add_command(restore)
+main.add_command(migrate)
 
 __all__ = ["VERB_MODULES", "main"]

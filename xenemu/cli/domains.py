@@ -126,7 +126,10 @@ def destroy(directory: Path, domain: int | str, as_json: bool) -> None:
 
 def state_flags(d: dict[str, Any]) -> str:
     """xl's six state letters (r b p s c d): running while a program of its is connected,
-    blocked otherwise, dying while its ITS is torn down."""
+    blocked otherwise, paused while a migration has it stopped or is receiving it, dying while
+    its ITS is torn down."""
+    if d.get("paused"):
+        return "--p---"
     running = d.get("connections", 0) > 0
     return ("r" if running else "-") + ("-" if running else "b") + "---" + ("d" if d.get("dying") else "-")
 

@@ -386,3 +386,34 @@ class ControlApi:
         if dm_images is not None:
             args["dm_images"] = list(dm_images)
         return Request("restore_domain", args, _reply("restore_domain"))
+
+    # -- live migration (``xl migrate``): sections cross as images do, source to receiver ------
+    @request
+    def migrate_begin(self, domid: int) -> Request[Message]:
+        """Start migrating ``domid`` out (log-dirty on): the reply's ``migration`` id and ``pages``."""
+        return Request("migrate_begin", {"domid": domid}, _reply("migrate_begin"))
+
+    @request
+    def migrate_send(self, migration: int, pages: int = 8192) -> Request[Message]:
+        """The next pre-copy section: ``image``, ``size``, ``round``, ``pages``, ``left``, ``dirtied``, ``sent``."""
+        return Request("migrate_send", {"migration": migration, "pages": pages}, _reply("migrate_send"))
+
+    @request
+    def migrate_suspend(self, migration: int) -> Request[Message]:
+        """Stop the domain and take its last section (``image``, ``size``, ``round``, ``pages``, ``sent``)."""
+        return Request("migrate_suspend", {"migration": migration}, _reply("migrate_suspend"))
+
+    @request
+    def migrate_finish(self, migration: int, done: bool) -> Request[Message]:
+        """``done``: destroy the source's copy; otherwise abandon, and the domain runs on."""
+        return Request("migrate_finish", {"migration": migration, "done": done}, _reply("migrate_finish"))
+
+    @request
+    def migrate_receive(self, image: int, incoming: int = 0) -> Request[Message]:
+        """Apply a written section on the receiver: ``incoming``, ``domid`` (and, last, ``token``)."""
+        return Request("migrate_receive", {"image": image, "incoming": incoming}, _reply("migrate_receive"))
+
+    @request
+    def migrate_drop(self, incoming: int) -> Request[Message]:
+        """Give up receiving: the half-received domain is destroyed."""
+        return Request("migrate_drop", {"incoming": incoming}, _reply("migrate_drop"))

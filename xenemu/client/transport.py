@@ -307,7 +307,7 @@ class SyncControlClient(_SyncTransport, ControlApi):
 
 #: An image's header and trailer (PROTOCOL.md section 14): magic, version, flags, body length, 0.
 _HEADER = struct.Struct("<8sIIQQ")
-_DEVICE_MODEL = 1
+_DEVICE_MODEL = 4  # image.DEVICE_MODEL
 
 
 def split_images(data: bytes) -> list[bytes]:

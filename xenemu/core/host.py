@@ -17,8 +17,9 @@ from collections.abc import Generator
 from xenemu.core.errors import EBUSY, EINVAL, ENOENT, ENOMEM, ENOSPC, EOPNOTSUPP, EPERM, ESRCH, HypercallError
 from xenemu.core.grants.ops import Grants
 from xenemu.core.iommu import preempt, xen_changes
-from xenemu.core.iommu.context import DmaFault
+from xenemu.core.iommu.context import DmaFault, IommuContext
 from xenemu.core.iommu.device import DmaResult, PciDevice, normalise_bdf
+from xenemu.core.iommu.entries import entry_mfn
 from xenemu.core.iommu.state import Iommu
 from xenemu.core.ioreq.balloon import Balloon
 from xenemu.core.ioreq.emulators import Emulators
@@ -68,6 +69,10 @@ class Host:
         )
         #: Assigned PCI devices by BDF.
         self.devices: dict[str, PciDevice] = {}
+        #: Domains stopped for a live migration's last section, or being received: their own
+        #: calls, requests naming them and devices' writes to their frames are -EBUSY (what
+        #: the image holds must not change after it was taken).
+        self.suspended: set[int] = set()
         self.next_domid = 1
         self.hwdom = self.memory.populate(HWDOM_ID, opts.dom0_kind, opts.dom0_memory, "Domain-0")
         self.hwdom.is_hwdom = True
@@ -173,6 +178,7 @@ class Host:
         if dom.is_hwdom:
             raise HypercallError(-EPERM, "the hardware domain cannot be destroyed")
         del self.domains[domid]
+        self.suspended.discard(domid)
         self.memory.limbo[domid] = dom
         for bdf in list(dom.devices):
             del self.devices[bdf]
@@ -251,6 +257,21 @@ class Host:
         iommu.flush_touched()
         return device
 
+    def _refuse_suspended_dma(self, ctx: IommuContext | None, addr: int, size: int) -> None:
+        """A DMA write reaching a suspended domain's frame is -EBUSY before any byte lands
+        (its migration's last section is taken; a write now would be lost on the new host).
+        The pages are looked up without touching the IOTLB or recording faults."""
+        owner = self.frames.owner
+        last = (addr + size - 1) >> PAGE_SHIFT if size else -1
+        for bfn in range(addr >> PAGE_SHIFT, last + 1):
+            if ctx is None:
+                mfn = bfn
+            else:
+                entry = ctx.iotlb.entries.get(bfn) or ctx.table.get(bfn)
+                mfn = entry_mfn(entry) if entry else -1
+            if 0 <= mfn < self.frames.nr_frames and owner[mfn] in self.suspended:
+                raise HypercallError(-EBUSY, f"d{owner[mfn]} is suspended for migration: DMA to it waits")
+
     def device_dma(self, bdf: str, addr: int, data: bytes | None = None, length: int = 0) -> DmaResult:
         """A device reads (``data`` None) or writes at bus address ``addr``, page by page."""
         try:
@@ -263,6 +284,8 @@ class Host:
             raise HypercallError(-EINVAL, "bad DMA range")
         iommu = self.iommu
         ctx = iommu.contexts.get(device.domid)
+        if write and self.suspended:
+            self._refuse_suspended_dma(ctx, addr, size)
         out = bytearray()
         done = 0
         while done < size:
@@ -279,6 +302,8 @@ class Host:
                     out += bytes(chunk)
             elif data is not None:
                 self.frames.write(mfn, offset, data[done : done + chunk])
+                if iommu.dirty_tracking and ctx is not None:
+                    ctx.dirty[bfn] = mfn  # the entry's dirty bit, as an IOMMU sets it on a write
             else:
                 out += self.frames.read(mfn, offset, chunk)
             done += chunk

@@ -96,6 +96,8 @@ def describe(host: Host, dom: Domain) -> dict[str, Any]:
         "vcpus": its.vcpus if its else 1,
         "pin": list(its.pin) if its else [],
         "dying": bool(its and its.dying),
+        # Stopped for a live migration's last section, or being received (PROTOCOL.md 14.1).
+        "paused": dom.domid in host.suspended,
     }
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from xenemu.core.actions import control, grant, iommu, ioreq, its, memory, migration
 from xenemu.core.actions.base import ACTIONS, HANDLERS, Action, Channel, Outcome
-from xenemu.core.errors import EOPNOTSUPP, EPERM, HypercallError
+from xenemu.core.errors import EBUSY, EOPNOTSUPP, EPERM, HypercallError
 from xenemu.core.host import Host
 from xenemu.core.iommu import preempt
 
@@ -33,11 +33,30 @@ def parse(name: Any, args: Any, channel: Channel) -> Action:
 
 def dispatch(host: Host, caller: int, action: Action) -> Outcome:
     """Run ``action``: a generator yielding effects and returning the result."""
+    if host.suspended:
+        _refuse_suspended(host, caller, action)
     handler = HANDLERS[type(action)]
     if inspect.isgeneratorfunction(handler):
         result = yield from handler(host, caller, action)
         return result
     return handler(host, caller, action)
+
+
+#: Requests that name a stopped domain and still run: destroying it, and starting its migration
+#: afresh (which first abandons the one that stopped it).
+UNSTOPPED = (control.DestroyDomain, migration.MigrateBegin)
+
+
+def _refuse_suspended(host: Host, caller: int, action: Action) -> None:
+    """A domain stopped for migration (or being received) runs nothing, and nothing may change
+    it: its own calls and any request naming it are ``-EBUSY`` ("try again": the stop is the
+    migration's last tens of milliseconds), except ``UNSTOPPED`` and the migration's other
+    requests (which name a migration, not a domain)."""
+    if caller in host.suspended:
+        raise HypercallError(-EBUSY, f"d{caller} is suspended for migration: try again")
+    target = getattr(action, "domid", None)
+    if type(target) is int and target in host.suspended and not isinstance(action, UNSTOPPED):
+        raise HypercallError(-EBUSY, f"d{target} is suspended for migration: try again")
 
 
 def run(host: Host, caller: int, action: Action) -> Any:

@@ -10,8 +10,8 @@ from typing import Annotated, Any
 
 from xenemu.core.actions.base import ControlAction, MaxLen, handles
 from xenemu.core.host import Host
-from xenemu.core.migration import dm
-from xenemu.core.migration.image import Image, checksum_steps, decode, encode_steps
+from xenemu.core.migration import dm, live
+from xenemu.core.migration.image import DEVICE_MODEL, Image, checksum_steps, decode, encode_steps
 from xenemu.core.migration.restore import restore
 from xenemu.core.migration.save import snapshot
 from xenemu.core.migration.store import ImageStore
@@ -137,7 +137,7 @@ def _restore_domain(host: Host, caller: int, action: RestoreDomain) -> Generator
         return {"ret": 0, "domid": dom.domid, "token": dom.token, "pages": dom.pages}
     dm_images = []
     for dm_raw in dm_raws:
-        yield from checksum_steps(dm_raw)
+        yield from checksum_steps(dm_raw, DEVICE_MODEL)
         dm_images.append(dm.decode(dm_raw, summed=True))
     dom, dms = yield from dm.restore_with_dms(host, image, dm_images)
     return {
@@ -155,3 +155,104 @@ def _restore_domain(host: Host, caller: int, action: RestoreDomain) -> Generator
             for d in dms
         ],
     }
+
+
+# -- live migration (``xl migrate``) ------------------------------------------------------------
+_MIGRATIONS: weakref.WeakKeyDictionary[Host, live.Migrations] = weakref.WeakKeyDictionary()
+
+
+def migrations(host: Host) -> live.Migrations:
+    """The host's migrations out and in (kept beside it, as its transfers are)."""
+    found = _MIGRATIONS.get(host)
+    if found is None:
+        found = _MIGRATIONS[host] = live.Migrations()
+    return found
+
+
+@dataclass(frozen=True)
+class MigrateBegin(ControlAction):
+    """Start migrating a domain out: log-dirty on; ``migrate_send`` then gives its sections."""
+
+    name = "migrate_begin"
+    domid: int
+
+
+@handles(MigrateBegin)
+def _migrate_begin(host: Host, caller: int, action: MigrateBegin) -> Generator[str, None, dict[str, Any]]:
+    ident = yield from live.begin(host, migrations(host), action.domid)
+    return {"ret": 0, "migration": ident, "pages": host.domain(action.domid).pages}
+
+
+@dataclass(frozen=True)
+class MigrateSend(ControlAction):
+    """The next pre-copy section (up to ``pages`` pages), to be read out with ``image_read``."""
+
+    name = "migrate_send"
+    migration: int
+    pages: int = live.SECTION_PAGES
+
+
+@handles(MigrateSend)
+def _migrate_send(host: Host, caller: int, action: MigrateSend) -> Generator[str, None, dict[str, Any]]:
+    raw, info = yield from live.send(host, migrations(host), action.migration, action.pages)
+    return {"ret": 0, "image": store(host).put(raw), "size": len(raw), **info}
+
+
+@dataclass(frozen=True)
+class MigrateSuspend(ControlAction):
+    """Stop the domain and take its last section (``-EBUSY`` and it runs on if it cannot be)."""
+
+    name = "migrate_suspend"
+    migration: int
+
+
+@handles(MigrateSuspend)
+def _migrate_suspend(host: Host, caller: int, action: MigrateSuspend) -> Generator[str, None, dict[str, Any]]:
+    raw, info = yield from live.suspend(host, migrations(host), action.migration)
+    return {"ret": 0, "image": store(host).put(raw), "size": len(raw), **info}
+
+
+@dataclass(frozen=True)
+class MigrateFinish(ControlAction):
+    """``done``: the receiver has the domain, destroy it here; else abandon, and it runs on."""
+
+    name = "migrate_finish"
+    migration: int
+    done: bool
+
+
+@handles(MigrateFinish)
+def _migrate_finish(host: Host, caller: int, action: MigrateFinish) -> Generator[str, None, dict[str, Any]]:
+    yield from live.finish(host, migrations(host), action.migration, action.done)
+    return {"ret": 0}
+
+
+@dataclass(frozen=True)
+class MigrateReceive(ControlAction):
+    """Apply a written section (``incoming`` 0: the first, which creates the domain); the last
+    one's reply has the domain's ``token``. The image is consumed, whatever the outcome."""
+
+    name = "migrate_receive"
+    image: int
+    incoming: int = 0
+
+
+@handles(MigrateReceive)
+def _migrate_receive(host: Host, caller: int, action: MigrateReceive) -> Generator[str, None, dict[str, Any]]:
+    raw = store(host).take(action.image)
+    result = yield from live.receive(host, migrations(host), raw, action.incoming)
+    return result
+
+
+@dataclass(frozen=True)
+class MigrateDrop(ControlAction):
+    """Give up receiving: the half-received domain is destroyed."""
+
+    name = "migrate_drop"
+    incoming: int
+
+
+@handles(MigrateDrop)
+def _migrate_drop(host: Host, caller: int, action: MigrateDrop) -> dict[str, Any]:
+    live.drop_incoming(host, migrations(host), action.incoming)
+    return {"ret": 0}

@@ -40,6 +40,12 @@ class IommuContext:
     flush_enabled: bool = True
     faults: list[DmaFault] = field(default_factory=list)
     fault_count: int = 0
+    #: The dirty bits of its entries (iommufd's dirty tracking): BFN -> the frame a device
+    #: wrote through it, set by DMA writes while ``Iommu.dirty_tracking`` is on and read and
+    #: cleared by a live migration's rounds. The frame is kept with the bit, so a write through
+    #: an entry unmapped (or a stale IOTLB entry) before the round reads it is not lost. At
+    #: most one per BFN the context can translate.
+    dirty: dict[int, int] = field(default_factory=dict)
 
     def note(self, flush: FlushType) -> None:
         if flush > self.pending_flush:

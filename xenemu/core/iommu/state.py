@@ -59,6 +59,8 @@ class Iommu:
         self.mappings_held: Counter[int] = Counter()
         #: DMA faults of devices that see machine addresses (no context).
         self.machine_dma_faults = 0
+        #: Live migrations under way: while non-zero, DMA writes set their entry's dirty bit.
+        self.dirty_tracking = 0
         #: Scratch frames whose 1:1 default entry of the non-strict hardware domain went when
         #: they became scratch frames; it comes back when they are freed, unless a subop has
         #: written that BFN meanwhile (``note_written``).
@@ -287,6 +289,27 @@ class Iommu:
         if not entry & need & PERM_MASK:
             return None, "write denied" if write else "read denied"
         return entry_mfn(entry), ""
+
+    def dirty_tracking_on(self) -> None:
+        self.dirty_tracking += 1
+
+    def dirty_tracking_off(self) -> None:
+        """One migration fewer; with none left, every dirty bit is cleared (none is read)."""
+        self.dirty_tracking -= 1
+        if not self.dirty_tracking:
+            for ctx in self.contexts.values():
+                ctx.dirty.clear()
+
+    def read_dirty(self, owner: int) -> list[tuple[IommuContext, int, int]]:
+        """Read and clear every dirty bit whose frame ``owner`` owns: (context, BFN, MFN).
+        Bits of other domains' frames stay for their own migrations."""
+        owners, found = self.frames.owner, []
+        for ctx in self.contexts.values():
+            mine = [(bfn, mfn) for bfn, mfn in ctx.dirty.items() if mfn < len(owners) and owners[mfn] == owner]
+            for bfn, mfn in mine:
+                del ctx.dirty[bfn]
+                found.append((ctx, bfn, mfn))
+        return found
 
     def record_fault(self, ctx: IommuContext | None, fault: DmaFault) -> None:
         if ctx is None:

@@ -113,6 +113,8 @@ class GuestMemory:
             raise HypercallError(-EINVAL, f"GFN {gfn:#x} is not populated in d{domid}")
         if data is not None:
             self.frames.write(mfn, offset, data)
+            if dom.p2m.log is not None:  # log-dirty: a live migration sends it again
+                dom.p2m.note(gfn)
             return b""
         return self.frames.read(mfn, offset, size)
 

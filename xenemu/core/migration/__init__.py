@@ -16,6 +16,11 @@ CLI's. The rooms, in dependency order:
     id and token, preemptible while its memory is copied, rolled back on any failure.
 ``store``
     Images being read out or written in over the control socket, in bounded chunks.
+``stream``
+    A live migration's state between requests, and its pre-copy sections' format.
+``outgoing`` and ``incoming``
+    Live migration's source (log-dirty, pre-copy rounds, the stop) and receiver (the domain
+    built section by section); ``live`` is what the control requests call.
 ``dm``
     A device-model domain saved with its guest and restored against the restored guest: its
     own image plus its IOREQ servers and its foreign and scratch entries by the guest's GFN.

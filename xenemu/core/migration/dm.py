@@ -60,7 +60,7 @@ from xenemu.core.ioreq.servers import (
 from xenemu.core.memory.domain import Domain
 from xenemu.core.memory.leaves import LEAF_SHIFT
 from xenemu.core.migration import restore, save
-from xenemu.core.migration.image import MAX_META, Image, check_references, refuse
+from xenemu.core.migration.image import DEVICE_MODEL, MAX_META, Image, check_references, refuse
 from xenemu.core.migration.image import decode as decode_image
 
 FMAP = struct.Struct("<QQIBBxx")
@@ -179,7 +179,7 @@ def snapshot_dm(host: Host, dm_domid: int, guest_domid: int) -> Image:
 # -- the image's checks --------------------------------------------------------------------------
 def decode(raw: bytes | bytearray, summed: bool = False) -> Image:
     """A device model's image, checked as strictly as any image (``-EBADMSG`` saying why)."""
-    image = decode_image(raw, summed, device_model=True)
+    image = decode_image(raw, summed, DEVICE_MODEL)
     parse(image)
     return image
 

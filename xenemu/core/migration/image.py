@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import operator
 import struct
 from array import array
 from collections.abc import Generator
@@ -45,8 +46,9 @@ DIGEST = 32
 HELD = 1 << 63
 TAGS = (b"META", b"P2M ", b"DATA", b"IOMM")
 #: Header flag of a device model's image (``dm.py``): two more records follow its own four,
-#: ``DMSV`` (JSON: its IOREQ servers) and ``FMAP`` (its foreign and scratch entries).
-DEVICE_MODEL = 1
+#: ``DMSV`` (JSON: its IOREQ servers) and ``FMAP`` (its foreign and scratch entries). (Bits 0
+#: and 1 are a live migration's section kinds, ``stream.PRECOPY`` and ``FINAL``.)
+DEVICE_MODEL = 4
 DM_TAGS = (b"DMSV", b"FMAP")
 #: The JSON record is small (no list in it grows with memory but the leaf lists).
 MAX_META = 16 << 20
@@ -71,14 +73,24 @@ class Image:
     pages: list[tuple[int, bytes | memoryview]] = field(default_factory=list)
     #: (BFN, frame ref, kind, perms) of every present entry of its written leaves, by BFN.
     entries: list[tuple[int, int, int, int]] = field(default_factory=list)
+    #: A migration's last section only: what the receiver needs beyond a save (live.py).
+    live: dict[str, Any] | None = None
     #: A device model's image only: the payloads of its ``DM_TAGS`` records (``dm.py`` reads them).
     dm_records: list[bytes | memoryview] | None = None
 
 
-def encode_steps(image: Image) -> Generator[str, None, bytes]:
+#: Header flags of a live migration's last section (``live.py``): a save image whose DATA holds
+#: only the pages dirtied since the pre-copy sections (zero pages included), and whose META
+#: carries a ``live`` field. A plain save image has no flag.
+FINAL = 2
+
+
+def encode_steps(image: Image, flags: int = 0) -> Generator[str, None, bytes]:
     """The image's bytes, hashed a slice at a time with a pause between slices (a large guest's
-    image takes a while to sum, and the daemon serves others meanwhile)."""
-    meta = json.dumps(image.meta, sort_keys=True, separators=(",", ":")).encode()
+    image takes a while to sum, and the daemon serves others meanwhile). A device model's image
+    (``dm_records``) gets the ``DEVICE_MODEL`` flag and its two records."""
+    fields = image.meta if image.live is None else image.meta | {"live": image.live}
+    meta = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
     data: list[bytes | memoryview] = []
     for ref, page in image.pages:
         data += (REF.pack(ref), page)
@@ -86,9 +98,8 @@ def encode_steps(image: Image) -> Generator[str, None, bytes]:
     records: tuple[list[bytes | memoryview], ...] = ([meta], [array("Q", image.gfns).tobytes()], data, [entries])
     lengths: tuple[int, ...] = (len(meta), len(records[1][0]), len(image.pages) * (8 + PAGE_SIZE), len(entries))
     tags: tuple[bytes, ...] = TAGS
-    flags = 0
     if image.dm_records is not None:
-        tags, flags = TAGS + DM_TAGS, DEVICE_MODEL
+        tags, flags = TAGS + DM_TAGS, flags | DEVICE_MODEL
         records += tuple([r] for r in image.dm_records)
         lengths += tuple(len(r) for r in image.dm_records)
     body = sum(lengths) + len(tags) * RECORD.size
@@ -105,9 +116,9 @@ def encode_steps(image: Image) -> Generator[str, None, bytes]:
     return b"".join(parts)
 
 
-def encode(image: Image) -> bytes:
+def encode(image: Image, flags: int = 0) -> bytes:
     """``encode_steps`` run to its end (tests and scripts)."""
-    steps = encode_steps(image)
+    steps = encode_steps(image, flags)
     while True:
         try:
             next(steps)
@@ -116,9 +127,9 @@ def encode(image: Image) -> bytes:
             return out
 
 
-def checksum_steps(raw: bytes | bytearray) -> Generator[str, None, None]:
+def checksum_steps(raw: bytes | bytearray, flags: int = 0) -> Generator[str, None, None]:
     """The framing and the trailer's SHA-256 checked a slice at a time, pausing between slices."""
-    total = _whole(raw)
+    total = _whole(raw, flags)
     view = memoryview(raw)
     digest = hashlib.sha256()
     step = HASH_SLICE * PAGE_SIZE
@@ -129,50 +140,54 @@ def checksum_steps(raw: bytes | bytearray) -> Generator[str, None, None]:
         raise refuse("checksum mismatch")
 
 
-def _whole(raw: bytes | bytearray) -> int:
-    total = declared_length(raw)
+def _whole(raw: bytes | bytearray, flags: int = 0) -> int:
+    total = declared_length(raw, flags)
     if len(raw) != total:
         raise refuse(f"{'truncated' if len(raw) < total else 'trailing bytes'}: {len(raw)} of {total} bytes")
     return total
 
 
-def declared_length(head: bytes | bytearray) -> int:
-    """The whole image's length from its header (what a receiver may check before the rest)."""
+def header_flags(head: bytes | bytearray) -> int:
+    """The header's flags (after the magic and version are checked): which kind of image."""
+    declared_length(head, None)
+    return int(HEADER.unpack_from(head)[2])
+
+
+def declared_length(head: bytes | bytearray, flags: int | None = 0) -> int:
+    """The whole image's length from its header (what a receiver may check before the rest);
+    ``flags``: the header flags this reader expects (None: any)."""
     if len(head) < HEADER.size or head[:8] != MAGIC:
         raise HypercallError(-EINVAL, "not a xenemu save image (bad magic)")
-    _, version, flags, body, _ = HEADER.unpack_from(head)
+    expected = flags
+    _, version, got_flags, body, _ = HEADER.unpack_from(head)
     if version != VERSION:
         raise HypercallError(-EPROTONOSUPPORT, f"save image version {version}; this xenemu reads version {VERSION}")
-    if flags & ~DEVICE_MODEL:
-        raise refuse(f"unknown header flags {flags:#x}")
+    if expected is not None and got_flags != expected:
+        if (got_flags ^ expected) == DEVICE_MODEL:
+            raise HypercallError(
+                -EINVAL,
+                "a device model's image: it is restored with its guest's (restore_domain dm_images)"
+                if got_flags & DEVICE_MODEL
+                else "not a device model's image (save its guest with with_dm)",
+            )
+        raise refuse(f"unexpected header flags {got_flags:#x}")
     return int(HEADER.size + body + DIGEST)
 
 
-def is_device_model(head: bytes | bytearray) -> bool:
-    """Whether the header says a device model's image (``declared_length`` checks it first)."""
-    return bool(HEADER.unpack_from(head)[2] & DEVICE_MODEL)
-
-
-def decode(raw: bytes | bytearray, summed: bool = False, device_model: bool = False) -> Image:
+def decode(raw: bytes | bytearray, summed: bool = False, flags: int = 0) -> Image:
     """Check and parse an image; ``-EINVAL``, ``-EPROTONOSUPPORT`` or ``-EBADMSG`` saying why.
-    ``summed``: ``checksum_steps`` has checked the framing and the checksum already.
-    ``device_model``: a device model's image is wanted (``dm.decode`` checks the rest of it,
-    its cross-references included); either kind where the other is wanted is ``-EINVAL``."""
-    total = _whole(raw)
+    ``summed``: ``checksum_steps`` has checked the framing and the checksum already. With
+    ``FINAL`` in ``flags``, META's ``live`` field is taken out before META is checked (the
+    caller checks it) and kept in ``Image.live``. With ``DEVICE_MODEL``, the ``DM_TAGS`` records
+    are kept in ``Image.dm_records`` for ``dm.decode``, which checks them and the references."""
+    total = _whole(raw, flags)
     view = memoryview(raw)
-    if is_device_model(raw) != device_model:
-        raise HypercallError(
-            -EINVAL,
-            "a device model's image: it is restored with its guest's (restore_domain dm_images)"
-            if not device_model
-            else "not a device model's image (save its guest with with_dm)",
-        )
     if not summed:
-        for _ in checksum_steps(raw):
+        for _ in checksum_steps(raw, flags):
             pass
     payloads: list[memoryview] = []
     at, end = HEADER.size, total - DIGEST
-    for tag in TAGS + (DM_TAGS if device_model else ()):
+    for tag in TAGS + (DM_TAGS if flags & DEVICE_MODEL else ()):
         if at + RECORD.size > end:
             raise refuse(f"record {tag.decode()!r} missing")
         got, zero, length = RECORD.unpack_from(view, at)
@@ -192,6 +207,9 @@ def decode(raw: bytes | bytearray, summed: bool = False, device_model: bool = Fa
         meta = json.loads(bytes(meta_raw))
     except ValueError:
         raise refuse("META record is not JSON") from None
+    live = meta.pop("live", None) if flags & FINAL and isinstance(meta, dict) else None
+    if flags & FINAL and not isinstance(live, dict):
+        raise refuse("a migration's last section has no live field")
     check_meta(meta)
     if len(gfn_raw) % 8 or len(data_raw) % (8 + PAGE_SIZE) or len(entry_raw) % ENTRY.size:
         raise refuse("a record's length is not a whole number of items")
@@ -203,7 +221,8 @@ def decode(raw: bytes | bytearray, summed: bool = False, device_model: bool = Fa
     ]
     entries = [ENTRY.unpack_from(entry_raw, i) for i in range(0, len(entry_raw), ENTRY.size)]
     image = Image(meta, gfns.tolist(), pages, [(int(b), int(r), int(k), int(p)) for b, r, k, p in entries])
-    if device_model:
+    image.live = live
+    if flags & DEVICE_MODEL:
         image.dm_records = list(payloads[len(TAGS) :])  # dm.decode checks them and the references
     else:
         check_references(image)
@@ -230,7 +249,7 @@ def _ints(value: Any, what: str, high: int = 1 << 64) -> list[int]:
 
 
 def _ascending(values: list[int], what: str) -> None:
-    if any(b <= a for a, b in itertools.pairwise(values)):
+    if not all(map(operator.lt, values, itertools.islice(values, 1, None))):  # C speed: lists of every GFN
         raise refuse(f"{what} not strictly ascending")
 
 

@@ -173,3 +173,9 @@ def _finish(host: Host, dom: Domain, image: Image) -> None:
         ctx.fault_count = saved_ctx["fault_count"]
     for mfn in held:  # now held by its map_page entries alone, as before the save
         frames.unpopulate(mfn)
+
+
+def finish(host: Host, dom: Domain, image: Image) -> None:
+    """What a restore does once the domain's memory is in place (a live migration's receiver
+    populates the memory section by section, then calls this with the last one)."""
+    _finish(host, dom, image)

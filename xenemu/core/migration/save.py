@@ -54,14 +54,14 @@ def refusal(host: Host, dom: Domain, device_model: bool = False) -> HypercallErr
         return its_busy
     ctx = host.iommu.contexts.get(domid)
     if ctx is not None:
-        own = _own_refs(host, dom)
+        own = Refs(host, dom)
         for bfn, entry in ctx.table.materialized():
             kind = entry_kind(entry)
             if device_model and kind in DM_KINDS:
                 continue
             if kind not in (Kind.DEFAULT, Kind.MAP, Kind.MAP_NOREF, Kind.RMRR, Kind.DOORBELL):
                 return HypercallError(-EBUSY, f"d{domid} has a {kind.name.lower()} entry at BFN {bfn:#x}")
-            if kind not in (Kind.RMRR, Kind.DOORBELL) and entry_mfn(entry) not in own:
+            if kind not in (Kind.RMRR, Kind.DOORBELL) and own.of(entry_mfn(entry), bfn) is None:
                 return HypercallError(-EBUSY, f"BFN {bfn:#x} of d{domid} maps a frame it no longer owns")
     return None
 
@@ -83,11 +83,29 @@ def _held_frames(host: Host, dom: Domain) -> list[int]:
     )
 
 
-def _own_refs(host: Host, dom: Domain) -> dict[int, int]:
-    """MFN -> frame ref, for every frame the image can name."""
-    refs = {mfn: gfn for gfn, mfn in dom.p2m.items()}
-    refs.update({mfn: HELD | i for i, mfn in enumerate(_held_frames(host, dom))})
-    return refs
+class Refs:
+    """The frame ref of each frame the image can name, found without a pass over all memory
+    where the entry says where to look (a default or map_page entry at its own GFN): a live
+    migration's last section is taken with the domain stopped, and a reverse map of a large
+    guest's p2m would be most of that pause. Other frames fall back to the reverse map, built
+    once."""
+
+    def __init__(self, host: Host, dom: Domain) -> None:
+        self.p2m = dom.p2m
+        self.held = _held_frames(host, dom)
+        self._held_refs = {mfn: HELD | i for i, mfn in enumerate(self.held)}
+        self._reverse: dict[int, int] | None = None
+
+    def of(self, mfn: int, gfn: int) -> int | None:
+        """``mfn``'s ref, trying GFN ``gfn`` first; None if the domain neither owns nor holds it."""
+        if self.p2m.get(gfn) == mfn:
+            return gfn
+        held = self._held_refs.get(mfn)
+        if held is not None:
+            return held
+        if self._reverse is None:
+            self._reverse = {m: g for g, m in self.p2m.items()}
+        return self._reverse.get(mfn)
 
 
 def _device(host: Host, bdf: str) -> dict[str, Any]:
@@ -101,20 +119,33 @@ def _device(host: Host, bdf: str) -> dict[str, Any]:
     return {"bdf": bdf, "rmrr": [list(r) for r in device.rmrr], "its": its}
 
 
-def snapshot(host: Host, domid: int, device_model: bool = False) -> Image:
-    """The domain's image (it keeps running; the caller decides whether it goes).
-    ``device_model``: as ``refusal``'s; its foreign and scratch entries are left out."""
+def snapshot(host: Host, domid: int, only: set[int] | None = None, device_model: bool = False) -> Image:
+    """The domain's image (it keeps running; the caller decides whether it goes). ``only``: a
+    live migration's last section, whose DATA holds just these GFNs' pages (zero pages too:
+    the receiver has older contents for them) and every held frame's. ``device_model``: as
+    ``refusal``'s; its foreign and scratch entries are left out (``dm.py`` saves them)."""
     dom = host.domain(domid)
     refused = refusal(host, dom, device_model)
     if refused is not None:
         raise refused
-    own = _own_refs(host, dom)
+    own = Refs(host, dom)
     frames = host.frames
     pages: list[tuple[int, bytes | memoryview]] = []
-    for mfn, ref in sorted(own.items(), key=lambda item: item[1]):
+    if only is None:
+        for gfn, mfn in dom.p2m.items():
+            page = frames.data.get(mfn)
+            if page is not None and page != ZERO_PAGE:
+                pages.append((gfn, bytes(page)))
+    else:
+        for gfn in sorted(only):
+            found = dom.p2m.get(gfn)
+            if found is not None:
+                page = frames.data.get(found)
+                pages.append((gfn, ZERO_PAGE if page is None else bytes(page)))
+    for i, mfn in enumerate(own.held):
         page = frames.data.get(mfn)
         if page is not None and page != ZERO_PAGE:
-            pages.append((ref, bytes(page)))
+            pages.append((HELD | i, bytes(page)))
     ctx = host.iommu.contexts.get(domid)
     entries, iommu = [], None
     if ctx is not None:
@@ -122,7 +153,8 @@ def snapshot(host: Host, domid: int, device_model: bool = False) -> Image:
             kind = entry_kind(entry)
             if kind == Kind.DOORBELL or kind in DM_KINDS:
                 continue  # the device's assignment maps it again; dm.py saves the others
-            ref = bfn if kind == Kind.RMRR else own[entry_mfn(entry)]
+            ref = bfn if kind == Kind.RMRR else own.of(entry_mfn(entry), bfn)
+            assert ref is not None  # the refusal checked every entry
             entries.append((bfn, ref, int(kind), entry_perms(entry)))
         iommu = {
             "leaves": sorted(ctx.table.leaves),
@@ -158,7 +190,7 @@ def snapshot(host: Host, domid: int, device_model: bool = False) -> Image:
         "devices": [_device(host, bdf) for bdf in sorted(dom.devices)],
         "iommu": iommu,
         "p2m_leaves": sorted(dom.p2m.leaf_indexes()),
-        "held": sum(1 for ref in own.values() if ref & HELD),
+        "held": len(own.held),
         "grants": {"entries": grants, "next_handle": host.grants.maptracks[domid].next_handle},
     }
-    return Image(meta, [g for g, _ in dom.p2m.items()], pages, entries)
+    return Image(meta, dom.p2m.gfns(), pages, entries)

@@ -1,0 +1,215 @@
+"""The receiver of a live migration: the domain built section by section.
+
+The first section creates it (hidden: busy, suspended, named ``NAME--incoming``); each one
+populates and writes its GFNs and frees those gone; the last makes its p2m the source's, writes
+the last pages a slice at a time, then does what a restore's last step does. The domain takes
+the source's token and runs. Any failure destroys what was received.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any
+
+from xenemu.core.errors import EEXIST, EINVAL, ENOENT, ENOMEM, EOPNOTSUPP, ESRCH, HypercallError
+from xenemu.core.host import Host
+from xenemu.core.iommu.preempt import PREEMPT
+from xenemu.core.migration import restore as restoring
+from xenemu.core.migration import vits
+from xenemu.core.migration.image import FINAL, HEADER, HELD, MAGIC, Image, checksum_steps, decode, refuse
+from xenemu.core.migration.save import ZERO_PAGE
+from xenemu.core.migration.stream import (
+    COPY_SLICE,
+    MAX_MIGRATIONS,
+    PRECOPY,
+    Incoming,
+    Migrations,
+    Precopy,
+    check_int,
+    decode_precopy,
+    prune,
+)
+
+
+def receive(
+    host: Host, migrations: Migrations, raw: bytes | bytearray, ident: int
+) -> Generator[str, None, dict[str, Any]]:
+    """Apply one section (``ident`` 0: the first, which creates the domain). A failure destroys
+    what was received: the migration is over on this side (the source's domain runs on)."""
+    flags = _flags(raw)
+    yield from checksum_steps(raw, flags)
+    prune(host, migrations)
+    if flags == PRECOPY:
+        section = decode_precopy(raw)
+        if ident == 0:
+            ident = yield from _create(host, migrations, section)
+        inc = _incoming(host, migrations, ident)
+        try:
+            yield from _apply_precopy(host, inc, section)
+        except BaseException:
+            _drop(host, migrations, ident)
+            raise
+        return {"ret": 0, "incoming": ident, "domid": inc.dom.domid, "pages": inc.dom.pages}
+    image = decode(raw, summed=True, flags=FINAL)
+    inc = _incoming(host, migrations, ident)
+    try:
+        yield from _complete(host, inc, image)
+    except BaseException:
+        _drop(host, migrations, ident)
+        raise
+    del migrations.incoming[ident]
+    return {"ret": 0, "incoming": ident, "domid": inc.dom.domid, "token": inc.dom.token, "pages": inc.dom.pages}
+
+
+def _flags(raw: bytes | bytearray) -> int:
+    if len(raw) < HEADER.size or raw[:8] != MAGIC:
+        raise HypercallError(-EINVAL, "not a xenemu migration section (bad magic)")
+    flags = int(HEADER.unpack_from(raw)[2])
+    if flags not in (PRECOPY, FINAL):
+        raise HypercallError(-EINVAL, "a save image, not a migration section: use restore_domain")
+    return flags
+
+
+def _incoming(host: Host, migrations: Migrations, ident: int) -> Incoming:
+    inc = migrations.incoming.get(ident)
+    if inc is None:
+        raise HypercallError(-ENOENT, f"no incoming migration {ident}")
+    return inc
+
+
+def _drop(host: Host, migrations: Migrations, ident: int) -> None:
+    """What was received goes: the half-built domain is destroyed."""
+    inc = migrations.incoming.pop(ident, None)
+    if inc is not None and host.domains.get(inc.dom.domid) is inc.dom:
+        host.destroy_domain(inc.dom.domid)
+
+
+def _create(host: Host, migrations: Migrations, section: Precopy) -> Generator[str, None, int]:
+    create = section.meta.get("create")
+    if create is None:
+        raise refuse("the first section of a migration does not say what to create")
+    frames = host.frames
+    if create["pages"] > frames.nr_free or create["max_pages"] > frames.nr_frames:
+        raise HypercallError(
+            -ENOMEM,
+            f"host too small: the domain has {create['pages']} pages ({frames.nr_free} free here)"
+            f" and max_pages {create['max_pages']} ({frames.nr_frames} frames here)",
+        )
+    if any(p >= host.options.its_cpus for p in create["pin"]):
+        raise HypercallError(-EINVAL, f"a vCPU is pinned beyond this host's {host.options.its_cpus} CPUs")
+    while len(migrations.incoming) >= MAX_MIGRATIONS:
+        _drop(host, migrations, min(migrations.incoming))
+    name = create["name"]
+    dom = yield from host.creating(
+        "hvm", 0, None, name, create["max_mappings"], create["vcpus"], create["pin"], create["max_pages"]
+    )
+    dom.name = (name + "--incoming")[:64]  # as xl shows a domain being received
+    dom.busy_ops += 1  # its own calls are refused; nobody has its token
+    host.suspended.add(dom.domid)  # nor can a request name it (the toolstack may destroy it)
+    ident = migrations._new_id()
+    migrations.incoming[ident] = Incoming(dom)
+    return ident
+
+
+def _apply_precopy(host: Host, inc: Incoming, section: Precopy) -> Generator[str, None, None]:
+    dom, frames = inc.dom, host.frames
+    for gfn in section.gone:
+        mfn = dom.p2m.pop(gfn)
+        if mfn is not None:
+            frames.unpopulate(mfn)  # nothing else can hold a frame of a domain being received
+            dom.pages -= 1
+    for done, gfn in enumerate(section.sent):
+        if done and not done % COPY_SLICE:
+            yield PREEMPT
+            if host.domains.get(dom.domid) is not dom:
+                raise HypercallError(-ESRCH, "the domain being received was destroyed")
+        mfn = dom.p2m.get(gfn)
+        if mfn is None:
+            if dom.pages >= dom.max_pages:
+                raise HypercallError(-ENOMEM, f"the incoming domain would exceed its max_pages {dom.max_pages}")
+            mfn = frames.allocate(dom.domid)
+            if mfn is None:
+                raise HypercallError(-ENOMEM, "frames ran out while the domain was received")
+            dom.p2m[gfn] = mfn
+            dom.pages += 1
+        page = section.pages.get(gfn)
+        if page is not None:
+            frames.write(mfn, 0, page)
+        else:
+            frames.data.pop(mfn, None)  # a zero page
+    inc.sections += 1
+
+
+def _complete(host: Host, inc: Incoming, image: Image) -> Generator[str, None, None]:
+    """The last section: the p2m made what the source's was, the dirty pages written, then
+    everything else as ``restore`` puts it back; the domain takes its token and runs."""
+    dom, frames, live = inc.dom, host.frames, image.live
+    assert live is not None
+    token = live.get("token")
+    if set(live) != {"token", "round"} or not isinstance(token, str) or len(token) != 32:
+        raise refuse("live must be {token, round}")
+    check_int(live["round"], "round", 1, 1 << 32)
+    saved = image.meta["domain"]
+    if saved["max_mappings"] != dom.max_mappings or image.meta["its"]["vcpus"] != host.its.domains[dom.domid].vcpus:
+        raise refuse("the last section does not describe the domain the first one created")
+    if any(other.token == token for other in host.domains.values()):
+        raise HypercallError(-EEXIST, "a domain here already has that token")
+    have = dom.p2m.gfns()
+    missing: list[int] = []
+    extra: list[int] = []
+    if have != image.gfns:  # the pre-copy sections left it as the source's (the common case)
+        wanted, present = set(image.gfns), set(have)
+        missing, extra = sorted(wanted - present), sorted(present - wanted)
+    need = len(missing) + image.meta["held"]
+    if need > frames.nr_free + len(extra) or saved["max_pages"] > frames.nr_frames:
+        raise HypercallError(-ENOMEM, "host too small for the domain's last pages")
+    restoring.check_devices(host, image)
+    if image.meta["devices"] and not host.options.iommu:
+        raise HypercallError(-EOPNOTSUPP, "no IOMMU on this host: an HVM domain cannot be given its devices")
+    vits.check(image.meta)
+    vits.check_host(host, image.meta)
+    for gfn in extra:
+        mfn = dom.p2m.pop(gfn)
+        assert mfn is not None
+        frames.unpopulate(mfn)
+        dom.pages -= 1
+    for gfn in missing:
+        mfn = frames.allocate(dom.domid)
+        if mfn is None:
+            raise HypercallError(-ENOMEM, "frames ran out while the domain was received")
+        dom.p2m[gfn] = mfn
+        dom.pages += 1
+    for index in image.meta["p2m_leaves"]:
+        dom.p2m.add_leaf(index)
+    for done, (ref, page) in enumerate(image.pages):
+        if done and not done % COPY_SLICE:
+            yield PREEMPT  # the domain is suspended: nothing else writes it meanwhile
+            if host.domains.get(dom.domid) is not dom:
+                raise HypercallError(-ESRCH, "the domain being received was destroyed")
+        if not ref & HELD:
+            mfn = dom.p2m.get(ref)
+            assert mfn is not None  # the decoder checked DATA names its GFNs
+            if page == ZERO_PAGE:
+                frames.data.pop(mfn, None)
+            else:
+                frames.write(mfn, 0, page)
+    yield PREEMPT
+    if host.domains.get(dom.domid) is not dom:
+        raise HypercallError(-ESRCH, "the domain being received was destroyed")
+    if len(dom.p2m) != saved["pages"]:
+        raise refuse("the domain's pages do not add up to the last section's")
+    dom.max_pages = saved["max_pages"]
+    if any(other.token == token for other in host.domains.values()):  # another arrival, meanwhile
+        raise HypercallError(-EEXIST, "a domain here already has that token")
+    restoring.check_devices(host, image)  # others may have changed meanwhile; nothing can fail after this
+    dom.busy_ops -= 1  # as a restore's last step, which assigns its devices
+    restoring.finish(host, dom, image)
+    dom.name = saved["name"]
+    dom.token = token
+    host.suspended.discard(dom.domid)
+
+
+def drop_incoming(host: Host, migrations: Migrations, ident: int) -> None:
+    """The toolstack gives up receiving: what was received goes."""
+    _incoming(host, migrations, ident)
+    _drop(host, migrations, ident)
