@@ -77,7 +77,7 @@ class MigrationFailed(Exception):
         self.where = where
 
 
-def _carry(src: SyncControlClient, dst: SyncControlClient, reply: dict[str, Any], incoming: int) -> dict[str, Any]:
+def carry(src: SyncControlClient, dst: SyncControlClient, reply: dict[str, Any], incoming: int) -> dict[str, Any]:
     """One section from the source's transfer into the receiver (chunks of at most 1 MiB)."""
     image, size = reply["image"], reply["size"]
     target = dst.restore_begin(size)
@@ -112,7 +112,7 @@ def migrate(
         tries = 0
         while True:
             reply = src.migrate_send(mig, policy.section)
-            got = _carry(src, dst, reply, incoming)
+            got = carry(src, dst, reply, incoming)
             incoming = got["incoming"]
             report.bytes_sent += reply["size"]
             round_bytes += reply["size"]
@@ -127,7 +127,7 @@ def migrate(
             rate = round_bytes / took  # what the link carried this round, bytes/s
             # The next round begins (one page, so the logs are read now): what this one left dirty.
             pending = src.migrate_send(mig, 1)
-            got = _carry(src, dst, pending, incoming)
+            got = carry(src, dst, pending, incoming)
             report.history.append((reply["round"], round_sent, round(took, 4), pending["dirtied"]))
             round_started, round_bytes, round_sent = time.perf_counter(), pending["size"], pending["pages"]
             report.bytes_sent += pending["size"]
@@ -147,7 +147,7 @@ def migrate(
                     if exc.errno != EBUSY or tries >= policy.stop_tries:
                         raise
                     continue
-                got = _carry(src, dst, final, incoming)
+                got = carry(src, dst, final, incoming)
                 received = True
                 report.downtime_ms = round((time.perf_counter() - final_started) * 1000, 2)
                 report.final_pages, report.pages_sent = final["pages"], final["sent"]

@@ -33,6 +33,7 @@ MUTANTS: dict[str, str] = {
     "grant-status": "a grant of an unpopulated GFN is GNTST_general_error, not GNTST_bad_page",
     "grant-readonly-writable": "a read-only grant is mapped writable in the IOMMU",
     "bad-token-kept": "a hello with a bad token is refused but the connection stays open",
+    "dma-dirty-lost": "DMA writes set no IOMMU dirty bit: live migration loses them",
 }
 #: The machine every self-test daemon emulates (the mutants break the Python handlers).
 FLAGS = ("--frames", "8192", "--dom0-memory", "512", "--fault-injection", "--no-fast-path")

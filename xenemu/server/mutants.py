@@ -159,6 +159,12 @@ def bad_token_kept(host: Host) -> None:
     session.Session.refuse = mutant  # type: ignore[method-assign]
 
 
+def dma_dirty_lost(host: Host) -> None:
+    """DMA writes never set their IOMMU entry's dirty bit: a live migration misses them."""
+    host.iommu.dirty_tracking_on = lambda: None  # type: ignore[method-assign]
+    host.iommu.dirty_tracking_off = lambda: None  # type: ignore[method-assign]
+
+
 MUTANTS: dict[str, Callable[[Host], None]] = {
     "map-order-status": map_order_status,
     "rmrr-status": rmrr_status,
@@ -172,6 +178,7 @@ MUTANTS: dict[str, Callable[[Host], None]] = {
     "grant-status": grant_status,
     "grant-readonly-writable": grant_readonly_writable,
     "bad-token-kept": bad_token_kept,
+    "dma-dirty-lost": dma_dirty_lost,
 }
 
 

@@ -28,6 +28,7 @@ from xenemu.core.actions.migration import (
     RestoreBegin,
     migrations,
 )
+from xenemu.core.errors import HypercallError
 from xenemu.core.iommu.preempt import PREEMPT
 from xenemu.core.memory.domain import Domain
 from xenemu.core.migration import live, outgoing
@@ -308,4 +309,23 @@ def test_a_second_begin_supersedes_a_migration_left_stopped(bed: Bed) -> None:
     assert not bed.host.suspended and bed.host.iommu.dirty_tracking == 1
     bed.act(dom.domid, GuestWrite(1, 0, b"runs again"))
     bed.act(0, MigrateFinish(new, False))
+    bed.check()
+
+
+def test_a_migration_to_the_same_host_works_as_xl_migrate_to_localhost(bed: Bed) -> None:
+    """Source and receiver are one host: the copy takes the token when it completes (the
+    stopped source lets go of it) and the source goes at the finish. A domain with devices
+    cannot: a device is assigned to one domain (``-EBUSY``, and it runs on)."""
+    dom = bed.guest(memory=40, device=None)
+    bed.host.memory.access(dom.domid, 7, 0, b"here")
+    token = dom.token
+    new, _ = migrate(bed, bed, dom.domid)
+    assert new.domid != dom.domid and dom.domid not in bed.host.domains
+    assert new.token == token and bed.host.memory.access(new.domid, 7, 0, None, 4) == b"here"
+    assert [d for d in bed.host.domains.values() if d.token == token] == [new]
+    with_device = busy_guest(bed)
+    with pytest.raises(HypercallError) as info:
+        migrate(bed, bed, with_device.domid)
+    assert info.value.errno == -16 and "already assigned" in info.value.message
+    assert with_device.domid in bed.host.domains and len(bed.host.domains) == 3
     bed.check()

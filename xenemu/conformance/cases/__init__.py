@@ -1,6 +1,6 @@
 """The cases, one module per family of rules: the protocol itself (framing, handshake, errors),
 PV IOMMU subops and flushing, foreign subops, ballooning and IOREQ invalidates, grants, the
-vITS. Each case is a function registered with ``rules.rule`` under the rule it checks."""
+vITS, live migration. Each case is a function registered with ``rules.rule`` under the rule it checks."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import importlib
 
 from xenemu.conformance.rules import RULES, Rule
 
-FAMILIES = ("protocol", "iommu", "foreign", "flush", "balloon", "grants", "its")
+FAMILIES = ("protocol", "iommu", "foreign", "flush", "balloon", "grants", "its", "migrate")
 
 
 def all_rules() -> list[Rule]:

@@ -42,9 +42,18 @@ def dispatch(host: Host, caller: int, action: Action) -> Outcome:
     return handler(host, caller, action)
 
 
-#: Requests that name a stopped domain and still run: destroying it, and starting its migration
-#: afresh (which first abandons the one that stopped it).
-UNSTOPPED = (control.DestroyDomain, migration.MigrateBegin)
+#: Requests that name a stopped domain and still run: destroying it, starting its migration
+#: afresh (which first abandons the one that stopped it), the shell releasing the IOREQ servers
+#: of a domain whose last connection closed, and the toolstack's reads.
+UNSTOPPED = (
+    control.DestroyDomain,
+    migration.MigrateBegin,
+    ioreq.ReleaseIoreqServers,
+    control.DomainToken,
+    control.DumpMappings,
+    control.FrameInfo,
+    its.ItsInfo,
+)
 
 
 def _refuse_suspended(host: Host, caller: int, action: Action) -> None:

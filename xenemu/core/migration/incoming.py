@@ -8,6 +8,7 @@ the source's token and runs. Any failure destroys what was received.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Generator
 from typing import Any
 
@@ -53,7 +54,7 @@ def receive(
     image = decode(raw, summed=True, flags=FINAL)
     inc = _incoming(host, migrations, ident)
     try:
-        yield from _complete(host, inc, image)
+        yield from _complete(host, migrations, inc, image)
     except BaseException:
         _drop(host, migrations, ident)
         raise
@@ -140,7 +141,7 @@ def _apply_precopy(host: Host, inc: Incoming, section: Precopy) -> Generator[str
     inc.sections += 1
 
 
-def _complete(host: Host, inc: Incoming, image: Image) -> Generator[str, None, None]:
+def _complete(host: Host, migrations: Migrations, inc: Incoming, image: Image) -> Generator[str, None, None]:
     """The last section: the p2m made what the source's was, the dirty pages written, then
     everything else as ``restore`` puts it back; the domain takes its token and runs."""
     dom, frames, live = inc.dom, host.frames, image.live
@@ -152,8 +153,7 @@ def _complete(host: Host, inc: Incoming, image: Image) -> Generator[str, None, N
     saved = image.meta["domain"]
     if saved["max_mappings"] != dom.max_mappings or image.meta["its"]["vcpus"] != host.its.domains[dom.domid].vcpus:
         raise refuse("the last section does not describe the domain the first one created")
-    if any(other.token == token for other in host.domains.values()):
-        raise HypercallError(-EEXIST, "a domain here already has that token")
+    _check_token(host, migrations, token)
     have = dom.p2m.gfns()
     missing: list[int] = []
     extra: list[int] = []
@@ -199,14 +199,24 @@ def _complete(host: Host, inc: Incoming, image: Image) -> Generator[str, None, N
     if len(dom.p2m) != saved["pages"]:
         raise refuse("the domain's pages do not add up to the last section's")
     dom.max_pages = saved["max_pages"]
-    if any(other.token == token for other in host.domains.values()):  # another arrival, meanwhile
-        raise HypercallError(-EEXIST, "a domain here already has that token")
+    _check_token(host, migrations, token)  # again: another arrival may have taken it meanwhile
     restoring.check_devices(host, image)  # others may have changed meanwhile; nothing can fail after this
     dom.busy_ops -= 1  # as a restore's last step, which assigns its devices
     restoring.finish(host, dom, image)
     dom.name = saved["name"]
+    for out in migrations.outgoing.values():  # a migration to this same daemon: the stopped source
+        if out.suspended and out.dom.token == token:  # lets go of it, as it will go at its finish
+            out.dom.token = secrets.token_hex(16)
     dom.token = token
     host.suspended.discard(dom.domid)
+
+
+def _check_token(host: Host, migrations: Migrations, token: str) -> None:
+    """No other domain here may have the token, but the stopped source of a migration to this
+    same daemon (``xl migrate`` to localhost), which is destroyed at its finish."""
+    leaving = {id(out.dom) for out in migrations.outgoing.values() if out.suspended}
+    if any(other.token == token and id(other) not in leaving for other in host.domains.values()):
+        raise HypercallError(-EEXIST, "a domain here already has that token")
 
 
 def drop_incoming(host: Host, migrations: Migrations, ident: int) -> None:
