@@ -9,7 +9,10 @@ It serves one guest through an IOREQ server:
     acknowledge the ring, and complete the synchronous request; pages the guest gives back later
     are mapped again when they reappear;
   * on SIGTERM/SIGINT, ``--duration`` or a closed stdin (``--until-stdin-closes``) it unmaps
-    everything, destroys its server and prints a JSON summary.
+    everything, destroys its server and prints a JSON summary;
+  * with ``--ioserver`` it serves through a server it already has (its device-model domain was
+    restored with its guest, PROTOCOL.md section 14): it reads what its ring holds first, then
+    maps its pages again, which its kept mappings answer at once (an identical mapping takes nothing).
 It prints one JSON line ``{"ready": ...}`` once its pages are mapped.
 """
 
@@ -51,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ready-file", type=Path, help="create this file once the pages are mapped")
     parser.add_argument("--remap-interval", type=float, default=0.05)
     parser.add_argument("--result", type=Path, help="also write the summary here")
+    parser.add_argument(
+        "--ioserver", type=int, default=None, help="serve through this existing server (after a restore)"
+    )
     return parser.parse_args(argv)
 
 
@@ -76,7 +82,11 @@ class Emulator:
         }
 
     async def start(self) -> None:
-        self.server = await self.xc.create_ioreq_server(self.args.guest)
+        if self.args.ioserver is None:
+            self.server = await self.xc.create_ioreq_server(self.args.guest)
+        else:  # restored with its guest: what the ring held at the save is read before anything else
+            self.server = self.args.ioserver
+            await self.handle_ioreqs()
         (caps,) = await self.xc.iommu_op([ops.query_caps()])
         self.map_cap = bool(caps.flags & ops.MAP_CAP)
         await self.map_pages(list(self.gfns))

@@ -349,9 +349,13 @@ class ControlApi:
 
     # -- save and restore (``xl save`` / ``xl restore``): images cross in chunks of <= 1 MiB --
     @request
-    def save_domain(self, domid: int, keep: bool = False) -> Request[Message]:
-        """The reply with ``image``, ``size``, ``digest``; the domain goes unless ``keep``."""
-        return Request("save_domain", {"domid": domid, "keep": keep}, _reply("save_domain"))
+    def save_domain(self, domid: int, keep: bool = False, with_dm: bool = False) -> Request[Message]:
+        """The reply with ``image``, ``size``, ``digest``; the domain goes unless ``keep``.
+        ``with_dm``: its device models too, each an image in ``dm_images``."""
+        args: dict[str, Any] = {"domid": domid, "keep": keep}
+        if with_dm:
+            args["with_dm"] = True
+        return Request("save_domain", args, _reply("save_domain"))
 
     @request
     def image_read(self, image: int, offset: int, length: int) -> Request[bytes]:
@@ -374,9 +378,14 @@ class ControlApi:
         return Request("image_write", {"image": image, "offset": offset, "data": data}, _reply("image_write"))
 
     @request
-    def restore_domain(self, image: int) -> Request[Message]:
-        """``xl restore`` of a written image: the reply with the new ``domid``, ``token``, ``pages``."""
-        return Request("restore_domain", {"image": image}, _reply("restore_domain"))
+    def restore_domain(self, image: int, dm_images: Sequence[int] | None = None) -> Request[Message]:
+        """``xl restore`` of a written image: the reply with the new ``domid``, ``token``, ``pages``;
+        with ``dm_images``, its device models too (``device_models``: each one's ``domid``,
+        ``token``, ``pages`` and ``servers``, ``[old id, new id]`` pairs)."""
+        args: dict[str, Any] = {"image": image}
+        if dm_images is not None:
+            args["dm_images"] = list(dm_images)
+        return Request("restore_domain", args, _reply("restore_domain"))
 
     # -- live migration (``xl migrate``): sections cross as images do, source to receiver ------
     @request

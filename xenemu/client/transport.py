@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import socket
+import struct
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -266,24 +267,61 @@ class SyncControlClient(_SyncTransport, ControlApi):
         """Connect to ``control.sock`` and say hello (it speaks for dom0)."""
         return cls._open(path, None)
 
-    def save_image(self, domid: int, keep: bool = False, progress: Callable[[int], None] | None = None) -> bytes:
-        """``xl save``'s whole image, read out in chunks (the domain goes unless ``keep``)."""
-        reply = self.save_domain(domid, keep)
-        image, size, parts = reply["image"], reply["size"], []
+    def save_image(
+        self,
+        domid: int,
+        keep: bool = False,
+        progress: Callable[[int], None] | None = None,
+        with_dm: bool = False,
+    ) -> bytes:
+        """``xl save``'s whole image, read out in chunks (the domain goes unless ``keep``); with
+        ``with_dm`` its device models' images follow it, one after the other (the file format)."""
+        reply = self.save_domain(domid, keep, with_dm)
+        images = [(reply["image"], reply["size"])] + [(d["image"], d["size"]) for d in reply.get("dm_images", [])]
+        parts = []
         try:
-            for offset in range(0, size, IMAGE_CHUNK):
-                parts.append(self.image_read(image, offset, min(IMAGE_CHUNK, size - offset)))
-                if progress is not None:
-                    progress(len(parts[-1]))
+            for image, size in images:
+                for offset in range(0, size, IMAGE_CHUNK):
+                    parts.append(self.image_read(image, offset, min(IMAGE_CHUNK, size - offset)))
+                    if progress is not None:
+                        progress(len(parts[-1]))
         finally:
-            self.image_close(image)
+            for image, _ in images:
+                self.image_close(image)
         return b"".join(parts)
 
     def restore_image(self, data: bytes, progress: Callable[[int], None] | None = None) -> Any:
-        """``xl restore``: a new domain from ``data``; the reply with ``domid``, ``token``, ``pages``."""
-        image = self.restore_begin(len(data))
-        for offset in range(0, len(data), IMAGE_CHUNK):
-            self.image_write(image, offset, data[offset : offset + IMAGE_CHUNK])
-            if progress is not None:
-                progress(min(IMAGE_CHUNK, len(data) - offset))
-        return self.restore_domain(image)
+        """``xl restore``: a new domain from ``data``; the reply with ``domid``, ``token``, ``pages``
+        (and ``device_models`` when device models' images follow the guest's in ``data``)."""
+        pieces = split_images(data)
+        images = []
+        for piece in pieces:
+            image = self.restore_begin(len(piece))
+            for offset in range(0, len(piece), IMAGE_CHUNK):
+                self.image_write(image, offset, piece[offset : offset + IMAGE_CHUNK])
+                if progress is not None:
+                    progress(min(IMAGE_CHUNK, len(piece) - offset))
+            images.append(image)
+        return self.restore_domain(images[0], images[1:] if len(images) > 1 else None)
+
+
+#: An image's header and trailer (PROTOCOL.md section 14): magic, version, flags, body length, 0.
+_HEADER = struct.Struct("<8sIIQQ")
+_DEVICE_MODEL = 4  # image.DEVICE_MODEL
+
+
+def split_images(data: bytes) -> list[bytes]:
+    """A save file as its images: the guest's, then each device model's (a header with the
+    device-model flag where the one before ends). Anything else stays with the image before it,
+    for the daemon to refuse (a file with trailing bytes is one image with trailing bytes)."""
+    pieces, start, at = [], 0, 0
+    while at + _HEADER.size <= len(data):
+        magic, _, flags, body, _ = _HEADER.unpack_from(data, at)
+        if magic != b"XNMUSAVE" or (at and not flags & _DEVICE_MODEL):
+            break
+        if at:
+            pieces.append(data[start:at])
+            start = at
+        at += _HEADER.size + body + 32
+    pieces.append(data[start:])
+    return pieces

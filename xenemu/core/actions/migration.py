@@ -6,12 +6,12 @@ from __future__ import annotations
 import weakref
 from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from xenemu.core.actions.base import ControlAction, handles
+from xenemu.core.actions.base import ControlAction, MaxLen, handles
 from xenemu.core.host import Host
-from xenemu.core.migration import live
-from xenemu.core.migration.image import checksum_steps, decode, encode_steps
+from xenemu.core.migration import dm, live
+from xenemu.core.migration.image import DEVICE_MODEL, Image, checksum_steps, decode, encode_steps
 from xenemu.core.migration.restore import restore
 from xenemu.core.migration.save import snapshot
 from xenemu.core.migration.store import ImageStore
@@ -30,26 +30,38 @@ def store(host: Host) -> ImageStore:
 @dataclass(frozen=True)
 class SaveDomain(ControlAction):
     """``xl save``: the domain's image, then the domain is destroyed (``keep``: it runs on, as
-    ``xl save -c``). The image is read out with ``image_read``."""
+    ``xl save -c``). The image is read out with ``image_read``. ``with_dm``: each device-model
+    domain whose target it is is saved with it, into an image of its own (``dm_images``), and
+    destroyed before it."""
 
     name = "save_domain"
     domid: int
     keep: bool = False
+    with_dm: bool = False
+
+
+def _transfer(host: Host, image: Image) -> Generator[str, None, dict[str, Any]]:
+    data = yield from encode_steps(image)  # summed in slices, from the copy
+    return {"image": store(host).put(data), "size": len(data), "digest": data[-32:].hex(), "pages": len(image.gfns)}
 
 
 @handles(SaveDomain)
 def _save_domain(host: Host, caller: int, action: SaveDomain) -> Generator[str, None, dict[str, Any]]:
-    image = snapshot(host, action.domid)  # the consistent point: one step, a copy of its pages
+    # The consistent point: one step, a copy of its pages (and of its device models').
+    if action.with_dm:
+        image, dm_images = dm.snapshot_with_dms(host, action.domid)
+    else:
+        image, dm_images = snapshot(host, action.domid), []
     if not action.keep:
+        for domid, _ in dm_images:  # first: its servers and foreign entries go with it, unannounced
+            yield from host.destroying(domid)
         yield from host.destroying(action.domid)
-    data = yield from encode_steps(image)  # summed in slices, from the copy
-    return {
-        "ret": 0,
-        "image": store(host).put(data),
-        "size": len(data),
-        "digest": data[-32:].hex(),
-        "pages": len(image.gfns),
-    }
+    reply: dict[str, Any] = {"ret": 0} | (yield from _transfer(host, image))
+    if action.with_dm:
+        reply["dm_images"] = []
+        for domid, dm_image in dm_images:
+            reply["dm_images"].append({"domid": domid} | (yield from _transfer(host, dm_image)))
+    return reply
 
 
 @dataclass(frozen=True)
@@ -105,19 +117,44 @@ def _image_write(host: Host, caller: int, action: ImageWrite) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class RestoreDomain(ControlAction):
-    """``xl restore``: a new domain (new domid and token) from a written image, which is consumed."""
+    """``xl restore``: a new domain (new domid and token) from a written image, which is consumed.
+    ``dm_images``: its device models' images (consumed too), each restored to serve it."""
 
     name = "restore_domain"
     image: int
+    dm_images: Annotated[list[int], MaxLen(dm.MAX_DEVICE_MODELS)] | None = None
 
 
 @handles(RestoreDomain)
 def _restore_domain(host: Host, caller: int, action: RestoreDomain) -> Generator[str, None, dict[str, Any]]:
-    raw = store(host).take(action.image)
+    transfers = store(host)
+    raw = transfers.take(action.image)
+    dm_raws = [transfers.take(i) for i in action.dm_images or []]
     yield from checksum_steps(raw)
     image = decode(raw, summed=True)
-    dom = yield from restore(host, image)
-    return {"ret": 0, "domid": dom.domid, "token": dom.token, "pages": dom.pages}
+    if action.dm_images is None:
+        dom = yield from restore(host, image)
+        return {"ret": 0, "domid": dom.domid, "token": dom.token, "pages": dom.pages}
+    dm_images = []
+    for dm_raw in dm_raws:
+        yield from checksum_steps(dm_raw, DEVICE_MODEL)
+        dm_images.append(dm.decode(dm_raw, summed=True))
+    dom, dms = yield from dm.restore_with_dms(host, image, dm_images)
+    return {
+        "ret": 0,
+        "domid": dom.domid,
+        "token": dom.token,
+        "pages": dom.pages,
+        "device_models": [
+            {
+                "domid": d.dom.domid,
+                "token": d.dom.token,
+                "pages": d.dom.pages,
+                "servers": sorted([old, new] for old, new in d.servers.items()),
+            }
+            for d in dms
+        ],
+    }
 
 
 # -- live migration (``xl migrate``) ------------------------------------------------------------

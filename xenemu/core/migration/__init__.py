@@ -21,4 +21,7 @@ CLI's. The rooms, in dependency order:
 ``outgoing`` and ``incoming``
     Live migration's source (log-dirty, pre-copy rounds, the stop) and receiver (the domain
     built section by section); ``live`` is what the control requests call.
+``dm``
+    A device-model domain saved with its guest and restored against the restored guest: its
+    own image plus its IOREQ servers and its foreign and scratch entries by the guest's GFN.
 """

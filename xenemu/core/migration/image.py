@@ -45,6 +45,11 @@ DIGEST = 32
 #: A frame ref with this bit names a held frame by index, not a GFN.
 HELD = 1 << 63
 TAGS = (b"META", b"P2M ", b"DATA", b"IOMM")
+#: Header flag of a device model's image (``dm.py``): two more records follow its own four,
+#: ``DMSV`` (JSON: its IOREQ servers) and ``FMAP`` (its foreign and scratch entries). (Bits 0
+#: and 1 are a live migration's section kinds, ``stream.PRECOPY`` and ``FINAL``.)
+DEVICE_MODEL = 4
+DM_TAGS = (b"DMSV", b"FMAP")
 #: The JSON record is small (no list in it grows with memory but the leaf lists).
 MAX_META = 16 << 20
 #: Kinds a save image may carry: the others (foreign, scratch, grant, doorbell) are refused at save.
@@ -70,6 +75,8 @@ class Image:
     entries: list[tuple[int, int, int, int]] = field(default_factory=list)
     #: A migration's last section only: what the receiver needs beyond a save (live.py).
     live: dict[str, Any] | None = None
+    #: A device model's image only: the payloads of its ``DM_TAGS`` records (``dm.py`` reads them).
+    dm_records: list[bytes | memoryview] | None = None
 
 
 #: Header flags of a live migration's last section (``live.py``): a save image whose DATA holds
@@ -80,7 +87,8 @@ FINAL = 2
 
 def encode_steps(image: Image, flags: int = 0) -> Generator[str, None, bytes]:
     """The image's bytes, hashed a slice at a time with a pause between slices (a large guest's
-    image takes a while to sum, and the daemon serves others meanwhile)."""
+    image takes a while to sum, and the daemon serves others meanwhile). A device model's image
+    (``dm_records``) gets the ``DEVICE_MODEL`` flag and its two records."""
     fields = image.meta if image.live is None else image.meta | {"live": image.live}
     meta = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
     data: list[bytes | memoryview] = []
@@ -88,10 +96,15 @@ def encode_steps(image: Image, flags: int = 0) -> Generator[str, None, bytes]:
         data += (REF.pack(ref), page)
     entries = b"".join(ENTRY.pack(bfn, ref, kind, perms) for bfn, ref, kind, perms in image.entries)
     records: tuple[list[bytes | memoryview], ...] = ([meta], [array("Q", image.gfns).tobytes()], data, [entries])
-    lengths = (len(meta), len(records[1][0]), len(image.pages) * (8 + PAGE_SIZE), len(entries))
-    body = sum(lengths) + len(TAGS) * RECORD.size
+    lengths: tuple[int, ...] = (len(meta), len(records[1][0]), len(image.pages) * (8 + PAGE_SIZE), len(entries))
+    tags: tuple[bytes, ...] = TAGS
+    if image.dm_records is not None:
+        tags, flags = TAGS + DM_TAGS, flags | DEVICE_MODEL
+        records += tuple([r] for r in image.dm_records)
+        lengths += tuple(len(r) for r in image.dm_records)
+    body = sum(lengths) + len(tags) * RECORD.size
     parts: list[bytes | memoryview] = [HEADER.pack(MAGIC, VERSION, flags, body, 0)]
-    for tag, payload, length in zip(TAGS, records, lengths, strict=True):
+    for tag, payload, length in zip(tags, records, lengths, strict=True):
         parts.append(RECORD.pack(tag, 0, length))
         parts += payload
     digest = hashlib.sha256()
@@ -150,6 +163,13 @@ def declared_length(head: bytes | bytearray, flags: int | None = 0) -> int:
     if version != VERSION:
         raise HypercallError(-EPROTONOSUPPORT, f"save image version {version}; this xenemu reads version {VERSION}")
     if expected is not None and got_flags != expected:
+        if (got_flags ^ expected) == DEVICE_MODEL:
+            raise HypercallError(
+                -EINVAL,
+                "a device model's image: it is restored with its guest's (restore_domain dm_images)"
+                if got_flags & DEVICE_MODEL
+                else "not a device model's image (save its guest with with_dm)",
+            )
         raise refuse(f"unexpected header flags {got_flags:#x}")
     return int(HEADER.size + body + DIGEST)
 
@@ -158,7 +178,8 @@ def decode(raw: bytes | bytearray, summed: bool = False, flags: int = 0) -> Imag
     """Check and parse an image; ``-EINVAL``, ``-EPROTONOSUPPORT`` or ``-EBADMSG`` saying why.
     ``summed``: ``checksum_steps`` has checked the framing and the checksum already. With
     ``FINAL`` in ``flags``, META's ``live`` field is taken out before META is checked (the
-    caller checks it) and kept in ``Image.live``."""
+    caller checks it) and kept in ``Image.live``. With ``DEVICE_MODEL``, the ``DM_TAGS`` records
+    are kept in ``Image.dm_records`` for ``dm.decode``, which checks them and the references."""
     total = _whole(raw, flags)
     view = memoryview(raw)
     if not summed:
@@ -166,7 +187,7 @@ def decode(raw: bytes | bytearray, summed: bool = False, flags: int = 0) -> Imag
             pass
     payloads: list[memoryview] = []
     at, end = HEADER.size, total - DIGEST
-    for tag in TAGS:
+    for tag in TAGS + (DM_TAGS if flags & DEVICE_MODEL else ()):
         if at + RECORD.size > end:
             raise refuse(f"record {tag.decode()!r} missing")
         got, zero, length = RECORD.unpack_from(view, at)
@@ -179,7 +200,7 @@ def decode(raw: bytes | bytearray, summed: bool = False, flags: int = 0) -> Imag
         at += length
     if at != end:
         raise refuse("bytes after the last record")
-    meta_raw, gfn_raw, data_raw, entry_raw = payloads
+    meta_raw, gfn_raw, data_raw, entry_raw = payloads[: len(TAGS)]
     if len(meta_raw) > MAX_META:
         raise refuse("META record too large")
     try:
@@ -201,7 +222,10 @@ def decode(raw: bytes | bytearray, summed: bool = False, flags: int = 0) -> Imag
     entries = [ENTRY.unpack_from(entry_raw, i) for i in range(0, len(entry_raw), ENTRY.size)]
     image = Image(meta, gfns.tolist(), pages, [(int(b), int(r), int(k), int(p)) for b, r, k, p in entries])
     image.live = live
-    check_references(image)
+    if flags & DEVICE_MODEL:
+        image.dm_records = list(payloads[len(TAGS) :])  # dm.decode checks them and the references
+    else:
+        check_references(image)
     return image
 
 
@@ -308,9 +332,10 @@ def rmrr_frames(meta: dict[str, Any]) -> set[int]:
     return {start + i for d in meta["devices"] for start, count in d["rmrr"] for i in range(count)}
 
 
-def check_references(image: Image) -> None:
+def check_references(image: Image, foreign: int = 0) -> None:
     """Every record agrees with META and with the others: counts, order, what each ref names,
-    and bounds that keep a restore's work proportional to the domain it builds."""
+    and bounds that keep a restore's work proportional to the domain it builds.  ``foreign``:
+    a device model's foreign and scratch entries (``FMAP``), which count as its mappings."""
     meta, dom = image.meta, image.meta["domain"]
     gfns, held = image.gfns, meta["held"]
     if len(gfns) != dom["pages"]:
@@ -334,7 +359,7 @@ def check_references(image: Image) -> None:
             raise refuse("IOMMU entries or held frames without an IOMMU context")
         return
     leaves, rmrr = set(iommu["leaves"]), rmrr_frames(meta)
-    mappings = sum(1 for e in image.entries if e[2] in (Kind.MAP, Kind.MAP_NOREF))
+    mappings = sum(1 for e in image.entries if e[2] in (Kind.MAP, Kind.MAP_NOREF)) + foreign
     bound = len(p2m_leaves) + 2 * mappings + len({f >> LEAF_SHIFT for f in rmrr}) + SPARE_P2M_LEAVES
     if len(leaves) > bound or mappings > dom["max_mappings"]:
         raise refuse("more page-table leaves or mappings than its domain could hold")

@@ -62,13 +62,14 @@ def check_devices(host: Host, image: Image) -> None:
             raise HypercallError(-EINVAL, f"RMRR frame {mfn:#x} is RAM that is not Xen's here")
 
 
-def restore(host: Host, image: Image) -> Generator[str, None, Domain]:
-    """Build the image's domain; yields ``PREEMPT`` between slices of its memory."""
+def restore(host: Host, image: Image, target: int | None = None) -> Generator[str, None, Domain]:
+    """Build the image's domain; yields ``PREEMPT`` between slices of its memory.
+    ``target``: a device model's guest, restored already (``dm.py`` adds the rest after this)."""
     check(host, image)
     meta, saved = image.meta, image.meta["domain"]
     its = meta["its"]
     dom = yield from host.creating(
-        "hvm", 0, None, saved["name"], saved["max_mappings"], its["vcpus"], its["pin"], saved["max_pages"]
+        "hvm", 0, target, saved["name"], saved["max_mappings"], its["vcpus"], its["pin"], saved["max_pages"]
     )
     built = False
     try:

@@ -7,7 +7,8 @@ frames it still holds through its own ``map_page`` entries after ballooning them
 quotas, devices, grant entries and handle counter, and its vITS registers. What names another
 domain's state (IOREQ servers, foreign and grant mappings, a device model's target) or an
 in-flight operation is refused: such a domain is saved once it has let go, as Xen asks a
-backend to disconnect before a suspend.
+backend to disconnect before a suspend. A device model saved with its guest (``dm.py``) is
+read here with ``device_model``: its target, servers and foreign entries are dm.py's to save.
 """
 
 from __future__ import annotations
@@ -23,27 +24,31 @@ from xenemu.core.migration import vits
 from xenemu.core.migration.image import HELD, Image
 
 ZERO_PAGE = bytes(4096)
+#: Entries of a device model's context that ``dm.py`` saves (by the guest's GFN, or its server).
+DM_KINDS = (Kind.FOREIGN, Kind.SCRATCH)
 
 
-def refusal(host: Host, dom: Domain, live: bool = False) -> HypercallError | None:
-    """Why ``dom`` cannot be saved now (None: it can), in a fixed order of checks. ``live``: a
-    live migration's stop, after which the domain still exists here until the receiver has it."""
+def refusal(host: Host, dom: Domain, device_model: bool = False, live: bool = False) -> HypercallError | None:
+    """Why ``dom`` cannot be saved now (None: it can), in a fixed order of checks.
+    ``device_model``: it is saved with its guest, so its target, its own IOREQ servers and its
+    foreign and scratch entries are allowed (``dm.refusal`` checks those). ``live``: a live
+    migration's stop, after which the domain still exists here until the receiver has it."""
     domid = dom.domid
     if dom.is_hwdom:
         return HypercallError(-EPERM, "the hardware domain cannot be saved")
     if not dom.is_hvm:
         return HypercallError(-EOPNOTSUPP, "a PV domain's GFNs are machine frames: only HVM domains are saved")
-    if dom.target is not None:
+    if dom.target is not None and not device_model:
         return HypercallError(-EOPNOTSUPP, f"d{domid} is a device model: it is not saved apart from its guest")
     if dom.busy_ops or dom.p2m_readers:
         return HypercallError(-EBUSY, f"d{domid} has an operation of many pages in flight")
-    if any(s.creator == domid for s in host.ioreq.servers.values()):
+    if not device_model and any(s.creator == domid for s in host.ioreq.servers.values()):
         return HypercallError(-EBUSY, f"d{domid} runs IOREQ servers: destroy them first")
     if host.grants.maptracks[domid].mappings:
         return HypercallError(-EBUSY, f"d{domid} holds grant mappings: unmap them first (a backend disconnects)")
     if host.grants.tables[domid].pins:
         return HypercallError(-EBUSY, f"d{domid}'s grants are mapped by others: they must unmap them first")
-    if any(True for _ in host.iommu.m2b.held_by(domid)):
+    if not device_model and any(True for _ in host.iommu.m2b.held_by(domid)):
         return HypercallError(-EBUSY, f"d{domid} holds foreign mappings")
     its_busy = vits.refusal(host, domid, live)
     if its_busy is not None:
@@ -53,6 +58,8 @@ def refusal(host: Host, dom: Domain, live: bool = False) -> HypercallError | Non
         own = Refs(host, dom)
         for bfn, entry in ctx.table.materialized():
             kind = entry_kind(entry)
+            if device_model and kind in DM_KINDS:
+                continue
             if kind not in (Kind.DEFAULT, Kind.MAP, Kind.MAP_NOREF, Kind.RMRR, Kind.DOORBELL):
                 return HypercallError(-EBUSY, f"d{domid} has a {kind.name.lower()} entry at BFN {bfn:#x}")
             if kind not in (Kind.RMRR, Kind.DOORBELL) and own.of(entry_mfn(entry), bfn) is None:
@@ -113,12 +120,13 @@ def _device(host: Host, bdf: str) -> dict[str, Any]:
     return {"bdf": bdf, "rmrr": [list(r) for r in device.rmrr], "its": its}
 
 
-def snapshot(host: Host, domid: int, only: set[int] | None = None) -> Image:
+def snapshot(host: Host, domid: int, only: set[int] | None = None, device_model: bool = False) -> Image:
     """The domain's image (it keeps running; the caller decides whether it goes). ``only``: a
     live migration's last section, whose DATA holds just these GFNs' pages (zero pages too:
-    the receiver has older contents for them) and every held frame's."""
+    the receiver has older contents for them) and every held frame's. ``device_model``: as
+    ``refusal``'s; its foreign and scratch entries are left out (``dm.py`` saves them)."""
     dom = host.domain(domid)
-    refused = refusal(host, dom, live=only is not None)
+    refused = refusal(host, dom, device_model, live=only is not None)
     if refused is not None:
         raise refused
     vits.write_tables(host, domid)  # into its RAM, before its pages are copied (and logged dirty)
@@ -145,8 +153,8 @@ def snapshot(host: Host, domid: int, only: set[int] | None = None) -> Image:
     if ctx is not None:
         for bfn, entry in sorted(ctx.table.materialized()):
             kind = entry_kind(entry)
-            if kind == Kind.DOORBELL:
-                continue  # the device's assignment maps it again
+            if kind == Kind.DOORBELL or kind in DM_KINDS:
+                continue  # the device's assignment maps it again; dm.py saves the others
             ref = bfn if kind == Kind.RMRR else own.of(entry_mfn(entry), bfn)
             assert ref is not None  # the refusal checked every entry
             entries.append((bfn, ref, int(kind), entry_perms(entry)))
