@@ -135,9 +135,12 @@ def restore(directory: Path, file: Path, as_json: bool) -> None:
 )
 @click.option("--downtime", default=30.0, show_default=True, help="Longest stop to aim for, in ms.")
 @click.option("--max-rounds", default=30, show_default=True, help="Pre-copy rounds before the domain is stopped.")
+@click.option("--with-dm", is_flag=True, help="Its device-model domains go with it (stopped and copied at the stop).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.pass_obj
-def migrate(directory: Path, domid: int, target: Path, downtime: float, max_rounds: int, as_json: bool) -> None:
+def migrate(
+    directory: Path, domid: int, target: Path, downtime: float, max_rounds: int, with_dm: bool, as_json: bool
+) -> None:
     """Live-migrate a domain to another daemon (as xl migrate): pre-copy, then stop-and-copy.
 
     The domain keeps its token: its programs reconnect to the receiver's hypercall.sock with it."""
@@ -161,7 +164,7 @@ def migrate(directory: Path, domid: int, target: Path, downtime: float, max_roun
                 bar.update(task, completed=report.pages_sent * 4096, description=f"round {report.rounds}")
 
             try:
-                return run_migration(ctl, dst, domid, Policy(downtime / 1000, max_rounds), progress)
+                return run_migration(ctl, dst, domid, Policy(downtime / 1000, max_rounds), progress, with_dm)
             except MigrationFailed as exc:
                 raise click.ClickException(f"migration of d{domid} failed: {exc}") from None
 
@@ -186,3 +189,6 @@ def migrate(directory: Path, domid: int, target: Path, downtime: float, max_roun
         f" downtime {report.downtime_ms:.1f} ms, total {report.total_s:.2f} s"
     )
     click.echo(f"the domain keeps its token; it runs on {target} as d{report.new_domid}")
+    for model in report.device_models:
+        servers = ", ".join(f"{old}->{new}" for old, new in model["servers"])
+        click.echo(f"its device model runs there as d{model['domid']} (same token), IOREQ servers {servers}")

@@ -130,3 +130,38 @@ def test_a_refused_migration_leaves_the_domain_running(daemons: tuple[DaemonProc
         assert [d["domid"] for d in ctl.list_domains()] == [0]
     assert xl(a, "audit") == (0, "audit clean\n")
     assert xl(b, "audit") == (0, "audit clean\n")
+
+
+def test_migrate_with_its_device_model(daemons: tuple[DaemonProcess, DaemonProcess]) -> None:
+    """``xenemu migrate --with-dm``: the emulator's domain goes with its guest; on the receiver it
+    speaks with its own token, its IOREQ server serves the new guest under the id reported, and
+    its mappings read what the guest wrote during the pre-copy."""
+    a, b = daemons
+    dm_bdf, base = "0000:00:05.0", 0x80000
+    with SyncControlClient.connect(a.control_path) as ctl:
+        guest = ctl.create_domain("hvm", 512, name="web")
+        model = ctl.create_domain("hvm", 16, target=guest["domid"], name="web-dm")
+        ctl.assign_device(model["domid"], dm_bdf)
+    with SyncHypercallClient.connect(a.hypercall_path, model["token"]) as xe:
+        old = xe.create_ioreq_server(guest["domid"])
+        got = xe.iommu_op([ops.map_foreign_page(base + g, g, guest["domid"], old) for g in range(32)])
+        assert ops.statuses(got) == ["OK"] * 32
+        with SyncHypercallClient.connect(a.hypercall_path, guest["token"]) as xg:
+            for gfn in range(32):
+                xg.guest_write(gfn, gfn.to_bytes(2, "little") * 2048)
+        code, out = xl(a, "migrate", str(guest["domid"]), "--to", str(b.directory), "--with-dm", "--json")
+    assert code == 0, out
+    report = json.loads(out)
+    (moved,) = report["device_models"]
+    (ids,) = moved["servers"]
+    assert ids[0] == old
+    with SyncControlClient.connect(a.control_path) as ctl:
+        assert [d["domid"] for d in ctl.list_domains()] == [0] and ctl.stats()["ioreq_servers"] == 0
+    with SyncHypercallClient.connect(b.hypercall_path, model["token"]) as xe:
+        assert xe.domain_info()["domid"] == moved["domid"]
+        for gfn in (0, 7, 31):
+            got = xe.device_dma(dm_bdf, (base + gfn) << 12, length=4)
+            assert got["ok"] and got["data"] == gfn.to_bytes(2, "little") * 2
+        assert xe.iommu_op([ops.unmap_foreign_page(base + 3, ids[1])])[0].status_name == "OK"
+    assert xl(a, "audit") == (0, "audit clean\n")
+    assert xl(b, "audit") == (0, "audit clean\n")

@@ -389,9 +389,10 @@ class ControlApi:
 
     # -- live migration (``xl migrate``): sections cross as images do, source to receiver ------
     @request
-    def migrate_begin(self, domid: int) -> Request[Message]:
-        """Start migrating ``domid`` out (log-dirty on): the reply's ``migration`` id and ``pages``."""
-        return Request("migrate_begin", {"domid": domid}, _reply("migrate_begin"))
+    def migrate_begin(self, domid: int, with_dm: bool = False) -> Request[Message]:
+        """Start migrating ``domid`` out (log-dirty on; ``with_dm``: its device models go with it):
+        the reply's ``migration`` id and ``pages``."""
+        return Request("migrate_begin", {"domid": domid, "with_dm": with_dm}, _reply("migrate_begin"))
 
     @request
     def migrate_send(self, migration: int, pages: int = 8192) -> Request[Message]:
@@ -409,9 +410,13 @@ class ControlApi:
         return Request("migrate_finish", {"migration": migration, "done": done}, _reply("migrate_finish"))
 
     @request
-    def migrate_receive(self, image: int, incoming: int = 0) -> Request[Message]:
-        """Apply a written section on the receiver: ``incoming``, ``domid`` (and, last, ``token``)."""
-        return Request("migrate_receive", {"image": image, "incoming": incoming}, _reply("migrate_receive"))
+    def migrate_receive(self, image: int, incoming: int = 0, dm_images: list[int] | None = None) -> Request[Message]:
+        """Apply a written section on the receiver: ``incoming``, ``domid`` (and, last, ``token``;
+        with ``dm_images``, the written images of its device models, their ``device_models``)."""
+        args: dict[str, Any] = {"image": image, "incoming": incoming}
+        if dm_images is not None:
+            args["dm_images"] = dm_images
+        return Request("migrate_receive", args, _reply("migrate_receive"))
 
     @request
     def migrate_drop(self, incoming: int) -> Request[Message]:

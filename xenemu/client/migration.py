@@ -59,6 +59,9 @@ class Report:
     final_pages: int = 0
     downtime_ms: float = 0.0
     total_s: float = 0.0
+    #: With ``--with-dm``: each device model's new ``domid``, ``token``, ``pages`` and
+    #: ``servers`` ([old, new] IOREQ server ids).
+    device_models: list[dict[str, Any]] = field(default_factory=list)
     #: Per pre-copy round: (round, pages it sent, seconds it took, pages dirtied meanwhile).
     history: list[tuple[int, int, float, int]] = field(default_factory=list)
 
@@ -66,6 +69,7 @@ class Report:
         out = asdict(self)
         out["history"] = [list(h) for h in self.history]
         out.pop("token")
+        out["device_models"] = [{k: v for k, v in d.items() if k != "token"} for d in self.device_models]
         return out
 
 
@@ -77,17 +81,25 @@ class MigrationFailed(Exception):
         self.where = where
 
 
-def carry(src: SyncControlClient, dst: SyncControlClient, reply: dict[str, Any], incoming: int) -> dict[str, Any]:
-    """One section from the source's transfer into the receiver (chunks of at most 1 MiB)."""
-    image, size = reply["image"], reply["size"]
-    target = dst.restore_begin(size)
+def copy_image(src: SyncControlClient, dst: SyncControlClient, image: int, size: int) -> int:
+    """A transfer read out of the source and written into the receiver (chunks of at most 1 MiB):
+    the receiver's transfer id."""
+    target: int = dst.restore_begin(size)
     try:
         for offset in range(0, size, IMAGE_CHUNK):
             chunk = src.image_read(image, offset, min(IMAGE_CHUNK, size - offset))
             dst.image_write(target, offset, chunk)
     finally:
         src.image_close(image)
-    got: dict[str, Any] = dst.migrate_receive(target, incoming)
+    return target
+
+
+def carry(src: SyncControlClient, dst: SyncControlClient, reply: dict[str, Any], incoming: int) -> dict[str, Any]:
+    """One section from the source into the receiver, applied there (with the last one, its
+    device models' images if the reply has them)."""
+    dm_images = [copy_image(src, dst, d["image"], d["size"]) for d in reply.get("dm_images", [])]
+    target = copy_image(src, dst, reply["image"], reply["size"])
+    got: dict[str, Any] = dst.migrate_receive(target, incoming, dm_images or None)
     return got
 
 
@@ -97,13 +109,14 @@ def migrate(
     domid: int,
     policy: Policy | None = None,
     progress: Callable[[Report, dict[str, Any]], None] | None = None,
+    with_dm: bool = False,
 ) -> Report:
     """Migrate ``domid`` from ``src``'s daemon to ``dst``'s; the report of a completed migration.
     Raises ``MigrationFailed`` (the domain still runs on the source) or ``XenError``."""
     policy = policy or Policy()
     report = Report(domid=domid)
     started = time.perf_counter()
-    begun = src.migrate_begin(domid)
+    begun = src.migrate_begin(domid, with_dm)
     mig, report.pages = begun["migration"], begun["pages"]
     incoming = 0
     received = False
@@ -154,6 +167,7 @@ def migrate(
                 report.bytes_sent += final["size"]
                 report.rounds = final["round"]
                 report.new_domid, report.token = got["domid"], got["token"]
+                report.device_models = got.get("device_models", [])
                 break
         src.migrate_finish(mig, True)
     except BaseException as exc:

@@ -37,13 +37,20 @@ from xenemu.core.migration.store import CHUNK
 Hook = Callable[[], None]
 
 
-def carry(src: Bed, dst: Bed, reply: dict[str, Any], incoming: int) -> dict[str, Any]:
-    """One section from ``src``'s transfer into ``dst``'s receiver, in 1 MiB chunks."""
-    data = b"".join(src.act(0, ImageRead(reply["image"], at, CHUNK))["data"] for at in range(0, reply["size"], CHUNK))
-    image = dst.act(0, RestoreBegin(len(data)))["image"]
+def copy(src: Bed, dst: Bed, image: int, size: int) -> int:
+    """A transfer from ``src`` written into ``dst``, in 1 MiB chunks: ``dst``'s transfer id."""
+    data = b"".join(src.act(0, ImageRead(image, at, CHUNK))["data"] for at in range(0, size, CHUNK))
+    target: int = dst.act(0, RestoreBegin(len(data)))["image"]
     for at in range(0, len(data), CHUNK):
-        dst.act(0, ImageWrite(image, at, data[at : at + CHUNK]))
-    got: dict[str, Any] = dst.act(0, MigrateReceive(image, incoming))
+        dst.act(0, ImageWrite(target, at, data[at : at + CHUNK]))
+    return target
+
+
+def carry(src: Bed, dst: Bed, reply: dict[str, Any], incoming: int) -> dict[str, Any]:
+    """One section from ``src``'s transfer into ``dst``'s receiver (with its device models')."""
+    models = [copy(src, dst, d["image"], d["size"]) for d in reply.get("dm_images", [])]
+    image = copy(src, dst, reply["image"], reply["size"])
+    got: dict[str, Any] = dst.act(0, MigrateReceive(image, incoming, models or None))
     return got
 
 
@@ -329,3 +336,46 @@ def test_a_migration_to_the_same_host_works_as_xl_migrate_to_localhost(bed: Bed)
     assert info.value.errno == -16 and "already assigned" in info.value.message
     assert with_device.domid in bed.host.domains and len(bed.host.domains) == 3
     bed.check()
+
+
+def test_a_guest_migrates_live_with_its_device_model() -> None:
+    """``--with-dm``: the emulator's domain is stopped with its guest and copied whole at the
+    stop; on the receiver it serves the new guest (new server ids), its mappings reach the
+    guest's memory as the pre-copy left it plus the last pages, and both keep their tokens.
+    DMA the emulator made during pre-copy arrives (its dirty bits)."""
+    from tests.core.migration.test_dm_migration import BASE, DM_BDF, guest_with_emulator, page
+
+    here, there = Bed(), Bed()
+    there.guest(memory=300, device="00:09.0")
+    setup = guest_with_emulator(here)
+    tokens = (setup.guest.token, setup.dm.token)
+    mig = here.act(0, MigrateBegin(setup.guest.domid, with_dm=True))["migration"]
+    incoming = carry(here, there, here.act(0, MigrateSend(mig, 8192)), 0)["incoming"]
+    assert here.host.device_dma(DM_BDF, (BASE + 5) << 12, b"emulated dma").ok  # after its page was sent
+    final = here.act(0, MigrateSuspend(mig))
+    assert [d["domid"] for d in final["dm_images"]] == [setup.dm.domid]
+    assert errno(here.host.device_dma, DM_BDF, (BASE + 6) << 12, b"late") == -16  # its device model is stopped
+    got = carry(here, there, final, incoming)
+    here.act(0, MigrateFinish(mig, True))
+    assert setup.guest.domid not in here.host.domains and setup.dm.domid not in here.host.domains
+    assert not here.host.ioreq.servers
+    host = there.host
+    guest = host.domain(got["domid"])
+    (model,) = got["device_models"]
+    emulator = host.domain(model["domid"])
+    assert (guest.token, emulator.token) == tokens and emulator.target == guest.domid
+    for old, new in model["servers"]:
+        assert old in setup.servers and (host.ioreq.servers[new].creator, host.ioreq.servers[new].target) == (
+            emulator.domid,
+            guest.domid,
+        )
+    assert host.memory.access(guest.domid, 5, 0, None, 12) == b"emulated dma"
+    assert host.device_dma(DM_BDF, (BASE + 4) << 12, None, 4096).data == page(4)
+    here.check()
+    there.check()
+
+
+def test_with_dm_needs_a_device_model(bed: Bed) -> None:
+    dom = bed.guest(memory=8, device=None)
+    assert errno(bed.act, 0, MigrateBegin(dom.domid, with_dm=True)) == -22
+    assert not migrations(bed.host).outgoing and dom.p2m.log is None

@@ -175,11 +175,13 @@ class MigrateBegin(ControlAction):
 
     name = "migrate_begin"
     domid: int
+    #: Its device-model domains go with it, stopped and copied whole at the stop.
+    with_dm: bool = False
 
 
 @handles(MigrateBegin)
 def _migrate_begin(host: Host, caller: int, action: MigrateBegin) -> Generator[str, None, dict[str, Any]]:
-    ident = yield from live.begin(host, migrations(host), action.domid)
+    ident = yield from live.begin(host, migrations(host), action.domid, action.with_dm)
     return {"ret": 0, "migration": ident, "pages": host.domain(action.domid).pages}
 
 
@@ -208,8 +210,12 @@ class MigrateSuspend(ControlAction):
 
 @handles(MigrateSuspend)
 def _migrate_suspend(host: Host, caller: int, action: MigrateSuspend) -> Generator[str, None, dict[str, Any]]:
-    raw, info = yield from live.suspend(host, migrations(host), action.migration)
-    return {"ret": 0, "image": store(host).put(raw), "size": len(raw), **info}
+    raw, dm_raws, info = yield from live.suspend(host, migrations(host), action.migration)
+    transfers = store(host)
+    reply = {"ret": 0, "image": transfers.put(raw), "size": len(raw), **info}
+    if dm_raws:
+        reply["dm_images"] = [{"domid": d, "image": transfers.put(r), "size": len(r)} for d, r in dm_raws]
+    return reply
 
 
 @dataclass(frozen=True)
@@ -230,17 +236,21 @@ def _migrate_finish(host: Host, caller: int, action: MigrateFinish) -> Generator
 @dataclass(frozen=True)
 class MigrateReceive(ControlAction):
     """Apply a written section (``incoming`` 0: the first, which creates the domain); the last
-    one's reply has the domain's ``token``. The image is consumed, whatever the outcome."""
+    one's reply has the domain's ``token``, and with ``dm_images`` (its device models' written
+    images, ``--with-dm``) their ``device_models``. The images are consumed, whatever the outcome."""
 
     name = "migrate_receive"
     image: int
     incoming: int = 0
+    dm_images: Annotated[list[int], MaxLen(dm.MAX_DEVICE_MODELS)] | None = None
 
 
 @handles(MigrateReceive)
 def _migrate_receive(host: Host, caller: int, action: MigrateReceive) -> Generator[str, None, dict[str, Any]]:
-    raw = store(host).take(action.image)
-    result = yield from live.receive(host, migrations(host), raw, action.incoming)
+    transfers = store(host)
+    raw = transfers.take(action.image)
+    dm_raws = [transfers.take(i) for i in action.dm_images or []]
+    result = yield from live.receive(host, migrations(host), raw, action.incoming, dm_raws or None)
     return result
 
 

@@ -316,14 +316,19 @@ def check_host(host: Host, image: Image, state: DmState, guest: Domain) -> None:
 
 
 def restore_dm(
-    host: Host, image: Image, guest_domid: int, renumbered: dict[int, int] | None = None
+    host: Host,
+    image: Image,
+    guest_domid: int,
+    renumbered: dict[int, int] | None = None,
+    state: DmState | None = None,
 ) -> Generator[str, None, Domain]:
     """Build the device model of the (restored) guest ``guest_domid``: its own domain as any
     restore builds one (with ``target`` = the guest), then its servers (new ids, written into
     ``renumbered`` old -> new) and its foreign and scratch entries, a slice at a time with the
     device model busy and the guest's p2m held (it cannot balloon meanwhile). Rolled back (the
-    device model destroyed) on any failure or cut; the guest is the caller's."""
-    return (yield from _restore_dm(host, image, parse(image), guest_domid, renumbered))
+    device model destroyed) on any failure or cut; the guest is the caller's. ``state``: its
+    records as ``parse`` read them already."""
+    return (yield from _restore_dm(host, image, state or parse(image), guest_domid, renumbered))
 
 
 def _restore_dm(

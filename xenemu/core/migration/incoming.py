@@ -15,9 +15,10 @@ from typing import Any
 from xenemu.core.errors import EEXIST, EINVAL, ENOENT, ENOMEM, EOPNOTSUPP, ESRCH, HypercallError
 from xenemu.core.host import Host
 from xenemu.core.iommu.preempt import PREEMPT
+from xenemu.core.memory.domain import Domain
+from xenemu.core.migration import dm, vits
 from xenemu.core.migration import restore as restoring
-from xenemu.core.migration import vits
-from xenemu.core.migration.image import FINAL, HEADER, HELD, MAGIC, Image, checksum_steps, decode, refuse
+from xenemu.core.migration.image import DEVICE_MODEL, FINAL, HEADER, HELD, MAGIC, Image, checksum_steps, decode, refuse
 from xenemu.core.migration.save import ZERO_PAGE
 from xenemu.core.migration.stream import (
     COPY_SLICE,
@@ -33,10 +34,15 @@ from xenemu.core.migration.stream import (
 
 
 def receive(
-    host: Host, migrations: Migrations, raw: bytes | bytearray, ident: int
+    host: Host,
+    migrations: Migrations,
+    raw: bytes | bytearray,
+    ident: int,
+    dm_raws: list[bytes | bytearray] | None = None,
 ) -> Generator[str, None, dict[str, Any]]:
-    """Apply one section (``ident`` 0: the first, which creates the domain). A failure destroys
-    what was received: the migration is over on this side (the source's domain runs on)."""
+    """Apply one section (``ident`` 0: the first, which creates the domain); with the last, the
+    images of its device models (``--with-dm``), restored to serve it. A failure destroys what
+    was received: the migration is over on this side (the source's domain runs on)."""
     flags = _flags(raw)
     yield from checksum_steps(raw, flags)
     prune(host, migrations)
@@ -53,13 +59,49 @@ def receive(
         return {"ret": 0, "incoming": ident, "domid": inc.dom.domid, "pages": inc.dom.pages}
     image = decode(raw, summed=True, flags=FINAL)
     inc = _incoming(host, migrations, ident)
+    models: list[dict[str, Any]] = []
     try:
+        dm_images = []
+        for dm_raw in dm_raws or []:
+            yield from checksum_steps(dm_raw, DEVICE_MODEL)
+            dm_images.append(dm.decode(dm_raw, summed=True))
+        states = _check_models(host, image, dm_images)
         yield from _complete(host, migrations, inc, image)
+        tokens = (image.live or {}).get("dm_tokens", [])
+        for dm_image, state, token in zip(dm_images, states, tokens, strict=True):
+            ids: dict[int, int] = {}
+            built = yield from dm.restore_dm(host, dm_image, inc.dom.domid, ids, state)
+            models.append({"domid": built.domid, "pages": built.pages, "servers": sorted(ids.items())})
+            _check_token(host, migrations, token)
+            _take_token(host, migrations, token)
+            built.token = models[-1]["token"] = token
     except BaseException:
+        for model in models:
+            if model["domid"] in host.domains:
+                host.destroy_domain(model["domid"])
         _drop(host, migrations, ident)
         raise
     del migrations.incoming[ident]
-    return {"ret": 0, "incoming": ident, "domid": inc.dom.domid, "token": inc.dom.token, "pages": inc.dom.pages}
+    reply = {"ret": 0, "incoming": ident, "domid": inc.dom.domid, "token": inc.dom.token, "pages": inc.dom.pages}
+    return reply | ({"device_models": models} if dm_raws else {})
+
+
+def _check_models(host: Host, image: Image, dm_images: list[Image]) -> list[dm.DmState]:
+    """Before the last section is applied: each device model names frames of this guest, there
+    is room for them, and the section carries a token for each."""
+    live = image.live or {}
+    tokens = live.get("dm_tokens", [])
+    if len(tokens) != len(dm_images) or len(dm_images) > dm.MAX_DEVICE_MODELS:
+        raise refuse("the last section's device-model tokens do not match the device-model images")
+    states = [dm.parse(d) for d in dm_images]
+    need = image.meta["held"]
+    for dm_image, state in zip(dm_images, states, strict=True):
+        dm.check_guest(state, image)
+        need += dm_image.meta["domain"]["pages"] + dm_image.meta["held"] + len(state.servers)
+    if need > host.frames.nr_free:
+        free = host.frames.nr_free
+        raise HypercallError(-ENOMEM, f"host too small for the device models: {need} frames, {free} free")
+    return states
 
 
 def _flags(raw: bytes | bytearray) -> int:
@@ -147,9 +189,14 @@ def _complete(host: Host, migrations: Migrations, inc: Incoming, image: Image) -
     dom, frames, live = inc.dom, host.frames, image.live
     assert live is not None
     token = live.get("token")
-    if set(live) != {"token", "round"} or not isinstance(token, str) or len(token) != 32:
-        raise refuse("live must be {token, round}")
+    if not {"token", "round"} <= set(live) <= {"token", "round", "dm_tokens"}:
+        raise refuse("live must be {token, round[, dm_tokens]}")
+    if not isinstance(token, str) or len(token) != 32 or not isinstance(live.get("dm_tokens", []), list):
+        raise refuse("live's token is not 32 characters, or dm_tokens not a list")
     check_int(live["round"], "round", 1, 1 << 32)
+    for dm_token in live.get("dm_tokens", []):
+        if not isinstance(dm_token, str) or len(dm_token) != 32:
+            raise refuse("a device model's token is not 32 characters")
     saved = image.meta["domain"]
     if saved["max_mappings"] != dom.max_mappings or image.meta["its"]["vcpus"] != host.its.domains[dom.domid].vcpus:
         raise refuse("the last section does not describe the domain the first one created")
@@ -204,17 +251,32 @@ def _complete(host: Host, migrations: Migrations, inc: Incoming, image: Image) -
     dom.busy_ops -= 1  # as a restore's last step, which assigns its devices
     restoring.finish(host, dom, image)
     dom.name = saved["name"]
-    for out in migrations.outgoing.values():  # a migration to this same daemon: the stopped source
-        if out.suspended and out.dom.token == token:  # lets go of it, as it will go at its finish
-            out.dom.token = secrets.token_hex(16)
+    _take_token(host, migrations, token)
     dom.token = token
     host.suspended.discard(dom.domid)
+
+
+def _leaving(host: Host, migrations: Migrations) -> list[Domain]:
+    """The domains of this host's stopped outgoing migrations: they go at their finish."""
+    found = []
+    for out in migrations.outgoing.values():
+        if out.suspended:
+            found += [d for d in (host.domains.get(i) for i in (out.dom.domid, *out.dms)) if d is not None]
+    return found
+
+
+def _take_token(host: Host, migrations: Migrations, token: str) -> None:
+    """A migration to this same daemon: the stopped source (or its device model) lets go of the
+    token the copy takes, as it will go at its finish."""
+    for held in _leaving(host, migrations):
+        if held.token == token:
+            held.token = secrets.token_hex(16)
 
 
 def _check_token(host: Host, migrations: Migrations, token: str) -> None:
     """No other domain here may have the token, but the stopped source of a migration to this
     same daemon (``xl migrate`` to localhost), which is destroyed at its finish."""
-    leaving = {id(out.dom) for out in migrations.outgoing.values() if out.suspended}
+    leaving = {id(d) for d in _leaving(host, migrations)}
     if any(other.token == token and id(other) not in leaving for other in host.domains.values()):
         raise HypercallError(-EEXIST, "a domain here already has that token")
 

@@ -17,6 +17,7 @@ from xenemu.core.errors import EBUSY, EINVAL, ENOENT, EOPNOTSUPP, EPERM, ESRCH, 
 from xenemu.core.host import Host
 from xenemu.core.iommu.preempt import PREEMPT
 from xenemu.core.memory.domain import Domain
+from xenemu.core.migration import dm
 from xenemu.core.migration.image import FINAL, REF, encode_steps
 from xenemu.core.migration.save import ZERO_PAGE, snapshot
 from xenemu.core.migration.stream import (
@@ -32,7 +33,7 @@ from xenemu.core.migration.stream import (
 )
 
 
-def begin(host: Host, migrations: Migrations, domid: int) -> Generator[str, None, int]:
+def begin(host: Host, migrations: Migrations, domid: int, with_dm: bool = False) -> Generator[str, None, int]:
     """Start migrating ``domid`` out: log-dirty on, the first round is every populated page.
     What could never be migrated is refused now; what must first let go, at ``suspend``."""
     dom = host.domain(domid)
@@ -43,6 +44,8 @@ def begin(host: Host, migrations: Migrations, domid: int) -> Generator[str, None
     if dom.target is not None:
         raise HypercallError(-EOPNOTSUPP, f"d{domid} is a device model: it migrates with its guest")
     prune(host, migrations)
+    if with_dm and not dm.device_models(host, domid):
+        raise HypercallError(-EINVAL, f"with_dm: no device-model domain has d{domid} as its target")
     if any(inc.dom is dom for inc in migrations.incoming.values()):
         raise HypercallError(-EBUSY, f"d{domid} is still being received")
     for ident, other in list(migrations.outgoing.items()):
@@ -51,7 +54,7 @@ def begin(host: Host, migrations: Migrations, domid: int) -> Generator[str, None
     while len(migrations.outgoing) >= MAX_MIGRATIONS:
         abandon(host, migrations, min(migrations.outgoing))
     log_on(host, dom)
-    out = Outgoing(dom, array("Q"))
+    out = Outgoing(dom, array("Q"), with_dm=with_dm)
     ident = migrations._new_id()
     migrations.outgoing[ident] = out
     try:
@@ -156,23 +159,31 @@ def send(
     return raw, info
 
 
-def suspend(host: Host, migrations: Migrations, ident: int) -> Generator[str, None, tuple[bytes, dict[str, Any]]]:
+def suspend(
+    host: Host, migrations: Migrations, ident: int
+) -> Generator[str, None, tuple[bytes, list[tuple[int, bytes]], dict[str, Any]]]:
     """Stop the domain and take its last section: a save image of everything, whose pages are
     those dirtied since the pre-copy sections. If it cannot be saved now (an operation in
     flight, a backend still mapping its grants, ...), it runs on and the error says why; the
-    migration stays open (more pre-copy, then another try)."""
+    migration stays open (more pre-copy, then another try). With its device models, they are
+    stopped too and each gives a device model's image (``dm.py``), whole: they are small."""
     out = _outgoing(host, migrations, ident)
     dom = out.dom
     if out.suspended:
         raise HypercallError(-EBUSY, f"migration {ident} is stopped already")
-    host.suspended.add(dom.domid)
+    dms = dm.device_models(host, dom.domid) if out.with_dm else []
+    if out.with_dm and not dms:
+        raise HypercallError(-EINVAL, f"with_dm: d{dom.domid} has no device-model domain any more")
+    stopped = [dom.domid, *dms]
+    host.suspended.update(stopped)
     try:
         image = snapshot(host, dom.domid, set())  # everything but the dirty pages: one step
+        dm_images = [(d, dm.snapshot_dm(host, d, dom.domid)) for d in dms]
         dirty = read_dirty(host, dom) | set(out.todo[out.at :])  # after: the save may write its vITS tables
     except BaseException:
-        host.suspended.discard(dom.domid)
+        host.suspended.difference_update(stopped)
         raise
-    out.suspended = True
+    out.suspended, out.dms = True, dms
     final_round = out.round if out.at < len(out.todo) else out.round + 1  # a round begun ends here
     out.todo, out.at = array("Q"), 0
     # The dirty pages, a slice at a time: stopped, nothing can write them meanwhile (§14.1).
@@ -191,9 +202,13 @@ def suspend(host: Host, migrations: Migrations, ident: int) -> Generator[str, No
     image.pages = pages + image.pages  # the GFNs' pages, then the held frames' (refs ascending)
     out.sent += sent
     out.round = final_round
-    image.live = {"token": dom.token, "round": final_round}
+    tokens = [host.domain(d).token for d in dms]
+    image.live = {"token": dom.token, "round": final_round} | ({"dm_tokens": tokens} if dms else {})
     raw = yield from encode_steps(image, FINAL)
-    return raw, {"round": final_round, "pages": sent, "sent": out.sent, "dirtied": len(dirty)}
+    dm_raws = []
+    for domid, dm_image in dm_images:
+        dm_raws.append((domid, (yield from encode_steps(dm_image))))
+    return raw, dm_raws, {"round": final_round, "pages": sent, "sent": out.sent, "dirtied": len(dirty)}
 
 
 def finish(host: Host, migrations: Migrations, ident: int, done: bool) -> Generator[str, None, None]:
@@ -205,8 +220,11 @@ def finish(host: Host, migrations: Migrations, ident: int, done: bool) -> Genera
         raise HypercallError(-EINVAL, f"migration {ident} has not taken its last section")
     del migrations.outgoing[ident]
     log_off(host, out)
-    host.suspended.discard(out.dom.domid)
+    host.suspended.difference_update([out.dom.domid, *out.dms])
     if done:
+        for domid in out.dms:  # first, as a save with them: their servers and mappings go unannounced
+            if domid in host.domains:
+                yield from host.destroying(domid)
         yield from host.destroying(out.dom.domid)
 
 
@@ -214,4 +232,4 @@ def abandon(host: Host, migrations: Migrations, ident: int) -> None:
     """End an outgoing migration without destroying anything: the domain runs on."""
     out = migrations.outgoing.pop(ident)
     log_off(host, out)
-    host.suspended.discard(out.dom.domid)
+    host.suspended.difference_update([out.dom.domid, *out.dms])

@@ -51,6 +51,10 @@ class Outgoing:
     sent: int = 0
     zero: int = 0
     suspended: bool = False
+    #: Its device-model domains move with it (``--with-dm``), stopped and copied at the stop.
+    with_dm: bool = False
+    #: The device models stopped with it (their images went in the last section's company).
+    dms: list[int] = field(default_factory=list)
 
 
 @dataclass
