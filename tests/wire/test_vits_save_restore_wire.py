@@ -204,3 +204,25 @@ def test_an_int_just_before_the_move_is_delivered_once(
     h.msi(4)
     assert h.lpi() == (1, vlpi)
     h.xc.close()
+
+
+def test_an_lpi_given_before_the_guest_reconnects_waits_for_it(
+    daemons: tuple[DaemonProcess, DaemonProcess], move: Mover
+) -> None:
+    """An LPI the pITS holds pending while disabled in its cache, enabled in the guest's table
+    (no INV yet): the restore reads the table, so the moved vITS gives it at once, before the
+    guest has reconnected. The daemon keeps it for the guest's next connection (the vITS has it
+    in service, so it would never come again): it arrives there, once."""
+    a, b = daemons
+    domid, g = guest_on(a)
+    vlpi = LPI + 40
+    g.xc.guest_write(PROP_GFN, bytes([0xA2]), vlpi - LPI)  # disabled, as the pITS caches it
+    g.run(c.mapc(0, 0), c.mapc(1, 1), c.mapd(0, 2, ITT_GFN << 12), c.mapti(0, 1, vlpi, 1), c.sync(1))
+    g.run(c.event_cmd(c.INT, 0, 1), c.sync(1))
+    assert g.lpi(timeout=0.2) is None  # pending on the pITS
+    g.xc.guest_write(PROP_GFN, bytes([0xA3]), vlpi - LPI)  # enabled in RAM, not yet invalidated
+    h = move(a, domid, g, b)
+    assert h.lpi() == (1, vlpi)  # given while no program of the domain was connected
+    h.xc.its_end(1, vlpi)
+    assert h.lpi(timeout=0.3) is None  # once
+    h.xc.close()

@@ -162,6 +162,8 @@ class Admission:
         self.awaiting: dict[Session, None] = {}
         self.evicted = 0
         self._next_peer = 1
+        #: Told of each session that has just said hello (the daemon hands it what waited).
+        self.on_hello: Callable[[Session], None] | None = None
 
     async def accept(
         self, listener: trio.SocketListener, channel: Channel, nursery: trio.Nursery, serve: ConnectionHandler
@@ -259,6 +261,8 @@ class Admission:
                 "server": f"xenemu {__version__}",
             }
         )
+        if self.on_hello is not None:
+            self.on_hello(session)
 
     def domain_for_token(self, token: Any) -> Domain | None:
         """The domain whose token this is, compared in constant time against every domain."""
