@@ -285,6 +285,8 @@ class Host:
         iommu = self.iommu
         ctx = iommu.contexts.get(device.domid)
         if write and self.suspended:
+            if device.domid in self.suspended:  # its MSIs too: the doorbell is no frame of its own
+                raise HypercallError(-EBUSY, f"d{device.domid} is suspended for migration: its devices wait")
             self._refuse_suspended_dma(ctx, addr, size)
         out = bytearray()
         done = 0
