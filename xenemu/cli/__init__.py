@@ -11,6 +11,7 @@ per family of verbs, each registering its commands on the one group in ``root``:
 - ``domains``: create, destroy, list, vcpu-list, mem-set, token
 - ``devices``: pci-attach, mappings, its, inject-fault
 - ``hostinfo``: info, stats, audit, dmesg
+- ``migration``: save, restore, migrate
 - ``serve``, ``demo``, ``benchmark``: the daemon, the demo, ``bench``
 
 Nothing here imports the server or the hypervisor until a verb that needs them runs. Another
@@ -19,17 +20,13 @@ package adds a verb with one line here: ``main.add_command(its_click_command)``.
 
 from __future__ import annotations
 
-from xenemu.cli import benchmark, demo, devices, domains, hostinfo, serve
+from xenemu.cli import benchmark, demo, devices, domains, hostinfo, migration, serve
 from xenemu.cli.root import main
-from xenemu.cli_migration import migrate, restore, save
 from xenemu.conformance.cli import conformance
 
 #: The modules whose import registers their verbs on ``main``.
-VERB_MODULES = (domains, devices, hostinfo, serve, demo, benchmark)
+VERB_MODULES = (domains, devices, hostinfo, migration, serve, demo, benchmark)
 
 main.add_command(conformance)
-main.add_command(save)
-main.add_command(restore)
-main.add_command(migrate)
 
 __all__ = ["VERB_MODULES", "main"]

@@ -32,13 +32,12 @@ from xenemu.core.actions.dispatch import Channel, dispatch, parse
 from xenemu.core.actions.ioreq import ReleaseIoreqServers
 from xenemu.core.errors import EINVAL, EIO, EOPNOTSUPP, EPROTO, ESRCH, HypercallError
 from xenemu.core.host import Host
-from xenemu.core.memory.domain import Domain
 from xenemu.logs import RECENT, RING_LINES
 from xenemu.server import mutants
 from xenemu.server.admission import Admission, StateDir, listen
 from xenemu.server.limits import Limits, LogBudget
 from xenemu.server.scheduler import Scheduler
-from xenemu.server.session import Session, clip, error_reply
+from xenemu.server.session import Session, Unheard, clip, error_reply
 from xenemu.wire import MAX_FRAME, Message
 
 log = structlog.get_logger("xenemu")
@@ -76,13 +75,9 @@ class Daemon:
         self.sessions: set[Session] = self.admission.sessions
         #: Log budgets of the guests whose ITS commands the pITS dropped (by domid).
         self._its_log: dict[int, LogBudget] = {}
-        #: LPIs given to a domain while no program of it was connected (a restored or migrated
-        #: domain before its guest reconnects, a guest between two connections): the vITS has
-        #: them in service, so they would never come again; the next hello of the domain gets
-        #: them. At most one per (vCPU, INTID), and as many as a session may queue; kept with the
-        #: domain instance they were given to (an id given again later names another domain).
-        self._unheard: dict[int, tuple[Domain, dict[tuple[int, int], None]]] = {}
-        self.admission.on_hello = self._hand_over
+        #: LPIs given to a domain while no program of it was connected, for its next hello.
+        self._unheard = Unheard(self.limits.max_queued_events)
+        self.admission.on_hello = self._unheard.hand_over
         self.stopping = False
         self._accepting: trio.Nursery | None = None
         self.scheduler = Scheduler(host, self._state_changed)
@@ -185,7 +180,7 @@ class Daemon:
             await session.serve(self._handle, lambda: self.stopping)
         finally:
             self.admission.leave(session)
-            self._left_unheard(session)
+            self._unheard.left(session, self.sessions, self.host.domains)
             # even past the shutdown deadline, but never for ever
             with trio.CancelScope(shield=True, deadline=trio.current_time() + self.limits.shutdown_grace):
                 await stream.aclose()
@@ -314,50 +309,14 @@ class Daemon:
                 if session.channel == "hypercall" and session.domain and session.domain.domid == delivery.domid:
                     session.post_lpi(delivery.vcpu, delivery.intid)
                     heard = True
-            if not heard:
-                self._hold(delivery.domid, [(delivery.vcpu, delivery.intid)])
+            if not heard and (dom := self.host.domains.get(delivery.domid)) is not None:
+                self._unheard.hold(dom, [(delivery.vcpu, delivery.intid)])
         self.scheduler.wake()
-
-    def _hold(self, domid: int, lpis: list[tuple[int, int]]) -> None:
-        """Keep LPIs for the domain's next connection (if it still exists), bounded."""
-        dom = self.host.domains.get(domid)
-        if dom is None:
-            return
-        owner, held = self._unheard.get(domid, (dom, {}))
-        if owner is not dom:
-            held = {}
-        self._unheard[domid] = (dom, held)
-        for key in lpis:
-            if len(held) < self.limits.max_queued_events:
-                held[key] = None
-
-    def _hand_over(self, session: Session) -> None:
-        """A program of the domain connected: what was given to it meanwhile is its now."""
-        if session.channel != "hypercall" or session.domain is None:
-            return
-        owner, held = self._unheard.pop(session.domain.domid, (None, {}))
-        if owner is session.domain:
-            for vcpu, intid in held:
-                session.post_lpi(vcpu, intid)
-
-    def _left_unheard(self, session: Session) -> None:
-        """A hypercall session closed with LPIs not yet sent: another of the domain's sessions
-        gets them, or its next one."""
-        dom = session.domain
-        if session.channel != "hypercall" or dom is None or not session.queued_lpis:
-            return
-        lpis, session.queued_lpis = list(session.queued_lpis), {}
-        others = [s for s in self.sessions if s.channel == "hypercall" and s.domain is dom and not s.closing]
-        if others:
-            for vcpu, intid in lpis:
-                others[0].post_lpi(vcpu, intid)
-        elif self.host.domains.get(dom.domid) is dom:
-            self._hold(dom.domid, lpis)
 
     def _disconnect_domain(self, domid: int) -> None:
         """A destroyed domain's emulator connections close once their current request is done."""
         self._its_log.pop(domid, None)
-        self._unheard.pop(domid, None)
+        self._unheard.forget(domid)
         for session in list(self.sessions):
             if session.channel == "hypercall" and session.domain is not None and session.domain.domid == domid:
                 session.close_soon()

@@ -316,3 +316,51 @@ class Session:
         if self.closing or stopping():
             return b""
         return None
+
+
+class Unheard:
+    """LPIs given to a domain while no program of it was connected (a restored or migrated domain
+    before its guest reconnects, a guest between two connections), or still unsent when its
+    connection closed: the vITS has them in service, so they would never come again. The
+    domain's next connection gets them after its hello. At most one per (vCPU, INTID) and
+    ``limit`` per domain, kept with the domain instance they were given to (an id given again
+    later names another domain)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held: dict[int, tuple[Domain, dict[tuple[int, int], None]]] = {}
+
+    def hold(self, dom: Domain, lpis: list[tuple[int, int]]) -> None:
+        owner, waiting = self.held.get(dom.domid, (dom, {}))
+        if owner is not dom:
+            waiting = {}
+        self.held[dom.domid] = (dom, waiting)
+        for key in lpis:
+            if len(waiting) < self.limit:
+                waiting[key] = None
+
+    def hand_over(self, session: Session) -> None:
+        """A program of the domain connected: what was given to it meanwhile is its now."""
+        if session.channel != "hypercall" or session.domain is None:
+            return
+        owner, waiting = self.held.pop(session.domain.domid, (None, {}))
+        if owner is session.domain:
+            for vcpu, intid in waiting:
+                session.post_lpi(vcpu, intid)
+
+    def left(self, session: Session, sessions: set[Session], domains: dict[int, Domain]) -> None:
+        """A hypercall session closed with LPIs not yet sent: another open session of the domain
+        gets them, or its next one."""
+        dom = session.domain
+        if session.channel != "hypercall" or dom is None or not session.queued_lpis:
+            return
+        lpis, session.queued_lpis = list(session.queued_lpis), {}
+        others = [s for s in sessions if s.channel == "hypercall" and s.domain is dom and not s.closing]
+        if others:
+            for vcpu, intid in lpis:
+                others[0].post_lpi(vcpu, intid)
+        elif domains.get(dom.domid) is dom:
+            self.hold(dom, lpis)
+
+    def forget(self, domid: int) -> None:
+        self.held.pop(domid, None)

@@ -1,4 +1,5 @@
-"""``xenemu save DOMID FILE`` and ``xenemu restore FILE``, as ``xl save`` and ``xl restore``.
+"""``xenemu save DOMAIN FILE``, ``xenemu restore FILE`` and ``xenemu migrate DOMAIN --to DIR``, as
+``xl save``, ``xl restore`` and ``xl migrate``.
 With ``--with-dm`` the file holds the guest's image and then each of its device models'; a
 restore builds them all, and prints each device model's new domid, token and server ids.
 
@@ -21,23 +22,20 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from xenemu.cli.params import DOMAIN, resolve
+from xenemu.cli.root import Refused, Usage, control, main, run_control
+
 if TYPE_CHECKING:
     from xenemu.client import SyncControlClient
 
 
-def _run(directory: Path, fn: Callable[[SyncControlClient], Any]) -> Any:
-    from xenemu.client import ConnectionLost, SyncControlClient, XenError
+def _run(directory: Path, ref: int | str | None, fn: Callable[[SyncControlClient, int], Any]) -> Any:
+    """``fn`` on a control connection, with the domain ``ref`` names (by id or name, as xl)."""
 
-    path = directory / "control.sock"
-    try:
-        with SyncControlClient.connect(path) as ctl:
-            return fn(ctl)
-    except (FileNotFoundError, ConnectionRefusedError):
-        raise click.ClickException(f"no xenemu daemon at {path} (start one with 'xenemu serve')") from None
-    except XenError as exc:
-        raise click.ClickException(str(exc)) from None
-    except ConnectionLost as exc:
-        raise click.ClickException(f"connection lost: {exc}") from None
+    def work(ctl: SyncControlClient) -> Any:
+        return fn(ctl, resolve(ctl, ref) if ref is not None else 0)
+
+    return run_control(directory, work)
 
 
 def _bar(label: str, quiet: bool) -> Any:
@@ -55,8 +53,8 @@ def _bar(label: str, quiet: bool) -> Any:
     )
 
 
-@click.command("save")
-@click.argument("domid", type=int)
+@main.command("save")
+@click.argument("domain", type=DOMAIN)
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-c", "--keep", is_flag=True, help="Leave the domain running after the save (xl save -c).")
 @click.option(
@@ -64,15 +62,15 @@ def _bar(label: str, quiet: bool) -> Any:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_obj
-def save(directory: Path, domid: int, file: Path, keep: bool, with_dm: bool, as_json: bool) -> None:
+def save(directory: Path, domain: int | str, file: Path, keep: bool, with_dm: bool, as_json: bool) -> None:
     """Save a domain's whole state to FILE, then destroy it (as xl save)."""
 
-    def work(ctl: SyncControlClient) -> bytes:
+    def work(ctl: SyncControlClient, domid: int) -> tuple[int, bytes]:
         with _bar("saving", as_json) as bar:
             task = bar.add_task("save", total=None)
-            return ctl.save_image(domid, keep, lambda n: bar.update(task, advance=n), with_dm=with_dm)
+            return domid, ctl.save_image(domid, keep, lambda n: bar.update(task, advance=n), with_dm=with_dm)
 
-    data = _run(directory, work)
+    domid, data = _run(directory, domain, work)
     fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.", dir=file.parent or Path("."))
     try:
         with os.fdopen(fd, "wb") as out:
@@ -80,7 +78,7 @@ def save(directory: Path, domid: int, file: Path, keep: bool, with_dm: bool, as_
         os.replace(tmp, file)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise click.ClickException(f"cannot write {file}: {exc.strerror}") from None
+        raise Refused(f"cannot write {file}: {exc.strerror}") from None
     from xenemu.client.transport import split_images
 
     models = len(split_images(data)) - 1
@@ -93,7 +91,7 @@ def save(directory: Path, domid: int, file: Path, keep: bool, with_dm: bool, as_
         click.echo(f"saved d{domid}{also} to {file} ({len(data)} bytes){gone}")
 
 
-@click.command("restore")
+@main.command("restore")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the daemon's reply as JSON.")
 @click.pass_obj
@@ -102,14 +100,14 @@ def restore(directory: Path, file: Path, as_json: bool) -> None:
     try:
         data = file.read_bytes()
     except OSError as exc:
-        raise click.ClickException(f"cannot read {file}: {exc.strerror}") from None
+        raise Refused(f"cannot read {file}: {exc.strerror}") from None
 
-    def work(ctl: SyncControlClient) -> Any:
+    def work(ctl: SyncControlClient, _: int) -> Any:
         with _bar("restoring", as_json) as bar:
             task = bar.add_task("restore", total=len(data))
             return ctl.restore_image(data, lambda n: bar.update(task, advance=n))
 
-    reply = _run(directory, work)
+    reply = _run(directory, None, work)
     models = reply.get("device_models")
     if as_json:
         out = {k: reply[k] for k in ("domid", "token", "pages")}
@@ -124,8 +122,8 @@ def restore(directory: Path, file: Path, as_json: bool) -> None:
             )
 
 
-@click.command("migrate")
-@click.argument("domid", type=int)
+@main.command("migrate")
+@click.argument("domain", type=DOMAIN)
 @click.option(
     "--to",
     "target",
@@ -139,36 +137,30 @@ def restore(directory: Path, file: Path, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.pass_obj
 def migrate(
-    directory: Path, domid: int, target: Path, downtime: float, max_rounds: int, with_dm: bool, as_json: bool
+    directory: Path, domain: int | str, target: Path, downtime: float, max_rounds: int, with_dm: bool, as_json: bool
 ) -> None:
     """Live-migrate a domain to another daemon (as xl migrate): pre-copy, then stop-and-copy.
 
     The domain keeps its token: its programs reconnect to the receiver's hypercall.sock with it."""
-    from xenemu.client import SyncControlClient
     from xenemu.client.migration import MigrationFailed, Policy, Report
     from xenemu.client.migration import migrate as run_migration
 
     if downtime <= 0 or max_rounds < 1:
-        raise click.ClickException("--downtime must be positive and --max-rounds at least 1")
-    there = target / "control.sock"
+        raise Usage("--downtime must be positive and --max-rounds at least 1")
 
-    def work(ctl: SyncControlClient) -> Report:
-        try:
-            dst = SyncControlClient.connect(there)
-        except (FileNotFoundError, ConnectionRefusedError):
-            raise click.ClickException(f"no xenemu daemon at {there} (start one with 'xenemu serve')") from None
-        with dst, _bar("migrating", as_json) as bar:
+    def work(ctl: SyncControlClient, domid: int) -> tuple[int, Report]:
+        with control(target) as dst, _bar("migrating", as_json) as bar:
             task = bar.add_task("migrate", total=None)
 
             def progress(report: Report, reply: dict[str, Any]) -> None:
                 bar.update(task, completed=report.pages_sent * 4096, description=f"round {report.rounds}")
 
             try:
-                return run_migration(ctl, dst, domid, Policy(downtime / 1000, max_rounds), progress, with_dm)
+                return domid, run_migration(ctl, dst, domid, Policy(downtime / 1000, max_rounds), progress, with_dm)
             except MigrationFailed as exc:
-                raise click.ClickException(f"migration of d{domid} failed: {exc}") from None
+                raise Refused(f"migration of d{domid} failed: {exc}") from None
 
-    report = _run(directory, work)
+    domid, report = _run(directory, domain, work)
     if as_json:
         click.echo(json.dumps(report.as_dict()))
         return
