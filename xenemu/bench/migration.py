@@ -74,8 +74,10 @@ def _writer(paths: list[str], token: str, bdf: str, pages: int, rate: float, sto
     """The guest dirtying its memory at ``rate`` MiB/s at random pages: whole-page CPU writes, and
     runs of whole pages written by its device's DMA (through its 1:1 default entries), four
     fifths of the bytes by DMA. It follows its domain from daemon to daemon with its token, as
-    the scenario's guest does, and counts the pages of acknowledged writes in ``count``; ``out``
-    gets its longest pause between two acknowledged writes."""
+    the scenario's guest does, and counts the pages of acknowledged writes in ``count``. ``out``
+    gets the pauses it saw between two acknowledged writes: the longest across the stop (its
+    writes refused meanwhile: the stop, the move and its reconnection) and the longest other
+    one (its requests waiting behind the migration's work in the daemons, or for a CPU)."""
     rng = random.Random(rate)
     page = bytes(range(256)) * (PAGE // 256)
     run = page * DMA_RUN
@@ -84,7 +86,8 @@ def _writer(paths: list[str], token: str, bdf: str, pages: int, rate: float, sto
     per_s = rate * (1 << 20) / PAGE
     done = step = 0
     started = last = time.perf_counter()
-    longest = 0.0
+    longest = stopped = 0.0
+    refused = False
     while not stop.is_set():
         dma = step % (CPU_PAGES + 1) == 0
         try:
@@ -95,6 +98,7 @@ def _writer(paths: list[str], token: str, bdf: str, pages: int, rate: float, sto
             else:
                 xc.guest_write(rng.randrange(pages), page)
         except XenError as exc:
+            refused = True
             if exc.errno == EBUSY:  # stopped for the last section, or not yet resumed: not done
                 time.sleep(0.0005)
                 continue
@@ -105,12 +109,17 @@ def _writer(paths: list[str], token: str, bdf: str, pages: int, rate: float, sto
             xc = _follow(paths[where], token)
             continue
         except ConnectionLost:
+            refused = True
             xc.close()
             where = 1 - where
             xc = _follow(paths[where], token)
             continue
         now = time.perf_counter()
-        longest, last = max(longest, now - last), now
+        if refused:
+            stopped, refused = max(stopped, now - last), False
+        else:
+            longest = max(longest, now - last)
+        last = now
         done += DMA_RUN if dma else 1
         step += 1
         count.value = done
@@ -118,7 +127,7 @@ def _writer(paths: list[str], token: str, bdf: str, pages: int, rate: float, sto
         if delay > 0:
             time.sleep(delay)
     xc.close()
-    out.put({"longest_pause_ms": round(longest * 1000, 2)})
+    out.put({"stop_pause_ms": round(stopped * 1000, 2), "other_pause_ms": round(longest * 1000, 2)})
 
 
 def _follow(path: str, token: str) -> SyncHypercallClient:
@@ -137,9 +146,9 @@ def live_migration_section(directory: Path, scale: Scale) -> dict[str, Any]:
     """Live migration over two daemons while a writer process dirties the guest at each rate of
     ``scale.live_rates`` (MiB/s): the toolstack's downtime (the stop-and-copy, from the stop to the
     receiver's reply) and the pages sent in all, against the guest's pages; also the rate the
-    writer reached during the migration and the longest pause it saw (the stop, the move and
-    its reconnection). The guest migrates back and forth, one migration per rate, every page
-    with contents (zero pages cross as a GFN alone, which would flatter the figures)."""
+    writer reached during the migration and the pauses it saw (across the stop, and otherwise).
+    The guest migrates back and forth, one migration per rate, every page with contents (zero
+    pages cross as a GFN alone, which would flatter the figures)."""
     frames = scale.balloon_frames * 16  # 256 MiB, or 64 MiB for --quick
     daemons = [Daemon(directory / "a", frames + 4096), Daemon(directory / "b", frames + 4096)]
     ctx = multiprocessing.get_context("spawn")
@@ -173,10 +182,10 @@ def live_migration_section(directory: Path, scale: Scale) -> dict[str, Any]:
             report = migrate(ctls[here], ctls[1 - here], domid, Policy())
             elapsed, after = time.perf_counter() - started, count.value
             time.sleep(0.2 if writer else 0)
-            pause = None
+            pauses: dict[str, Any] = {"stop_pause_ms": None, "other_pause_ms": None}
             if writer is not None:
                 stop.set()
-                pause = out.get(timeout=30)["longest_pause_ms"]
+                pauses = out.get(timeout=30)
                 writer.join(30)
             domid, here = report.new_domid, 1 - here
             rows.append(
@@ -188,7 +197,8 @@ def live_migration_section(directory: Path, scale: Scale) -> dict[str, Any]:
                     "sent_ratio": round(report.pages_sent / report.pages, 3),
                     "final_pages": report.final_pages,
                     "downtime_ms": report.downtime_ms,
-                    "guest_pause_ms": pause,
+                    "guest_pause_ms": pauses["stop_pause_ms"],
+                    "guest_other_pause_ms": pauses["other_pause_ms"],
                     "total_s": report.total_s,
                 }
             )

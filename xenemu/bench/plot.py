@@ -71,7 +71,7 @@ def _live(live: dict[str, Any], down: Any, sent: Any) -> None:
     down.plot(rates, [r["downtime_ms"] for r in rows], marker="o", label="downtime (stop-and-copy)")
     pauses = [(r["achieved_mib_s"], r["guest_pause_ms"]) for r in rows if r["guest_pause_ms"] is not None]
     if pauses:
-        down.plot(*zip(*pauses, strict=True), marker="s", linestyle="--", label="longest pause the guest saw")
+        down.plot(*zip(*pauses, strict=True), marker="s", linestyle="--", label="the guest's pause across the stop")
     down.plot(
         [targets["rate_mib_s"]],
         [targets["downtime_ms"]],

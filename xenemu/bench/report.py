@@ -127,9 +127,10 @@ def _live_migration(results: dict[str, Any]) -> list[str]:
     )
     for column in ("dirty MiB/s", "reached", "rounds", "pages sent", "x guest", "last section", "downtime ms"):
         table.add_column(column, justify="right")
-    table.add_column("guest pause ms", justify="right")
+    table.add_column("guest pause at stop ms", justify="right")
+    table.add_column("other pause ms", justify="right")
     for row in live["rates"]:
-        pause = row["guest_pause_ms"]
+        pause, other = row["guest_pause_ms"], row.get("guest_other_pause_ms")
         table.add_row(
             f"{row['rate_mib_s']:g}",
             f"{row['achieved_mib_s']:g}",
@@ -139,6 +140,7 @@ def _live_migration(results: dict[str, Any]) -> list[str]:
             f"{row['final_pages']:,}",
             f"{row['downtime_ms']:.1f}",
             "-" if pause is None else f"{pause:.1f}",
+            "-" if other is None else f"{other:.1f}",
         )
     buffer = io.StringIO()
     Console(file=buffer, width=120, color_system=None).print(table)
