@@ -79,7 +79,7 @@ class Guest:
         self.moved_at: float | None = None
         self.busy = 0
         self.reconnects = 0
-        self.writes = {"cpu": 0, "dma": 0, "refused": 0}
+        self.writes = {"cpu": 0, "dma": 0}
         self.ledger: dict[int, int] = {}  # gfn * SLOTS + slot -> last acknowledged sequence number
         # -- MSIs: one outstanding per event at most
         self.outstanding: dict[int, int] = {}  # event -> index in msis

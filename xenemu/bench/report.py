@@ -127,7 +127,7 @@ def _live_migration(results: dict[str, Any]) -> list[str]:
     )
     for column in ("dirty MiB/s", "reached", "rounds", "pages sent", "x guest", "last section", "downtime ms"):
         table.add_column(column, justify="right")
-    table.add_column("guest pause at stop ms", justify="right")
+    table.add_column("stop pause ms", justify="right")
     table.add_column("other pause ms", justify="right")
     for row in live["rates"]:
         pause, other = row["guest_pause_ms"], row.get("guest_other_pause_ms")
