@@ -74,7 +74,7 @@ class Host:
         #: the image holds must not change after it was taken).
         self.suspended: set[int] = set()
         #: Received domains, still in ``suspended``, that run once their vITS is back on this
-        #: host's pITS (``migration.live.resume_received``).
+        #: host's pITS (``migration.vits.resume_received``).
         self.resuming: set[int] = set()
         self.next_domid = 1
         self.hwdom = self.memory.populate(HWDOM_ID, opts.dom0_kind, opts.dom0_memory, "Domain-0")

@@ -593,21 +593,7 @@ def _complete(host: Host, inc: Incoming, image: Image) -> Generator[str, None, N
     dom.name = saved["name"]
     dom.token = token
     host.resuming.add(dom.domid)
-    resume_received(host)
-
-
-def resume_received(host: Host) -> None:
-    """Received domains run once their vITS is what it was on the source: Xen's MAPD and
-    MAPTIs for their devices (and the INTs of what had fired) have run on this host's pITS.
-    Until then they stay suspended (their calls are -EBUSY, "try again"): an MSI raised
-    meanwhile would be dropped by a pITS whose ITT for the device is not loaded yet, though the
-    device's write was acknowledged (on the source it would have been delivered)."""
-    for domid in sorted(host.resuming):
-        if domid not in host.domains:
-            host.resuming.discard(domid)
-        elif vits.refusal(host, domid) is None:
-            host.resuming.discard(domid)
-            host.suspended.discard(domid)
+    vits.resume_received(host)  # at once if it has no MSI device
 
 
 def drop_incoming(host: Host, migrations: Migrations, ident: int) -> None:
