@@ -10,8 +10,9 @@ machines are noisy. It starts its own daemons as subprocesses and talks to them 
   migration's downtime and pages sent against the guest's dirty rate.
 - ``report``: each section's lines as it finishes, the CSV and JSON files, and ``--compare``'s
   side-by-side (another revision run now, or a file an earlier run wrote).
-- ``plot``: ``--plot``'s charts (throughput against batch size, and the elision table), with
-  matplotlib, an optional extra (``pip install 'xenemu[plot]'``).
+- ``plot``: ``--plot``'s charts (throughput against batch size, the elision table, and the live
+  migration's downtime and pages sent against the dirty rate), with matplotlib, an optional
+  extra (``pip install 'xenemu[plot]'``).
 """
 
 from __future__ import annotations
