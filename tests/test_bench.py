@@ -103,6 +103,15 @@ def test_quick_bench_reports_every_figure(quick_run: tuple[dict[str, Any], Path,
     migration = results["migration"]
     assert migration["guest_mib"] == 64 and migration["image_mib"] > 64 and migration["audit_clean"] is True
     assert migration["save_s_per_gib"] > 0 and migration["restore_s_per_gib"] > 0
+    live = results["live_migration"]
+    assert live["guest_mib"] == 64 and live["audit_clean"] is True
+    assert [row["rate_mib_s"] for row in live["rates"]] == [0.0, 10.0]
+    for row in live["rates"]:  # every page crosses at least once; a page dirtied again crosses again
+        assert row["pages_sent"] >= live["pages"] and row["rounds"] >= 2 and row["downtime_ms"] > 0
+    idle, busy = live["rates"]
+    assert idle["achieved_mib_s"] == 0 and idle["guest_pause_ms"] is None and busy["achieved_mib_s"] > 0
+    assert busy["guest_pause_ms"] > 0 and busy["guest_other_pause_ms"] > 0  # its writes were refused at the stop
+    assert set(live["targets"]) == {"rate_mib_s", "downtime_ms", "sent_ratio", "downtime_met", "sent_ratio_met"}
     vits = results["vits"]
     assert vits["guest_commands_per_s"] > 0 and vits["msis_per_s"] > 0
     assert set(vits["victim_ms"]) == {

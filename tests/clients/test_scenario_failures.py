@@ -210,3 +210,17 @@ def test_a_result_that_says_not_ok_is_the_reason(tmp_path: Path) -> None:
         assert proc.returncode == 0 and "VERDICT: PASS (x)" in out, out + err
     finally:
         daemon.stop()
+
+
+def test_a_migration_the_receiver_refuses_fails_with_the_clis_reason(tmp_path: Path) -> None:
+    """The migrator aims at a directory with no daemon: its `xenemu migrate` fails in one line,
+    the guest runs on at the source (it would wait for a move that never comes), and the
+    verdict fails at once with the CLI's reason, both audits run."""
+    needs_compose()
+    migrator = service("migration", "migrator")
+    command = list(migrator["command"])
+    command[command.index("--to") + 1] = str(tmp_path / "nowhere")
+    files = [COMPOSE, override(tmp_path, {"migrator": {"command": command}})]
+    status, text, elapsed = run("migration", files, tmp_path)
+    assert_failed(status, text, elapsed, "migration: xenemu: no xenemu daemon at ", "migration")
+    assert "audit: clean (source and receiver)" in text

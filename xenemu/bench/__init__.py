@@ -6,11 +6,13 @@ machines are noisy. It starts its own daemons as subprocesses and talks to them 
 - ``iommu``: the PV IOMMU sections (throughput, scaling, M2B, memory, fairness, ballooning).
 - ``hostile``: a victim's latency under each kind of hostile batch, and sparse mappings' cost.
 - ``vits``: the vITS section and the elision table.
-- ``migration``: save and restore time per GiB of guest memory, over two daemons.
+- ``migration``: save and restore time per GiB of guest memory, over two daemons, and a live
+  migration's downtime and pages sent against the guest's dirty rate.
 - ``report``: each section's lines as it finishes, the CSV and JSON files, and ``--compare``'s
   side-by-side (another revision run now, or a file an earlier run wrote).
-- ``plot``: ``--plot``'s charts (throughput against batch size, and the elision table), with
-  matplotlib, an optional extra (``pip install 'xenemu[plot]'``).
+- ``plot``: ``--plot``'s charts (throughput against batch size, the elision table, and the live
+  migration's downtime and pages sent against the dirty rate), with matplotlib, an optional
+  extra (``pip install 'xenemu[plot]'``).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from xenemu.bench.iommu import (
     scaling_section,
     throughput_section,
 )
-from xenemu.bench.migration import migration_section
+from xenemu.bench.migration import live_migration_section, migration_section
 from xenemu.bench.report import compare, section_lines, side_by_side, table
 from xenemu.bench.vits import VitsGuest, vits_section
 from xenemu.client import SyncControlClient
@@ -56,6 +58,7 @@ def run_bench(scale: Scale, progress: Progress | None = None) -> dict[str, Any]:
         done("memory", memory_section(Path(tmp) / "memory", scale))
         done("vits", vits_section(Path(tmp) / "vits", scale))
         done("migration", migration_section(Path(tmp) / "migration", scale))
+        done("live_migration", live_migration_section(Path(tmp) / "live", scale))
         daemon = Daemon(Path(tmp) / "main", 1_200_000)
         try:
             with SyncControlClient.connect(daemon.control) as ctl:

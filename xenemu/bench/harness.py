@@ -31,10 +31,12 @@ class Scale:
     untouched_frames: int = 4 * 1024 * 1024  # a 16 GiB guest
     fairness_samples: int = 300
     balloon_frames: int = 4096
+    #: The guest's dirty rates (MiB/s) the live migration is measured at.
+    live_rates: tuple[float, ...] = (0.0, 5.0, 10.0, 20.0, 40.0)
 
     @classmethod
     def quick(cls) -> Scale:
-        return cls(4096, 200, (1_000, 10_000, 50_000), 1_000, 65536, 50, 1024)
+        return cls(4096, 200, (1_000, 10_000, 50_000), 1_000, 65536, 50, 1024, (0.0, 10.0))
 
 
 @dataclass

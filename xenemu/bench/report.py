@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import subprocess
@@ -110,11 +111,59 @@ def _migration(results: dict[str, Any]) -> list[str]:
     ]
 
 
+def _live_migration(results: dict[str, Any]) -> list[str]:
+    live = results.get("live_migration")
+    if not live:
+        return []
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    targets = live["targets"]
+    table = Table(
+        title=f"live migration of a {live['guest_mib']} MiB guest ({live['pages']:,} pages), two daemons",
+        title_justify="left",
+        box=box.SIMPLE,
+    )
+    for column in ("dirty MiB/s", "reached", "rounds", "pages sent", "x guest", "last section", "downtime ms"):
+        table.add_column(column, justify="right")
+    table.add_column("stop pause ms", justify="right")
+    table.add_column("other pause ms", justify="right")
+    for row in live["rates"]:
+        pause, other = row["guest_pause_ms"], row.get("guest_other_pause_ms")
+        table.add_row(
+            f"{row['rate_mib_s']:g}",
+            f"{row['achieved_mib_s']:g}",
+            str(row["rounds"]),
+            f"{row['pages_sent']:,}",
+            f"{row['sent_ratio']:.3f}",
+            f"{row['final_pages']:,}",
+            f"{row['downtime_ms']:.1f}",
+            "-" if pause is None else f"{pause:.1f}",
+            "-" if other is None else f"{other:.1f}",
+        )
+    buffer = io.StringIO()
+    Console(file=buffer, width=120, color_system=None).print(table)
+    lines = [line.rstrip() for line in buffer.getvalue().splitlines() if line.strip()]
+    at = next((r for r in live["rates"] if r["rate_mib_s"] == targets["rate_mib_s"]), None)
+    if at is None:
+        return [*lines, f"targets (at {targets['rate_mib_s']:g} MiB/s): not measured in this run"]
+    verdict = {True: "met", False: "MISSED"}
+    lines.append(
+        f"targets at {targets['rate_mib_s']:g} MiB/s: downtime {at['downtime_ms']:.1f} ms (target <= "
+        f"{targets['downtime_ms']:g} ms, {verdict[targets['downtime_met']]}), pages sent {at['sent_ratio']:.2f}x "
+        f"the guest's (target <= {targets['sent_ratio']:g}x, {verdict[targets['sent_ratio_met']]}); "
+        f"audit {'clean' if live['audit_clean'] else 'VIOLATIONS'} on both daemons"
+    )
+    return lines
+
+
 #: Each section's lines, by the name ``run_bench`` reports it under, in the order it runs them.
 SECTIONS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "memory": _memory,
     "vits": _vits,
     "migration": _migration,
+    "live_migration": _live_migration,
     "fast_path": lambda r: [f"compiled fast path: {'on' if r.get('fast_path') else 'off'}"],
     "scaling": _scaling,
     "throughput": _throughput,

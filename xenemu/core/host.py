@@ -73,6 +73,9 @@ class Host:
         #: calls, requests naming them and devices' writes to their frames are -EBUSY (what
         #: the image holds must not change after it was taken).
         self.suspended: set[int] = set()
+        #: Received domains, still in ``suspended``, that run once their vITS is back on this
+        #: host's pITS (``migration.vits.resume_received``).
+        self.resuming: set[int] = set()
         self.next_domid = 1
         self.hwdom = self.memory.populate(HWDOM_ID, opts.dom0_kind, opts.dom0_memory, "Domain-0")
         self.hwdom.is_hwdom = True
@@ -179,6 +182,7 @@ class Host:
             raise HypercallError(-EPERM, "the hardware domain cannot be destroyed")
         del self.domains[domid]
         self.suspended.discard(domid)
+        self.resuming.discard(domid)
         self.memory.limbo[domid] = dom
         for bdf in list(dom.devices):
             del self.devices[bdf]

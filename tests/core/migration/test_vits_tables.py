@@ -41,6 +41,7 @@ from xenemu.core.actions.migration import (
 from xenemu.core.audit import audit
 from xenemu.core.errors import HypercallError
 from xenemu.core.host import Host
+from xenemu.core.migration import vits
 from xenemu.core.migration.image import Image, decode, encode
 from xenemu.core.migration.store import CHUNK
 
@@ -402,6 +403,7 @@ def test_a_live_migration_carries_the_tables_written_at_its_stop() -> None:
     got = send(a, b, final, incoming)
     run(a, 0, MigrateFinish(mig, True))
     settle(b.its)
+    vits.resume_received(b)  # what the first request after the pITS ran does (dispatch)
     h = ItsGuest(b, got["domid"])
     assert {k: (i.vlpi, i.icid) for k, i in b.its.domains[h.domid].vits[0].ites.items()} == {(0, 5): (LPI + 100, 1)}
     assert h.end(1, LPI + 100) is None  # in service, delivered once, on the source

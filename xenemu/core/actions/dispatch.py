@@ -17,6 +17,7 @@ from xenemu.core.actions.base import ACTIONS, HANDLERS, Action, Channel, Outcome
 from xenemu.core.errors import EBUSY, EOPNOTSUPP, EPERM, HypercallError
 from xenemu.core.host import Host
 from xenemu.core.iommu import preempt
+from xenemu.core.migration import vits
 
 __all__ = ["ACTIONS", "Action", "Channel", "Outcome", "dispatch", "parse", "run"]
 
@@ -61,6 +62,8 @@ def _refuse_suspended(host: Host, caller: int, action: Action) -> None:
     it: its own calls and any request naming it are ``-EBUSY`` ("try again": the stop is the
     migration's last tens of milliseconds), except ``UNSTOPPED`` and the migration's other
     requests (which name a migration, not a domain)."""
+    if host.resuming:
+        vits.resume_received(host)  # a received domain whose vITS has caught up runs now
     if caller in host.suspended:
         raise HypercallError(-EBUSY, f"d{caller} is suspended for migration: try again")
     target = getattr(action, "domid", None)

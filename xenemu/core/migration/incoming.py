@@ -253,7 +253,8 @@ def _complete(host: Host, migrations: Migrations, inc: Incoming, image: Image) -
     dom.name = saved["name"]
     _take_token(host, migrations, token)
     dom.token = token
-    host.suspended.discard(dom.domid)
+    host.resuming.add(dom.domid)  # runs once its vITS is back on this pITS (vits.resume_received)
+    vits.resume_received(host)  # at once if it has no MSI device
 
 
 def _leaving(host: Host, migrations: Migrations) -> list[Domain]:

@@ -180,6 +180,20 @@ def _fired(host: Host, vits: Vits) -> set[tuple[int, int]]:
     return {(by_pdevid[p], e) for p, e in pending}
 
 
+def resume_received(host: Host) -> None:
+    """Received domains run once their vITS is what it was on the source: Xen's MAPD and
+    MAPTIs for their devices (and the INTs of what had fired) have run on this host's pITS.
+    Until then they stay suspended (their calls are -EBUSY, "try again"): an MSI raised
+    meanwhile would be dropped by a pITS whose ITT for the device is not loaded yet, though the
+    device's write was acknowledged (on the source it would have been delivered)."""
+    for domid in sorted(host.resuming):
+        if domid not in host.domains:
+            host.resuming.discard(domid)
+        elif refusal(host, domid, live=True) is None:
+            host.resuming.discard(domid)
+            host.suspended.discard(domid)
+
+
 def save(host: Host, domid: int) -> dict[str, Any]:
     """The ``vits`` and ``in_service`` fields of the image's ``its`` (after ``write_tables``)."""
     its = host.its.domains[domid]
