@@ -20,8 +20,10 @@ from xenemu.core.actions.migration import (
     ImageRead,
     ImageWrite,
     MigrateBegin,
+    MigrateCommit,
     MigrateFinish,
     MigrateReceive,
+    MigrateResume,
     MigrateSend,
     MigrateSuspend,
     RestoreBegin,
@@ -102,6 +104,8 @@ def test_every_step_of_a_migration_pauses() -> None:
     got, pauses = steps(there, MigrateReceive(write(there, read(here, final)), incoming))
     assert pauses >= 16384 // live.COPY_SLICE - 1
     assert there.host.memory.access(got["domid"], 5, 0, None, 9) == b"\0" * 8 + b"y"
+    here.act(0, MigrateCommit(mig))
+    there.act(0, MigrateResume(incoming))
     here.act(0, MigrateFinish(mig, True))
     here.check()
     there.check()
@@ -173,3 +177,39 @@ def test_dma_of_domains_not_migrating_sets_no_dirty_bit(bed: Bed) -> None:
     for gfn in range(64):
         assert bed.host.device_dma(BDF, gfn << 12, b"x").ok
     assert not bed.ctx(busy).dirty
+
+
+def test_a_dead_toolstack_never_leaves_two_running_copies() -> None:
+    """The receiver has the last section, and the toolstack goes away: the received copy waits
+    paused (no token, nothing runs) until the source commits and it is resumed; the source's
+    stopped copy may be taken back (a new migration supersedes it) only until it is committed,
+    and a stopped migration is never evicted by others."""
+    here, there = Bed(), Bed()
+    dom = here.guest(memory=16, device=None)
+    token = dom.token
+    mig = here.act(0, MigrateBegin(dom.domid))["migration"]
+    incoming = 0
+    while True:
+        reply = here.act(0, MigrateSend(mig, 16))
+        incoming = there.act(0, MigrateReceive(write(there, read(here, reply)), incoming))["incoming"]
+        if not reply["left"]:
+            break
+    got = there.act(0, MigrateReceive(write(there, read(here, here.act(0, MigrateSuspend(mig)))), incoming))
+    copy = there.host.domain(got["domid"])
+    assert got["paused"] and copy.domid in there.host.suspended and copy.token != token  # waits, tokenless
+    others = [here.guest(memory=4, device=None) for _ in range(live.MAX_MIGRATIONS)]
+    for other in others:
+        here.act(0, MigrateBegin(other.domid))
+    # One too many: a migration still in pre-copy goes, never the stopped one.
+    assert others[0].p2m.log is None and dom.domid in here.host.suspended
+    assert len(migrations(here.host).outgoing) == live.MAX_MIGRATIONS
+    here.act(0, MigrateCommit(mig))
+    assert errno(here.act, 0, MigrateBegin(dom.domid)) == -16  # committed: it can only go
+    assert errno(here.act, 0, MigrateFinish(mig, False)) == -22
+    assert dom.domid in here.host.suspended
+    resumed = there.act(0, MigrateResume(incoming))
+    assert resumed["token"] == token == copy.token and copy.domid not in there.host.suspended
+    here.act(0, MigrateFinish(mig, True))
+    assert dom.domid not in here.host.domains
+    here.check()
+    there.check()

@@ -28,9 +28,11 @@ from xenemu.core.actions.migration import (
     ImageRead,
     ImageWrite,
     MigrateBegin,
+    MigrateCommit,
     MigrateDrop,
     MigrateFinish,
     MigrateReceive,
+    MigrateResume,
     MigrateSend,
     MigrateSuspend,
     RestoreBegin,
@@ -243,6 +245,8 @@ class PvIommuModel(RuleBasedStateMachine):
                 run(dst, 0, MigrateDrop(incoming))
             raise
         got = carry(final)
+        run(src, 0, MigrateCommit(mig))
+        run(dst, 0, MigrateResume(incoming))
         run(src, 0, MigrateFinish(mig, True))
         new: int = got["domid"]
         return new

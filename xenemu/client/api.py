@@ -419,6 +419,16 @@ class ControlApi:
         return Request("migrate_receive", args, _reply("migrate_receive"))
 
     @request
+    def migrate_commit(self, migration: int) -> Request[Message]:
+        """The receiver has the domain: the source's stopped copy will never run again."""
+        return Request("migrate_commit", {"migration": migration}, _reply("migrate_commit"))
+
+    @request
+    def migrate_resume(self, incoming: int) -> Request[Message]:
+        """After the source's commit: the received domain takes its ``token`` and runs."""
+        return Request("migrate_resume", {"incoming": incoming}, _reply("migrate_resume"))
+
+    @request
     def migrate_drop(self, incoming: int) -> Request[Message]:
         """Give up receiving: the half-received domain is destroyed."""
         return Request("migrate_drop", {"incoming": incoming}, _reply("migrate_drop"))

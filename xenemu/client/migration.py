@@ -14,6 +14,7 @@ domain runs on; the report says where the domain is.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -33,6 +34,9 @@ class Policy:
     #: Rounds before the domain is stopped whatever it dirties (Xen's max_iters is 5; QEMU has
     #: none and throttles the guest instead; a hostile guest must not keep a migration going).
     max_rounds: int = 30
+    #: Rounds in a row whose dirty pages did not shrink before the domain is stopped anyway (a
+    #: guest that dirties, or churns GFNs, faster than the link carries gains nothing from more).
+    stall_rounds: int = 3
     #: Pages per section (the daemons' limit is 8,192).
     section: int = 8192
     #: Tries at the stop before giving up (each after one more pre-copy round).
@@ -151,7 +155,9 @@ def migrate(
             if progress is not None:
                 progress(report, pending)
             budget = rate * policy.downtime / (PAGE + 16)
-            if pending["dirtied"] <= budget or pending["round"] >= policy.max_rounds:
+            dirt = [h[3] for h in report.history[-(policy.stall_rounds + 1) :]]
+            stalled = len(dirt) > policy.stall_rounds and all(b >= a for a, b in itertools.pairwise(dirt))
+            if pending["dirtied"] <= budget or pending["round"] >= policy.max_rounds or stalled:
                 try:
                     final_started = time.perf_counter()
                     final = src.migrate_suspend(mig)
@@ -160,21 +166,27 @@ def migrate(
                     if exc.errno != EBUSY or tries >= policy.stop_tries:
                         raise
                     continue
-                got = carry(src, dst, final, incoming)
+                got = carry(src, dst, final, incoming)  # complete there, and paused
+                report.new_domid = got["domid"]
+                models = {m["domid"]: m for m in got.get("device_models", [])}
+                src.migrate_commit(mig)  # the source's copy will never run again
                 received = True
+                resumed = dst.migrate_resume(incoming)  # the copy takes its token and runs
                 report.downtime_ms = round((time.perf_counter() - final_started) * 1000, 2)
                 report.final_pages, report.pages_sent = final["pages"], final["sent"]
                 report.bytes_sent += final["size"]
                 report.rounds = final["round"]
-                report.new_domid, report.token = got["domid"], got["token"]
-                report.device_models = got.get("device_models", [])
+                report.token = resumed["token"]
+                report.device_models = [models[m["domid"]] | m for m in resumed.get("device_models", [])]
                 break
         src.migrate_finish(mig, True)
     except BaseException as exc:
         _undo(src, dst, mig, incoming, received)
         if received:
             raise MigrationFailed(
-                f"the source's copy could not be destroyed: {exc}", f"it runs on the receiver as d{report.new_domid}"
+                f"committed, then: {exc}",
+                f"the domain is the receiver's d{report.new_domid} (migrate_resume {incoming} there runs it if it"
+                f" is still paused; migrate_finish {mig} here destroys the source's stopped copy)",
             ) from exc
         if isinstance(exc, XenError):
             raise MigrationFailed(str(exc), f"d{domid} runs on at the source") from exc

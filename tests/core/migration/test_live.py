@@ -20,9 +20,11 @@ from xenemu.core.actions.migration import (
     ImageRead,
     ImageWrite,
     MigrateBegin,
+    MigrateCommit,
     MigrateDrop,
     MigrateFinish,
     MigrateReceive,
+    MigrateResume,
     MigrateSend,
     MigrateSuspend,
     RestoreBegin,
@@ -51,6 +53,13 @@ def carry(src: Bed, dst: Bed, reply: dict[str, Any], incoming: int) -> dict[str,
     models = [copy(src, dst, d["image"], d["size"]) for d in reply.get("dm_images", [])]
     image = copy(src, dst, reply["image"], reply["size"])
     got: dict[str, Any] = dst.act(0, MigrateReceive(image, incoming, models or None))
+    return got
+
+
+def land(src: Bed, dst: Bed, mig: int, incoming: int) -> dict[str, Any]:
+    """The source commits, then the receiver's copy takes its token and runs."""
+    src.act(0, MigrateCommit(mig))
+    got: dict[str, Any] = dst.act(0, MigrateResume(incoming))
     return got
 
 
@@ -85,6 +94,7 @@ def migrate(
             break
     final = src.act(0, MigrateSuspend(mig))
     got = carry(src, dst, final, incoming)
+    got |= land(src, dst, mig, incoming)
     src.act(0, MigrateFinish(mig, True))
     stats |= {"rounds": final["round"], "sent": final["sent"], "final": final["pages"]}
     return dst.host.domain(got["domid"]), stats
@@ -162,6 +172,7 @@ def test_the_migrated_copy_answers_as_the_original() -> None:
             break
     final = here.act(0, MigrateSuspend(mig))
     copy = there.host.domain(carry(here, there, final, incoming)["domid"])
+    there.act(0, MigrateResume(incoming))  # (not committed: the original runs on too, on purpose)
     here.act(0, MigrateFinish(mig, False))  # abandoned: the original runs on
     assert dom.domid in here.host.domains and not here.host.suspended and dom.p2m.log is None
     copy.token = "0" * 32  # two domains may not share a token: irrelevant to behaviour
@@ -182,6 +193,7 @@ def test_dma_through_an_entry_unmapped_before_the_round_is_not_lost() -> None:
     final = here.act(0, MigrateSuspend(mig))
     assert final["pages"] == 1  # GFN 9, from the dirty bit the unmap did not lose
     new = there.host.domain(carry(here, there, final, incoming)["domid"])
+    land(here, there, mig, incoming)
     here.act(0, MigrateFinish(mig, True))
     assert there.host.memory.access(new.domid, 9, 0, None, 18) == b"dma after its copy"
     there.check()
@@ -199,6 +211,7 @@ def test_an_emulators_dma_into_the_guest_is_tracked_and_it_is_told_at_the_end() 
     final = here.act(0, MigrateSuspend(mig))
     assert errno(here.host.device_dma, "00:05.0", 0x500 << 12, b"late") == -16  # stopped: it waits
     new = there.host.domain(carry(here, there, final, incoming)["domid"])
+    land(here, there, mig, incoming)
     here.act(0, MigrateFinish(mig, True))
     assert there.host.memory.access(new.domid, 12, 0, None, 23) == b"written by the emulator"
     invalidates = here.host.ioreq.get(server)
@@ -227,6 +240,7 @@ def test_ballooning_during_precopy_leaves_the_same_p2m() -> None:
     new = there.host.domain(carry(here, there, final, incoming)["domid"])
     assert sorted(new.p2m.keys()) == sorted(dom.p2m.keys()) and new.pages == dom.pages == 64
     assert there.host.memory.access(new.domid, 70, 0, None, 8) == b"new page"
+    land(here, there, mig, incoming)
     here.act(0, MigrateFinish(mig, True))
     there.check()
 
@@ -356,6 +370,8 @@ def test_a_guest_migrates_live_with_its_device_model() -> None:
     assert [d["domid"] for d in final["dm_images"]] == [setup.dm.domid]
     assert errno(here.host.device_dma, DM_BDF, (BASE + 6) << 12, b"late") == -16  # its device model is stopped
     got = carry(here, there, final, incoming)
+    assert got["paused"] and got["domid"] in there.host.suspended  # until the source lets go
+    land(here, there, mig, incoming)
     here.act(0, MigrateFinish(mig, True))
     assert setup.guest.domid not in here.host.domains and setup.dm.domid not in here.host.domains
     assert not here.host.ioreq.servers

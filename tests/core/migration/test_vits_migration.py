@@ -18,8 +18,10 @@ from xenemu.core.actions.migration import (
     ImageRead,
     ImageWrite,
     MigrateBegin,
+    MigrateCommit,
     MigrateFinish,
     MigrateReceive,
+    MigrateResume,
     MigrateSend,
     MigrateSuspend,
     RestoreBegin,
@@ -179,6 +181,8 @@ def live_migrate(source: Host, domid: int, target: Host) -> int:
         if not reply["left"]:
             break
     got = carry(run(source, 0, MigrateSuspend(mig)))
+    run(source, 0, MigrateCommit(mig))
+    run(target, 0, MigrateResume(incoming))
     run(source, 0, MigrateFinish(mig, True))
     return int(got["domid"])
 

@@ -30,8 +30,10 @@ from xenemu.core.actions.migration import (
     ImageRead,
     ImageWrite,
     MigrateBegin,
+    MigrateCommit,
     MigrateFinish,
     MigrateReceive,
+    MigrateResume,
     MigrateSend,
     MigrateSuspend,
     RestoreBegin,
@@ -401,6 +403,8 @@ def test_a_live_migration_carries_the_tables_written_at_its_stop() -> None:
     assert delivered(a.its.deliveries[-1:]) == [(1, LPI + 100)]
     final = run(a, 0, MigrateSuspend(mig))
     got = send(a, b, final, incoming)
+    run(a, 0, MigrateCommit(mig))
+    run(b, 0, MigrateResume(incoming))
     run(a, 0, MigrateFinish(mig, True))
     settle(b.its)
     vits.resume_received(b)  # what the first request after the pITS ran does (dispatch)

@@ -73,6 +73,8 @@ def dirty(t: Target) -> None:
     final = ctl.migrate_suspend(mig)
     assert final["pages"] >= 2, f"the last section carries {final['pages']} pages, not the two written"
     new = carry(ctl, ctl, final, incoming)["domid"]
+    ctl.migrate_commit(mig)
+    ctl.migrate_resume(incoming)
     ctl.migrate_finish(mig, True)
     arrived(t, guest, new)
     xc = t.client(new)

@@ -255,6 +255,33 @@ def _migrate_receive(host: Host, caller: int, action: MigrateReceive) -> Generat
 
 
 @dataclass(frozen=True)
+class MigrateCommit(ControlAction):
+    """The receiver has the domain: the source's stopped copy will only be destroyed."""
+
+    name = "migrate_commit"
+    migration: int
+
+
+@handles(MigrateCommit)
+def _migrate_commit(host: Host, caller: int, action: MigrateCommit) -> dict[str, Any]:
+    live.commit(host, migrations(host), action.migration)
+    return {"ret": 0}
+
+
+@dataclass(frozen=True)
+class MigrateResume(ControlAction):
+    """The received domain takes its token and runs (after the source's commit)."""
+
+    name = "migrate_resume"
+    incoming: int
+
+
+@handles(MigrateResume)
+def _migrate_resume(host: Host, caller: int, action: MigrateResume) -> dict[str, Any]:
+    return live.resume(host, migrations(host), action.incoming)
+
+
+@dataclass(frozen=True)
 class MigrateDrop(ControlAction):
     """Give up receiving: the half-received domain is destroyed."""
 

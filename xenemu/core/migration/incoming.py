@@ -12,7 +12,7 @@ import secrets
 from collections.abc import Generator
 from typing import Any
 
-from xenemu.core.errors import EEXIST, EINVAL, ENOENT, ENOMEM, EOPNOTSUPP, ESRCH, HypercallError
+from xenemu.core.errors import EBUSY, EEXIST, EINVAL, ENOENT, ENOMEM, EOPNOTSUPP, ESRCH, HypercallError
 from xenemu.core.host import Host
 from xenemu.core.iommu.preempt import PREEMPT
 from xenemu.core.memory.domain import Domain
@@ -71,19 +71,41 @@ def receive(
         for dm_image, state, token in zip(dm_images, states, tokens, strict=True):
             ids: dict[int, int] = {}
             built = yield from dm.restore_dm(host, dm_image, inc.dom.domid, ids, state)
+            host.suspended.add(built.domid)  # paused with its guest until ``resume``
+            inc.models.append((built.domid, token))
             models.append({"domid": built.domid, "pages": built.pages, "servers": sorted(ids.items())})
-            _check_token(host, migrations, token)
-            _take_token(host, migrations, token)
-            built.token = models[-1]["token"] = token
     except BaseException:
-        for model in models:
-            if model["domid"] in host.domains:
-                host.destroy_domain(model["domid"])
         _drop(host, migrations, ident)
         raise
-    del migrations.incoming[ident]
-    reply = {"ret": 0, "incoming": ident, "domid": inc.dom.domid, "token": inc.dom.token, "pages": inc.dom.pages}
+    inc.ready = True
+    reply = {"ret": 0, "incoming": ident, "domid": inc.dom.domid, "pages": inc.dom.pages, "paused": True}
     return reply | ({"device_models": models} if dm_raws else {})
+
+
+def resume(host: Host, migrations: Migrations, ident: int) -> dict[str, Any]:
+    """The source has let go of the domain (``commit``): the received copy takes its token (and
+    its device models theirs) and runs, once its vITS is back on this pITS. Until then it waited
+    paused, so a toolstack that died between the last section and the commit never leaves two
+    running copies: the source's runs on (it was never committed) and this one waits to be
+    dropped."""
+    inc = _incoming(host, migrations, ident)
+    if not inc.ready:
+        raise HypercallError(-EINVAL, f"incoming migration {ident} has not received its last section")
+    for domid, token in [(inc.dom.domid, inc.token), *inc.models]:
+        if domid not in host.domains:
+            raise HypercallError(-ESRCH, f"d{domid} of incoming migration {ident} was destroyed")
+        _check_token(host, migrations, token)
+    for domid, token in [(inc.dom.domid, inc.token), *inc.models]:
+        _take_token(host, migrations, token)
+        host.domain(domid).token = token
+    for domid, _ in inc.models:
+        host.suspended.discard(domid)
+    host.resuming.add(inc.dom.domid)  # runs once its vITS is back on this pITS (vits.resume_received)
+    vits.resume_received(host)  # at once if it has no MSI device
+    del migrations.incoming[ident]
+    models = [{"domid": d, "token": t} for d, t in inc.models]
+    reply = {"ret": 0, "domid": inc.dom.domid, "token": inc.token, "pages": inc.dom.pages}
+    return reply | ({"device_models": models} if models else {})
 
 
 def _check_models(host: Host, image: Image, dm_images: list[Image]) -> list[dm.DmState]:
@@ -121,9 +143,14 @@ def _incoming(host: Host, migrations: Migrations, ident: int) -> Incoming:
 
 
 def _drop(host: Host, migrations: Migrations, ident: int) -> None:
-    """What was received goes: the half-built domain is destroyed."""
+    """What was received goes: the half-built domain (and its device models) destroyed."""
     inc = migrations.incoming.pop(ident, None)
-    if inc is not None and host.domains.get(inc.dom.domid) is inc.dom:
+    if inc is None:
+        return
+    for domid, _ in inc.models:
+        if domid in host.domains:
+            host.destroy_domain(domid)
+    if host.domains.get(inc.dom.domid) is inc.dom:
         host.destroy_domain(inc.dom.domid)
 
 
@@ -140,8 +167,11 @@ def _create(host: Host, migrations: Migrations, section: Precopy) -> Generator[s
         )
     if any(p >= host.options.its_cpus for p in create["pin"]):
         raise HypercallError(-EINVAL, f"a vCPU is pinned beyond this host's {host.options.its_cpus} CPUs")
-    while len(migrations.incoming) >= MAX_MIGRATIONS:
-        _drop(host, migrations, min(migrations.incoming))
+    waiting = [i for i, inc in migrations.incoming.items() if not inc.ready]
+    if len(migrations.incoming) >= MAX_MIGRATIONS and not waiting:
+        raise HypercallError(-EBUSY, f"{MAX_MIGRATIONS} received domains wait to be resumed or dropped")
+    while len(migrations.incoming) >= MAX_MIGRATIONS:  # a half-received one; never a complete copy
+        _drop(host, migrations, waiting.pop(0))
     name = create["name"]
     dom = yield from host.creating(
         "hvm", 0, None, name, create["max_mappings"], create["vcpus"], create["pin"], create["max_pages"]
@@ -251,10 +281,7 @@ def _complete(host: Host, migrations: Migrations, inc: Incoming, image: Image) -
     dom.busy_ops -= 1  # as a restore's last step, which assigns its devices
     restoring.finish(host, dom, image)
     dom.name = saved["name"]
-    _take_token(host, migrations, token)
-    dom.token = token
-    host.resuming.add(dom.domid)  # runs once its vITS is back on this pITS (vits.resume_received)
-    vits.resume_received(host)  # at once if it has no MSI device
+    inc.token = token  # taken at ``resume``, once the source has let go
 
 
 def _leaving(host: Host, migrations: Migrations) -> list[Domain]:

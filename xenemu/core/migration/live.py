@@ -27,8 +27,8 @@ last has flags ``FINAL`` and is a save image with META's ``live`` field.
 
 from __future__ import annotations
 
-from xenemu.core.migration.incoming import drop_incoming, receive
-from xenemu.core.migration.outgoing import abandon, begin, finish, read_dirty, send, suspend
+from xenemu.core.migration.incoming import drop_incoming, receive, resume
+from xenemu.core.migration.outgoing import abandon, begin, commit, finish, read_dirty, send, suspend
 from xenemu.core.migration.stream import (
     COPY_SLICE,
     LOG_SLACK,
@@ -48,11 +48,13 @@ __all__ = [
     "Migrations",
     "abandon",
     "begin",
+    "commit",
     "drop_incoming",
     "encode_precopy",
     "finish",
     "read_dirty",
     "receive",
+    "resume",
     "send",
     "suspend",
 ]

@@ -50,9 +50,14 @@ def begin(host: Host, migrations: Migrations, domid: int, with_dm: bool = False)
         raise HypercallError(-EBUSY, f"d{domid} is still being received")
     for ident, other in list(migrations.outgoing.items()):
         if other.dom is dom:  # a toolstack that died mid-way left it (stopped, perhaps): start afresh
+            if other.committed:
+                raise HypercallError(-EBUSY, f"d{domid} is committed to its receiver: finish it (it only goes)")
             abandon(host, migrations, ident)
-    while len(migrations.outgoing) >= MAX_MIGRATIONS:
-        abandon(host, migrations, min(migrations.outgoing))
+    running = [i for i, o in migrations.outgoing.items() if not o.suspended]
+    if len(migrations.outgoing) >= MAX_MIGRATIONS and not running:
+        raise HypercallError(-EBUSY, f"{MAX_MIGRATIONS} migrations are stopped at their last section here")
+    while len(migrations.outgoing) >= MAX_MIGRATIONS:  # one still in pre-copy; never a stopped one
+        abandon(host, migrations, running.pop(0))
     log_on(host, dom)
     out = Outgoing(dom, array("Q"), with_dm=with_dm)
     ident = migrations._new_id()
@@ -218,6 +223,8 @@ def finish(host: Host, migrations: Migrations, ident: int, done: bool) -> Genera
     out = _outgoing(host, migrations, ident)
     if done and not out.suspended:
         raise HypercallError(-EINVAL, f"migration {ident} has not taken its last section")
+    if not done and out.committed:
+        raise HypercallError(-EINVAL, f"migration {ident} is committed: its domain runs on the receiver")
     del migrations.outgoing[ident]
     log_off(host, out)
     host.suspended.difference_update([out.dom.domid, *out.dms])
@@ -226,6 +233,16 @@ def finish(host: Host, migrations: Migrations, ident: int, done: bool) -> Genera
             if domid in host.domains:
                 yield from host.destroying(domid)
         yield from host.destroying(out.dom.domid)
+
+
+def commit(host: Host, migrations: Migrations, ident: int) -> None:
+    """The receiver has the domain: from now on the source's stopped copy never runs again here
+    (no abandon, no new migration resumes it); ``finish`` destroys it. The toolstack commits
+    before it resumes the receiver's copy, so there is never a moment with two running copies."""
+    out = _outgoing(host, migrations, ident)
+    if not out.suspended:
+        raise HypercallError(-EINVAL, f"migration {ident} has not taken its last section")
+    out.committed = True
 
 
 def abandon(host: Host, migrations: Migrations, ident: int) -> None:

@@ -51,6 +51,9 @@ class Outgoing:
     sent: int = 0
     zero: int = 0
     suspended: bool = False
+    #: The receiver has the domain and the toolstack said so (``commit``): the source's copy
+    #: never runs again here, whatever happens to the toolstack (it can only be destroyed).
+    committed: bool = False
     #: Its device-model domains move with it (``--with-dm``), stopped and copied at the stop.
     with_dm: bool = False
     #: The device models stopped with it (their images went in the last section's company).
@@ -64,6 +67,12 @@ class Incoming:
     dom: Domain
     sections: int = 0
     pages: int = 0
+    #: The last section is applied: the domain (and its device models) wait, paused, for
+    #: ``resume``, which gives them their tokens (the source must have let go first).
+    ready: bool = False
+    token: str = ""
+    #: Its device models restored with it: (domid, token), paused with it.
+    models: list[tuple[int, str]] = field(default_factory=list)
 
 
 @dataclass
