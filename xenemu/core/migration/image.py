@@ -174,20 +174,12 @@ def declared_length(head: bytes | bytearray, flags: int | None = 0) -> int:
     return int(HEADER.size + body + DIGEST)
 
 
-def decode(raw: bytes | bytearray, summed: bool = False, flags: int = 0) -> Image:
-    """Check and parse an image; ``-EINVAL``, ``-EPROTONOSUPPORT`` or ``-EBADMSG`` saying why.
-    ``summed``: ``checksum_steps`` has checked the framing and the checksum already. With
-    ``FINAL`` in ``flags``, META's ``live`` field is taken out before META is checked (the
-    caller checks it) and kept in ``Image.live``. With ``DEVICE_MODEL``, the ``DM_TAGS`` records
-    are kept in ``Image.dm_records`` for ``dm.decode``, which checks them and the references."""
-    total = _whole(raw, flags)
-    view = memoryview(raw)
-    if not summed:
-        for _ in checksum_steps(raw, flags):
-            pass
+def records(view: memoryview, total: int, tags: tuple[bytes, ...]) -> list[memoryview]:
+    """The payloads of an image's (or a migration section's) records, which must be exactly
+    ``tags`` in order, filling the body between header and trailer."""
     payloads: list[memoryview] = []
     at, end = HEADER.size, total - DIGEST
-    for tag in TAGS + (DM_TAGS if flags & DEVICE_MODEL else ()):
+    for tag in tags:
         if at + RECORD.size > end:
             raise refuse(f"record {tag.decode()!r} missing")
         got, zero, length = RECORD.unpack_from(view, at)
@@ -200,6 +192,21 @@ def decode(raw: bytes | bytearray, summed: bool = False, flags: int = 0) -> Imag
         at += length
     if at != end:
         raise refuse("bytes after the last record")
+    return payloads
+
+
+def decode(raw: bytes | bytearray, summed: bool = False, flags: int = 0) -> Image:
+    """Check and parse an image; ``-EINVAL``, ``-EPROTONOSUPPORT`` or ``-EBADMSG`` saying why.
+    ``summed``: ``checksum_steps`` has checked the framing and the checksum already. With
+    ``FINAL`` in ``flags``, META's ``live`` field is taken out before META is checked (the
+    caller checks it) and kept in ``Image.live``. With ``DEVICE_MODEL``, the ``DM_TAGS`` records
+    are kept in ``Image.dm_records`` for ``dm.decode``, which checks them and the references."""
+    total = _whole(raw, flags)
+    view = memoryview(raw)
+    if not summed:
+        for _ in checksum_steps(raw, flags):
+            pass
+    payloads = records(view, total, TAGS + (DM_TAGS if flags & DEVICE_MODEL else ()))
     meta_raw, gfn_raw, data_raw, entry_raw = payloads[: len(TAGS)]
     if len(meta_raw) > MAX_META:
         raise refuse("META record too large")

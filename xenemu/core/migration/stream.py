@@ -19,7 +19,7 @@ from xenemu.core.host import Host
 from xenemu.core.iommu.preempt import PREEMPT
 from xenemu.core.memory.domain import Domain
 from xenemu.core.memory.frames import PAGE_SIZE
-from xenemu.core.migration.image import DIGEST, HASH_SLICE, HEADER, MAGIC, RECORD, REF, VERSION, refuse
+from xenemu.core.migration.image import HASH_SLICE, HEADER, MAGIC, RECORD, REF, VERSION, records, refuse
 
 #: Header flags of a pre-copy section.
 PRECOPY = 1
@@ -146,24 +146,7 @@ class Precopy:
 
 def decode_precopy(raw: bytes | bytearray) -> Precopy:
     """Check and parse a pre-copy section (its checksum already summed)."""
-    view = memoryview(raw)
-    total = len(raw)
-    at, end = HEADER.size, total - DIGEST
-    payloads: list[memoryview] = []
-    for tag in PRECOPY_TAGS:
-        if at + RECORD.size > end:
-            raise refuse(f"record {tag.decode()!r} missing")
-        got, zero, length = RECORD.unpack_from(view, at)
-        if got != tag or zero:
-            raise refuse(f"record {tag.decode()!r} expected")
-        at += RECORD.size
-        if at + length > end:
-            raise refuse(f"record {tag.decode()!r} overruns the section")
-        payloads.append(view[at : at + length])
-        at += length
-    if at != end:
-        raise refuse("bytes after the last record")
-    meta_raw, sent_raw, gone_raw, data_raw = payloads
+    meta_raw, sent_raw, gone_raw, data_raw = records(memoryview(raw), len(raw), PRECOPY_TAGS)
     if len(meta_raw) > 4096:
         raise refuse("a pre-copy section's META is too large")
     try:
