@@ -22,7 +22,7 @@ import json
 import operator
 import struct
 from array import array
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,6 +102,15 @@ def encode_steps(image: Image, flags: int = 0) -> Generator[str, None, bytes]:
         tags, flags = TAGS + DM_TAGS, flags | DEVICE_MODEL
         records += tuple([r] for r in image.dm_records)
         lengths += tuple(len(r) for r in image.dm_records)
+    return (yield from frame_steps(flags, tags, records, lengths))
+
+
+def frame_steps(
+    flags: int, tags: tuple[bytes, ...], records: Sequence[list[bytes | memoryview]], lengths: Sequence[int]
+) -> Generator[str, None, bytes]:
+    """Header, ``records`` (each a list of parts, ``lengths`` their sizes) under ``tags``, and the
+    SHA-256 trailer, summed a slice at a time with a pause between slices: every image and every
+    migration section is framed here."""
     body = sum(lengths) + len(tags) * RECORD.size
     parts: list[bytes | memoryview] = [HEADER.pack(MAGIC, VERSION, flags, body, 0)]
     for tag, payload, length in zip(tags, records, lengths, strict=True):

@@ -143,9 +143,7 @@ def send(
             continue
         sent.append(gfn)
         page = frames.data.get(mfn)
-        if page is None or page == ZERO_PAGE:
-            out.zero += 1
-        else:
+        if page is not None and page != ZERO_PAGE:  # a zero page is SENT without DATA
             data += (REF.pack(gfn), bytes(page))
     out.sent += len(sent)
     meta: dict[str, Any] = {"round": out.round, "left": len(out.todo) - out.at}

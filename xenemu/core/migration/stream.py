@@ -8,7 +8,6 @@ DATA (PROTOCOL.md 14.1); the last section is a save image with flags ``FINAL``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from array import array
 from collections.abc import Generator, Iterable
@@ -16,10 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xenemu.core.host import Host
-from xenemu.core.iommu.preempt import PREEMPT
 from xenemu.core.memory.domain import Domain
 from xenemu.core.memory.frames import PAGE_SIZE
-from xenemu.core.migration.image import HASH_SLICE, HEADER, MAGIC, RECORD, REF, VERSION, records, refuse
+from xenemu.core.migration.image import REF, frame_steps, records, refuse
 
 #: Header flags of a pre-copy section.
 PRECOPY = 1
@@ -47,9 +45,8 @@ class Outgoing:
     round: int = 1
     #: Pages the current round found dirty when it began (the first: every page).
     dirtied: int = 0
-    #: Pages sent so far (zero pages included, as SENT without DATA), and of them zero pages.
+    #: Pages sent so far (zero pages included, as SENT without DATA).
     sent: int = 0
-    zero: int = 0
     suspended: bool = False
     #: The receiver has the domain and the toolstack said so (``commit``): the source's copy
     #: never runs again here, whatever happens to the toolstack (it can only be destroyed).
@@ -115,25 +112,16 @@ def prune(host: Host, migrations: Migrations) -> None:
 def encode_precopy(
     meta: dict[str, Any], sent: array[int], gone: array[int], data: list[bytes]
 ) -> Generator[str, None, bytes]:
-    payloads: list[list[bytes]] = [
+    """A pre-copy section's bytes (``PRECOPY`` flags, META/SENT/GONE/DATA), framed and summed as
+    every image is."""
+    payloads: list[list[bytes | memoryview]] = [
         [json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()],
         [sent.tobytes()],
         [gone.tobytes()],
-        data,
+        list(data),
     ]
     lengths = [sum(len(p) for p in payload) for payload in payloads]
-    body = sum(lengths) + len(PRECOPY_TAGS) * RECORD.size
-    parts: list[bytes] = [HEADER.pack(MAGIC, VERSION, PRECOPY, body, 0)]
-    for tag, payload, length in zip(PRECOPY_TAGS, payloads, lengths, strict=True):
-        parts.append(RECORD.pack(tag, 0, length))
-        parts += payload
-    digest = hashlib.sha256()
-    for done, part in enumerate(parts):
-        digest.update(part)
-        if done % HASH_SLICE == HASH_SLICE - 1:
-            yield PREEMPT
-    parts.append(digest.digest())
-    return b"".join(parts)
+    return (yield from frame_steps(PRECOPY, PRECOPY_TAGS, payloads, lengths))
 
 
 @dataclass
